@@ -1,0 +1,38 @@
+"""The ``lad`` command: a thin click front end over lad_pipeline."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from lad_pipeline import __version__
+from lad_pipeline.errors import LadError
+
+from .checkpoint import checkpoint_info_command
+
+
+class LadGroup(click.Group):
+    """Turns errors a user can cause into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LadError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=LadGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lad")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """lad: Label Assignment Distillation for PAA detectors.
+
+    Run the teacher once (cache-labels), train students from its cached labels (train-student),
+    evaluate with COCO metrics (eval).
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+main.add_command(checkpoint_info_command)

@@ -1,0 +1,174 @@
+"""Checkpoints: our own, mmdetection/mmengine's, and torchvision backbones; loaded safely.
+
+Every file is read with ``torch.load(weights_only=True)``: a crafted pickle cannot run code.
+Our detector keeps mmdetection's parameter names except for a few renamed modules (below), so
+an mmdetection model-zoo checkpoint maps onto it key for key.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import LadError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+FORMAT = "lad-checkpoint"
+
+# mmdetection name -> ours. ConvModule wraps plain convs in ``.conv``; the PAA head keeps ATSS names.
+_MMDET_RENAMES = [
+    (re.compile(r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.conv\."), r"neck.\1.\2."),
+    (re.compile(r"^bbox_head\.atss_cls\."), "bbox_head.cls_logits."),
+    (re.compile(r"^bbox_head\.atss_reg\."), "bbox_head.bbox_pred."),
+    (re.compile(r"^bbox_head\.atss_centerness\."), "bbox_head.iou_pred."),
+]
+# numpy objects mmdetection/mmengine may leave in ``meta``: plain data, safe to rebuild
+_np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+_NUMPY_SAFE = [np.dtype, np.ndarray, _np_core.multiarray.scalar, _np_core.multiarray._reconstruct]
+_NUMPY_SAFE += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
+
+
+def from_mmdet_key(key: str) -> str:
+    for pattern, repl in _MMDET_RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint file safely; raise LadError with one clear line when it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise LadError(f"checkpoint {path} not found")
+    if path.is_dir():
+        raise LadError(f"checkpoint {path} is a directory, not a file")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SAFE):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LadError(f"checkpoint {path} was refused by the safe loader (it holds objects other than "
+                       f"tensors and plain data): {first}") from None
+    except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, EOFError, ...)
+        raise LadError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                       f"{type(exc).__name__}") from None
+    if not isinstance(obj, Mapping):
+        raise LadError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def extract_state_dict(obj: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict of any supported container, with our key names.
+
+    Ours: ``{"format": FORMAT, "model": ...}``; mmdetection/mmengine: ``{"meta", "state_dict"}``;
+    or a bare state dict in either naming. A ``module.`` prefix (DDP) is dropped.
+    """
+    if obj.get("format") == FORMAT:
+        state = obj["model"]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        state = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        state = obj["model"]
+    else:
+        state = obj
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise LadError(f"checkpoint {path} holds no tensors")
+    out = {}
+    for key, value in tensors.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        out[from_mmdet_key(key)] = value
+    return out
+
+
+def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)):
+        if items:
+            head = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+            parts.append(f"{len(items)} keys {name} ({head})")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every key or nothing: a partial load is never silent."""
+    report = _mismatch_report(model, state)
+    if report:
+        raise LadError(f"{source} does not fit this model: {report}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error."""
+    state = extract_state_dict(read_checkpoint(path), path)
+    load_state_dict_strict(model, state, f"checkpoint {path}")
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved config embedded in our checkpoints (None for mmdetection files)."""
+    obj = read_checkpoint(path)
+    config = obj.get("config") if obj.get("format") == FORMAT else None
+    return dict(config) if isinstance(config, Mapping) else None
+
+
+def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """``model.init_from``: a whole detector checkpoint, or a torchvision ResNet state dict for the backbone.
+
+    Returns which of the two it was.
+    """
+    state = extract_state_dict(read_checkpoint(path), path)
+    if any(k.startswith(("backbone.", "neck.", "bbox_head.")) for k in state):
+        load_state_dict_strict(model, state, f"init_from {path}")
+        return "detector"
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet classifier not used
+    load_state_dict_strict(model.backbone, body, f"init_from {path} (as a backbone)")
+    return "backbone"
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any], **extra: Any) -> None:
+    """Write atomically (aside, then rename): a crash never leaves a file that reads as complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "lad_version": __version__, "config": dict(config), "model": model.state_dict()}
+    payload.update(extra)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_config(checkpoint: str | os.PathLike | None, config_path: str | os.PathLike | None,
+                   overrides: tuple[str, ...] | list[str] = ()) -> "Config":
+    """The config a command runs with: ``--config`` if given, else the one embedded in our checkpoint."""
+    from .config import config_from_dict, load_config
+
+    if config_path:
+        return load_config(config_path, overrides)
+    embedded = checkpoint_config(checkpoint) if checkpoint else None
+    if embedded is None:
+        raise LadError(f"checkpoint {checkpoint} has no embedded config (an mmdetection file?): pass --config")
+    return config_from_dict(embedded, overrides)

@@ -1,0 +1,237 @@
+"""Typed configuration: TOML files into dataclasses, with ``section.key=value`` overrides.
+
+Defaults are mmdetection's PAA 1x values, so a config file only states what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import LadError
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    num_classes: int = 80
+    fpn_channels: int = 256
+    head_channels: int = 256
+    stacked_convs: int = 4
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    anchor_scale: float = 8.0  # anchor side = anchor_scale * stride (mmdetection's octave_base_scale)
+    prior_prob: float = 0.01
+    frozen_stages: int = 1  # stem and stage 1 get no gradients
+    init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class AssignConfig:
+    topk: int = 9
+    pos_iou_thr: float = 0.1
+    neg_iou_thr: float = 0.1
+    ignore_iof_thr: float = -1.0  # > 0 makes anchors inside crowd boxes IGNORED; mmdetection's PAA disables it
+    gmm: str = "torch"  # "torch" (batched) or "sklearn" (mmdetection's per-GT loop)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    bbox_weight: float = 1.3
+
+
+@dataclass
+class LossConfig:
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    bbox_weight: float = 1.3
+    iou_weight: float = 0.5
+
+
+@dataclass
+class TestConfig:
+    nms_pre: int = 1000
+    score_thr: float = 0.05
+    nms_iou: float = 0.6
+    max_per_img: int = 100
+    score_voting: bool = True
+
+
+@dataclass
+class DataConfig:
+    ann: str = ""
+    images: str = ""
+    val_ann: str = ""
+    val_images: str = ""
+    scales: list[list[int]] = field(default_factory=lambda: [[1333, 800]])  # (long, short); one entry = fixed
+    flip_prob: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    size_divisor: int = 32
+    skip_bad_images: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_iters: int = 0  # > 0: stop after this many iterations (overrides epochs)
+    batch_size: int = 8  # per process
+    lr: float = 0.01  # for base_batch_size images per step; scaled linearly with the total batch
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs
+    seed: int = 0
+    amp: bool = False
+    grad_clip: float = 0.0  # max grad norm; 0 disables
+    checkpoint_every: int = 500
+    log_every: int = 50
+    loss: str = "paa"  # "paa" (PAAHead) or "lad" (LADHead: unweighted GIoU)
+    teacher_batch_padding: bool = False  # True: the online teacher sees the batch-padded tensor (mmdetection)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(name: str, value: Any, hint: Any) -> Any:
+    """Validate ``value`` against a field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise LadError(f"config key {name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_value(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise LadError(f"config key {name}: expected true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise LadError(f"config key {name}: expected a number, got {value!r}")
+    if not isinstance(value, hint):
+        raise LadError(f"config key {name}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise LadError(f"unknown config key {name} (known: {', '.join(sorted(known))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise LadError(f"config key {name} must be a table")
+            kwargs[key] = _build(hint, value, name + ".")
+        else:
+            kwargs[key] = _check_value(name, value, hint)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise LadError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --set model.backbone=resnet18
+    return key.split("."), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = ()) -> Config:
+    """Build a Config from nested dicts (as TOML gives them), then apply ``key=value`` overrides."""
+    data = _deep_copy(data)
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LadError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Load a TOML config file; ``overrides`` are ``"section.key=value"`` strings (TOML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LadError(f"config file {path} not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LadError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_dict(data, overrides)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts of scalars and lists as TOML (enough for Config; tomllib has no writer)."""
+    lines: list[str] = []
+
+    def table(node: dict[str, Any], name: str) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if name:
+            lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        lines.append("")
+        for k, v in node.items():
+            if isinstance(v, dict):
+                table(v, f"{name}.{k}" if name else k)
+
+    table(data, "")
+    return "\n".join(lines).lstrip("\n")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_toml(config.to_dict()))
