@@ -10,6 +10,7 @@ from lad_pipeline import __version__
 from lad_pipeline.errors import LadError
 
 from .checkpoint import checkpoint_info_command
+from .evaluate import eval_command
 
 
 class LadGroup(click.Group):
@@ -36,3 +37,4 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(checkpoint_info_command)
+main.add_command(eval_command)

@@ -32,6 +32,7 @@ class ModelConfig:
     anchor_scale: float = 8.0  # anchor side = anchor_scale * stride (mmdetection's octave_base_scale)
     prior_prob: float = 0.01
     frozen_stages: int = 1  # stem and stage 1 get no gradients
+    norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
     init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
 
 
@@ -102,7 +103,6 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 disables
     checkpoint_every: int = 500
     log_every: int = 50
-    loss: str = "paa"  # "paa" (PAAHead) or "lad" (LADHead: unweighted GIoU)
     teacher_batch_padding: bool = False  # True: the online teacher sees the batch-padded tensor (mmdetection)
 
 

@@ -28,7 +28,7 @@ _BUILDERS = {
 class ResNetBody(nn.Module):
     """The convolutional body of a torchvision ResNet (no pooling, no fc)."""
 
-    def __init__(self, name: str, frozen_stages: int = 1) -> None:
+    def __init__(self, name: str, frozen_stages: int = 1, norm_eval: bool = True) -> None:
         super().__init__()
         if name not in _BUILDERS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(_BUILDERS)}")
@@ -38,6 +38,7 @@ class ResNetBody(nn.Module):
         expansion = 4 if isinstance(net.layer1[0], resnet.Bottleneck) else 1
         self.out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
         self._freeze()
 
     def _freeze(self) -> None:
@@ -49,8 +50,10 @@ class ResNetBody(nn.Module):
 
     def train(self, mode: bool = True) -> "ResNetBody":
         super().train(mode)
+        frozen = {id(m) for i in range(1, self.frozen_stages + 1) for m in getattr(self, f"layer{i}").modules()}
+        frozen |= {id(self.bn1)} if self.frozen_stages >= 0 else set()
         for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and (self.norm_eval or id(m) in frozen):
                 m.eval()  # norm_eval: BN statistics are those of the pretrained model, always
         return self
 

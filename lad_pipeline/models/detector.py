@@ -14,7 +14,7 @@ class PAADetector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = ResNetBody(config.backbone, config.frozen_stages)
+        self.backbone = ResNetBody(config.backbone, config.frozen_stages, config.norm_eval)
         # start_level=1: C3..C5 feed the pyramid; two extra levels make P6, P7
         in_channels = self.backbone.out_channels[1:]
         num_extra = len(config.strides) - len(in_channels)

@@ -1,0 +1,83 @@
+"""``lad eval``: COCO box metrics of a checkpoint or of a results JSON file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lad_pipeline.engine.coco_eval import evaluate_coco
+from lad_pipeline.errors import LadError
+
+
+@click.command("eval")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint to run on the images.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Model config (with --checkpoint).")
+@click.option("--detections", type=click.Path(dir_okay=False), metavar="RESULTS.json",
+              help="COCO results file (list of image_id, category_id, bbox, score) to evaluate.")
+@click.option("--ann", type=click.Path(dir_okay=False), help="COCO annotation file (ground truth).")
+@click.option("--images", type=click.Path(file_okay=False), help="Image directory (with --checkpoint).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (with --checkpoint).")
+@click.option("--num-workers", type=click.IntRange(min=0), help="Data-loading processes (with --checkpoint).")
+@click.option("--out", type=click.Path(dir_okay=False), metavar="metrics.json",
+              help="Write the metrics as JSON here (default: print only).")
+def eval_command(checkpoint: str | None, config_path: str | None, detections: str | None, ann: str | None,
+                 images: str | None, batch_size: int | None, num_workers: int | None, out: str | None) -> None:
+    """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
+    if (checkpoint is None) == (detections is None):
+        raise click.UsageError("give exactly one of --checkpoint and --detections")
+    if detections is not None:
+        if ann is None:
+            raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
+        results: Any = detections
+    else:
+        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers)
+    metrics = evaluate_coco(ann, results)
+    click.echo(metrics["summary"])
+    click.echo(_per_class_table(metrics["per_class_ap"]))
+    if out is not None:
+        record = {k: v for k, v in metrics.items() if k != "summary"}
+        record["ann_file"] = str(ann)
+        record["source"] = str(detections or checkpoint)
+        _write_json_atomic(Path(out), record)
+        click.echo(f"metrics written to {out}")
+
+
+def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
+               batch_size: int | None, num_workers: int | None) -> tuple[list[dict], str]:
+    """COCO results of the checkpoint and the annotation file they refer to."""
+    try:
+        # Imported lazily: evaluating a results file needs neither the model nor the data loaders.
+        from lad_pipeline.engine.inference import run_inference
+    except ImportError as exc:
+        raise click.ClickException(
+            f"evaluating a checkpoint needs lad_pipeline.engine.inference, which cannot be imported ({exc}); "
+            "evaluate a results file with --detections instead"
+        ) from None
+    return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
+                         batch_size=batch_size, num_workers=num_workers)
+
+
+def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> str:
+    cells = [(name, "-" if ap is None else f"{ap:.3f}") for name, ap in per_class.items()]
+    if not cells:
+        return ""
+    width = max(len(name) for name, _ in cells)
+    header = "  ".join(f"{'category':<{width}} {'AP':>5}" for _ in range(min(columns, len(cells))))
+    rows = ["  ".join(f"{name:<{width}} {ap:>5}" for name, ap in cells[i:i + columns])
+            for i in range(0, len(cells), columns)]
+    return "\n".join([header, *rows])
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    # Written aside, then renamed: an interrupted run never leaves a truncated metrics file.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LadError(f"cannot write metrics to {path}: {exc.strerror or exc}") from None
+

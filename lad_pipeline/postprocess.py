@@ -1,0 +1,153 @@
+"""PAA test-time post-processing: per-level top-k, decode, class-wise NMS, score voting.
+
+Follows mmdetection 3.3.0 ``PAAHead._predict_by_feat_single`` / ``_bbox_post_process`` /
+``score_voting``; the score of an (anchor, class) pair is ``sqrt(sigmoid(cls) * sigmoid(iou))``.
+Score voting is vectorised over detections (mmdetection loops over classes and boxes in Python).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import nms
+
+from .models.anchors import OCTAVE_BASE_SCALE, STRIDES, grid_anchors
+from .models.box_coder import decode
+from .types import Detections, HeadOutputs
+
+VOTE_MIN_IOU = 0.01  # candidates at or below this IoU with a detection take no part in its vote
+VOTE_SIGMA = 0.025  # weight = exp(-(1 - IoU)^2 / sigma) * score
+IOU_EPS = 1e-6  # mmdetection's bbox_overlaps floor on the union
+MMCV_SPLIT_THR = 10000  # mmcv's batched_nms: one offset NMS below this many pairs, per-class NMS above
+
+
+def postprocess(
+    outs: HeadOutputs,
+    img_shapes: Sequence[tuple[int, int]],
+    scale_factors: Optional[Sequence[tuple[float, float]]] = None,
+    *,
+    nms_pre: int = 1000,
+    score_thr: float = 0.05,
+    nms_iou: float = 0.6,
+    max_per_img: int = 100,
+    score_voting: bool = True,
+    strides: Sequence[int] = STRIDES,
+    anchor_scale: float = OCTAVE_BASE_SCALE,
+) -> list[Detections]:
+    """Detections of every image of a batch of PAA head outputs.
+
+    ``img_shapes``: each image's unpadded (H, W) in network-input pixels; boxes are clipped to it.
+    ``scale_factors``: each image's (w, h) resize factor; when given, boxes are divided by it
+    before NMS, so they come out in original-image pixels (mmdetection's ``rescale=True``).
+    Output order is mmdetection's: by class ascending, then NMS order (score voting on), or
+    NMS order (score voting off).
+    """
+    cls_levels, reg_levels, iou_levels = outs
+    num_images = cls_levels[0].shape[0]
+    if len(img_shapes) != num_images:
+        raise ValueError(f"{len(img_shapes)} img_shapes for a batch of {num_images} images")
+    if scale_factors is not None and len(scale_factors) != num_images:
+        raise ValueError(f"{len(scale_factors)} scale_factors for a batch of {num_images} images")
+    # Anchors come from the batch's (padded) feature sizes; all images of the batch share them.
+    sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_levels]
+    anchors = grid_anchors(sizes, strides, anchor_scale, device=cls_levels[0].device)
+
+    results = []
+    for i in range(num_images):
+        boxes, scores = _image_candidates(
+            [c[i] for c in cls_levels], [r[i] for r in reg_levels], [u[i] for u in iou_levels],
+            anchors, img_shapes[i], nms_pre,
+        )
+        if scale_factors is not None:
+            w, h = scale_factors[i]
+            boxes = boxes / boxes.new_tensor([w, h, w, h])
+        results.append(_nms_and_vote(boxes, scores, score_thr, nms_iou, max_per_img, score_voting))
+    return results
+
+
+def _image_candidates(
+    cls: list[Tensor], reg: list[Tensor], iou: list[Tensor], anchors: list[Tensor],
+    img_shape: tuple[int, int], nms_pre: int,
+) -> tuple[Tensor, Tensor]:
+    """Decoded boxes ``[N,4]`` and pair scores ``[N,C]`` of the per-level top ``nms_pre`` anchors."""
+    all_boxes, all_scores = [], []
+    for cls_l, reg_l, iou_l, anchors_l in zip(cls, reg, iou, anchors):
+        num_classes = cls_l.shape[0]
+        # float(): outputs of an autocast forward are half precision; scores and boxes are not.
+        cls_p = cls_l.float().permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
+        iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
+        deltas = reg_l.float().permute(1, 2, 0).reshape(-1, 4)
+        scores = (cls_p * iou_p[:, None]).sqrt()
+        if 0 < nms_pre < scores.shape[0]:
+            top = scores.max(dim=1).values.topk(nms_pre).indices
+            scores, deltas, anchors_l = scores[top], deltas[top], anchors_l[top]
+        all_boxes.append(decode(anchors_l, deltas, max_shape=img_shape))
+        all_scores.append(scores)
+    return torch.cat(all_boxes), torch.cat(all_scores)
+
+
+def _nms_and_vote(
+    boxes: Tensor, scores: Tensor, score_thr: float, nms_iou: float, max_per_img: int, score_voting: bool
+) -> Detections:
+    # (anchor, class) pairs in anchor-major order, as mmdetection's multiclass_nms flattens them.
+    anchor_idx, labels = (scores > score_thr).nonzero(as_tuple=True)
+    pair_boxes, pair_scores = boxes[anchor_idx], scores[anchor_idx, labels]
+    keep = _class_wise_nms(pair_boxes, pair_scores, labels, nms_iou)
+    if max_per_img > 0:
+        keep = keep[:max_per_img]
+    det_boxes, det_scores, det_labels = pair_boxes[keep], pair_scores[keep], labels[keep]
+    if score_voting and keep.numel() > 0:
+        det_boxes = _vote(det_boxes, det_labels, boxes, scores, score_thr)
+        # mmdetection's voting loop emits detections class by class, each class in NMS order.
+        order = torch.sort(det_labels, stable=True).indices
+        det_boxes, det_scores, det_labels = det_boxes[order], det_scores[order], det_labels[order]
+    return Detections(det_boxes, det_scores, det_labels)
+
+
+def _class_wise_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thr: float) -> Tensor:
+    """Indices kept by class-wise NMS, by decreasing score, chosen the way mmcv's ``batched_nms`` does.
+
+    Below 10000 pairs mmcv runs one NMS on boxes shifted apart by class; the float32 shift can move
+    a borderline IoU, so the switch point is mmcv's, not torchvision's (1000 boxes on CPU).
+    """
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if len(boxes) < MMCV_SPLIT_THR:
+        offsets = labels.to(boxes) * (boxes.max() + 1)
+        return nms(boxes + offsets[:, None], scores, iou_thr)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for c in labels.unique():  # many pairs: one NMS per class present, then merge by score
+        idx = (labels == c).nonzero().squeeze(1)
+        keep[idx[nms(boxes[idx], scores[idx], iou_thr)]] = True
+    kept = keep.nonzero().squeeze(1)
+    return kept[scores[kept].sort(descending=True).indices]
+
+
+def _vote(det_boxes: Tensor, det_labels: Tensor, boxes: Tensor, scores: Tensor, score_thr: float) -> Tensor:
+    """Score voting (PAA): each detection becomes the weighted mean of its same-class candidates.
+
+    Candidates of detection k are the pre-NMS boxes whose score for k's class exceeds ``score_thr``
+    and whose IoU with it exceeds 0.01. One ``[K, N]`` matrix over the N pre-NMS anchors replaces
+    mmdetection's per-class, per-box loop.
+    """
+    ious = box_iou(det_boxes, boxes)  # [K, N]
+    cand_scores = scores[:, det_labels].T  # [K, N]: each anchor's score for detection k's class
+    member = (cand_scores > score_thr) & (ious > VOTE_MIN_IOU)
+    weights = torch.where(member, torch.exp(-((1 - ious) ** 2) / VOTE_SIGMA) * cand_scores, 0.0)
+    voted = (weights @ boxes) / weights.sum(dim=1, keepdim=True)
+    # A zero-area detection has IoU 0 with everything, so mmdetection votes 0/0 = NaN; keep it as is.
+    ok = member.any(dim=1) & torch.isfinite(voted).all(dim=1)
+    return torch.where(ok[:, None], voted, det_boxes)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[len(a), len(b)]`` of x1y1x2y2 boxes, union floored at 1e-6 as in mmdetection."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = (area_a[:, None] + area_b[None, :] - overlap).clamp(min=IOU_EPS)
+    return overlap / union
