@@ -9,6 +9,7 @@ import click
 from lad_pipeline import __version__
 from lad_pipeline.errors import LadError
 
+from .cache import cache_info_command
 from .checkpoint import checkpoint_info_command
 from .evaluate import eval_command
 
@@ -36,5 +37,6 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
 
+main.add_command(cache_info_command)
 main.add_command(checkpoint_info_command)
 main.add_command(eval_command)
