@@ -48,14 +48,9 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
 def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
                batch_size: int | None, num_workers: int | None) -> tuple[list[dict], str]:
     """COCO results of the checkpoint and the annotation file they refer to."""
-    try:
-        # Imported lazily: evaluating a results file needs neither the model nor the data loaders.
-        from lad_pipeline.engine.inference import run_inference
-    except ImportError as exc:
-        raise click.ClickException(
-            f"evaluating a checkpoint needs lad_pipeline.engine.inference, which cannot be imported ({exc}); "
-            "evaluate a results file with --detections instead"
-        ) from None
+    # imported here: evaluating a results file needs neither the model nor the data pipeline
+    from lad_pipeline.engine.inference import run_inference
+
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
                          batch_size=batch_size, num_workers=num_workers)
 

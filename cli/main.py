@@ -9,9 +9,11 @@ import click
 from lad_pipeline import __version__
 from lad_pipeline.errors import LadError
 
-from .cache import cache_info_command
+from .cache import cache_info_command, cache_labels_command
 from .checkpoint import checkpoint_info_command
+from .data import make_toy_data_command
 from .evaluate import eval_command
+from .train import train_student_command, train_teacher_command
 
 
 class LadGroup(click.Group):
@@ -23,6 +25,9 @@ class LadGroup(click.Group):
         except LadError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=LadGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,5 +43,9 @@ def main(verbose: bool) -> None:
 
 
 main.add_command(cache_info_command)
+main.add_command(cache_labels_command)
 main.add_command(checkpoint_info_command)
 main.add_command(eval_command)
+main.add_command(make_toy_data_command)
+main.add_command(train_teacher_command)
+main.add_command(train_student_command)

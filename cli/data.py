@@ -1,0 +1,26 @@
+"""``lad make-toy-data``: the toy digits detection dataset (COCO format)."""
+from __future__ import annotations
+
+import click
+
+from lad_pipeline.data.toy import make_toy_dataset
+
+
+@click.command("make-toy-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--train", "n_train", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Training images.")
+@click.option("--val", "n_val", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Validation images.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Same seed, same files byte for byte.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a toy dataset made earlier.")
+def make_toy_data_command(out: str, n_train: int, n_val: int, seed: int, overwrite: bool) -> None:
+    """Write a small detection dataset of real handwritten digits (sklearn's load_digits) to OUT.
+
+    OUT/{train,val}/annotations.json (COCO instances, categories "0".."9" with ids 1..10) and
+    OUT/{train,val}/images/*.png, 128-256 px images with 16-96 px digits; train and val use disjoint
+    digit samples. Defaults: 512 train / 128 val images, a ResNet-18 PAA trains on them on a CPU in minutes.
+    """
+    path = make_toy_dataset(out, n_train, n_val, seed, overwrite=overwrite)
+    click.echo(f"wrote {n_train} train and {n_val} val images to {path}")

@@ -1,0 +1,109 @@
+"""Batching: views stay uint8 and unpadded until the device, where they are normalised and padded at once.
+
+Sending uint8 images (a quarter of float32's bytes) and padding on the device is what mmdetection's
+``DetDataPreprocessor`` does too; ``normalize_and_pad`` reproduces it (BGR->RGB is already done: views are RGB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..types import Targets, ViewKey
+from .transforms import View
+
+MEAN = (123.675, 116.28, 103.53)  # RGB, mmdetection / ImageNet
+STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class Batch:
+    """Views of one batch: uint8 ``[3, h, w]`` images of different sizes, their targets, keys and geometry.
+
+    ``skipped`` counts views dropped because their image was unusable (``skip_bad_images``).
+    """
+
+    images: list[Tensor]
+    targets: list[Targets]
+    keys: list[ViewKey]
+    orig_sizes: list[tuple[int, int]] = field(default_factory=list)
+    view_sizes: list[tuple[int, int]] = field(default_factory=list)
+    scale_factors: list[tuple[float, float]] = field(default_factory=list)
+    flips: list[bool] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked host memory for asynchronous copies."""
+        def pin(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.pin_memory()
+
+        self.images = [pin(i) for i in self.images]
+        self.targets = [Targets(pin(t.boxes), pin(t.labels), pin(t.ignore)) for t in self.targets]
+        return self
+
+
+def collate_views(views: Sequence[Optional[View]]) -> Batch:
+    """A Batch of the views; ``None`` entries (skipped bad images) are dropped and counted."""
+    kept = [v for v in views if v is not None]
+    return Batch(images=[v.image for v in kept], targets=[v.targets for v in kept], keys=[v.key for v in kept],
+                 orig_sizes=[v.orig_size for v in kept], view_sizes=[v.view_size for v in kept],
+                 scale_factors=[v.scale_factor for v in kept], flips=[v.flip for v in kept],
+                 skipped=len(views) - len(kept))
+
+
+def _round_up(n: int, divisor: int) -> int:
+    return -(-n // divisor) * divisor
+
+
+def normalize_and_pad(images: Sequence[Tensor], mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                      size_divisor: int = 32, device: Union[torch.device, str, None] = None
+                      ) -> tuple[Tensor, list[tuple[int, int]]]:
+    """mmdetection's DetDataPreprocessor on RGB uint8 images, on ``device``.
+
+    ``(x - mean) / std`` per channel in float32, then zero padding (in the normalised space) at the bottom
+    and right to the batch shape: the largest H and W, each rounded up to ``size_divisor``. Returns the
+    batch ``[B, 3, Hb, Wb]`` and each image's own padded shape (its (h, w) rounded up to ``size_divisor``).
+    """
+    if device is None:
+        device = images[0].device if len(images) else torch.device("cpu")
+    device = torch.device(device)
+    if not len(images):
+        return torch.zeros(0, 3, 0, 0, device=device), []
+    sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+    pad_shapes = [(_round_up(h, size_divisor), _round_up(w, size_divisor)) for h, w in sizes]
+    hb, wb = max(p[0] for p in pad_shapes), max(p[1] for p in pad_shapes)
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(3, 1, 1)
+    batch = torch.zeros(len(images), 3, hb, wb, dtype=torch.float32, device=device)
+    for n, (image, (h, w)) in enumerate(zip(images, sizes)):
+        # uint8 crosses to the device (non-blocking from pinned memory), the float work happens there
+        region = batch[n, :, :h, :w]
+        region.copy_(image.to(device, non_blocking=True))
+        region.sub_(mean_t).div_(std_t)
+    return batch, pad_shapes
+
+
+def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Sampler], batch_size: int,
+                num_workers: int = 0, *, shuffle: bool = False, seed: int = 0, pin_memory: Optional[bool] = None,
+                drop_last: bool = False, persistent_workers: bool = False) -> DataLoader:
+    """A DataLoader over explicit ViewKeys (or a sampler yielding them) that collates into ``Batch``.
+
+    ``shuffle`` permutes the given keys with a generator seeded by ``seed`` (training order normally comes
+    from ``train_keys`` already). Memory is pinned when CUDA is available unless ``pin_memory`` says otherwise.
+    """
+    sampler: Union[Sequence[ViewKey], Sampler] = keys_or_sampler
+    if shuffle:
+        keys = list(keys_or_sampler)
+        order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+        sampler = [keys[i] for i in order]
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_views,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=persistent_workers and num_workers > 0)

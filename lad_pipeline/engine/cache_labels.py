@@ -1,0 +1,123 @@
+"""Stage one: run the teacher once over every view of a dataset and store its PAA assignment.
+
+Views are cut, in a fixed order, into shards of ``shard_size``; rank r of a torchrun job writes the
+shards with ``shard_id % world_size == r`` (two writers never touch one shard) and rank 0 finalizes
+the store once every rank is done. ``resume`` redoes only the shards that were never committed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..cache import CacheWriter, LabelCache, ViewGeometry, annotation_fingerprint
+from ..checkpoint import file_sha256
+from ..config import Config, ModelConfig
+from ..data import CocoViews, make_loader, normalize_and_pad
+from ..errors import LadError
+from . import distributed as dist
+from .label_sources import teacher_assign
+from .progress import Progress
+from .teacher import load_teacher, teacher_model_config
+
+log = logging.getLogger("lad")
+
+
+def anchor_layout(model: ModelConfig, size_divisor: int) -> dict:
+    """What must agree between the teacher's cache and a student's anchors."""
+    return {"strides": list(model.strides), "octave_base_scale": model.anchor_scale, "size_divisor": size_divisor}
+
+
+def transform_attrs(config: Config) -> dict:
+    data = config.data
+    return {"resize": "keep_ratio", "mean": list(data.mean), "std": list(data.std), "size_divisor": data.size_divisor,
+            "padding": "own", "color": "rgb"}
+
+
+def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_ckpt: str, ann_file: str,
+                variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int) -> dict:
+    return {
+        "teacher_sha256": file_sha256(teacher_ckpt),
+        "teacher_checkpoint": str(teacher_ckpt),
+        "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign)},
+        "anchor": anchor_layout(teacher_model, config.data.size_divisor),
+        "transform": transform_attrs(config),
+        "annotation_fingerprint": annotation_fingerprint(ann_file),
+        "annotation_file": str(ann_file),
+        "variants": list(variants),
+        "scales": [list(s) for s in scales],
+        "ignore_iof_thr": config.assign.ignore_iof_thr,
+        "shard_size": shard_size,
+    }
+
+
+def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[str] = None,
+                 images: Optional[str] = None, variants: Sequence[str] = ("identity", "hflip"),
+                 scales: Optional[Sequence[Sequence[int]]] = None, resume: bool = False, overwrite: bool = False,
+                 num_workers: Optional[int] = None, shard_size: int = 256, amp: bool = False) -> dict:
+    """Write the teacher's assignment of every view; returns the finalized store's root attributes."""
+    rank, world, device = dist.init_from_env()
+    if Path(out).is_file():
+        raise LadError(f"--out {out} is a file; give a directory path for the label cache")
+    ann = ann or config.data.ann
+    images = images or config.data.images
+    if not ann or not images:
+        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+    scales = [list(s) for s in (scales or config.data.scales)]
+    teacher_cfg = teacher_model_config(teacher_ckpt, config)
+    teacher = load_teacher(teacher_ckpt, teacher_cfg, device)
+    dataset = CocoViews(ann, images, scales=scales, flip_prob=0.0, train=True,
+                        skip_bad_images=config.data.skip_bad_images)
+    if dataset.num_classes != teacher_cfg.num_classes:
+        raise LadError(f"{ann} has {dataset.num_classes} categories but the teacher predicts "
+                       f"{teacher_cfg.num_classes} classes")
+    keys = dataset.views_for(variants, scales)
+    num_shards = -(-len(keys) // shard_size)
+    attrs = cache_attrs(config, teacher_cfg, teacher_ckpt, ann, variants, scales, shard_size)
+
+    # rank 0 creates (or checks) the root before any other rank opens it
+    writer = None
+    if rank == 0:
+        writer = (CacheWriter.open_resume(out, attrs) if resume
+                  else CacheWriter.create(out, attrs, overwrite=overwrite))
+    dist.barrier()
+    if writer is None:
+        writer = CacheWriter.open_resume(out, attrs)
+    todo = writer.missing_shards(num_shards, rank=rank, world_size=world)
+    todo_keys = [k for s in todo for k in keys[s * shard_size:(s + 1) * shard_size]]
+    if rank == 0:
+        done = num_shards - len(writer.missing_shards(num_shards))
+        log.info("caching %d views of %d images in %d shards (%d already committed) with %d process(es)",
+                 len(keys), len(dataset), num_shards, done, world)
+    workers = config.data.num_workers if num_workers is None else num_workers
+    loader = make_loader(dataset, todo_keys, 1, workers, pin_memory=device.type == "cuda")
+    progress = Progress(len(todo_keys) * world, "cache-labels", "views", enabled=rank == 0)
+    data = config.data
+    shards = iter(todo)
+    shard_id, records, consumed = next(shards, None), [], 0
+    for batch in loader:  # batches of one view, in the order of todo_keys (shard by shard)
+        if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
+            image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
+            pad = (int(image.shape[-2]), int(image.shape[-1]))
+            assignment = teacher_assign(teacher, image[0], batch.targets[0].to(device), pad, config.assign, amp=amp)
+            geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
+            records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment)))
+        consumed += 1
+        progress.update(world)
+        if consumed == min(shard_size, len(keys) - shard_id * shard_size):
+            writer.write_shard(shard_id, records)
+            shard_id, records, consumed = next(shards, None), [], 0
+    progress.close()
+    dist.barrier()
+    if rank == 0:
+        writer.finalize(num_shards)
+        log.info("label cache %s complete: %d views", out, len(keys))
+    dist.barrier()
+    return LabelCache.open(out).attrs
+
+
+def _to_cpu(assignment):
+    return type(assignment)(*(t.cpu() for t in assignment))

@@ -1,0 +1,82 @@
+"""Entry points of the two training commands: choose the label source, then run the one loop."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..cache import LabelCache, annotation_fingerprint
+from ..checkpoint import file_sha256
+from ..config import Config
+from ..data import CocoViews
+from ..errors import LadError
+from .cache_labels import anchor_layout
+from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
+from .teacher import load_teacher, teacher_model_config
+from .trainer import Trainer
+
+log = logging.getLogger("lad")
+
+
+def train_dataset(config: Config, ann: Optional[str], images: Optional[str]) -> CocoViews:
+    ann = ann or config.data.ann
+    images = images or config.data.images
+    if not ann or not images:
+        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+    dataset = CocoViews(ann, images, scales=config.data.scales, flip_prob=config.data.flip_prob, train=True,
+                        seed=config.train.seed, skip_bad_images=config.data.skip_bad_images)
+    if dataset.num_classes != config.model.num_classes:
+        raise LadError(f"{ann} has {dataset.num_classes} categories but model.num_classes is "
+                       f"{config.model.num_classes}: pass --set model.num_classes={dataset.num_classes}")
+    return dataset
+
+
+def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
+                  resume: bool = False) -> dict:
+    """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
+    dataset = train_dataset(config, ann, images)
+    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign), resume=resume).fit()
+
+
+def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:
+    """Open a label cache, refusing one made for other annotations or another anchor layout."""
+    expect = {"annotation_fingerprint": annotation_fingerprint(dataset.ann_file),
+              "anchor": anchor_layout(config.model, config.data.size_divisor)}
+    return LabelCache.open(cache, expect=expect)
+
+
+def train_student(config: Config, out: str, *, cache: Optional[str] = None, teacher: Optional[str] = None,
+                  fallback: bool = True, ann: Optional[str] = None, images: Optional[str] = None,
+                  resume: bool = False) -> dict:
+    """LAD (``lad train-student``): labels from the cache, misses from the online teacher.
+
+    Without a cache the teacher runs online for every view (mmdetection's LAD).
+    """
+    dataset = train_dataset(config, ann, images)
+    teacher_ckpt = teacher or config.teacher.checkpoint or None
+    if teacher_ckpt and not Path(teacher_ckpt).is_file():
+        raise LadError(f"teacher checkpoint {teacher_ckpt} not found")
+    label_cache = open_cache_for(config, cache, dataset) if cache else None
+    if label_cache is not None and teacher_ckpt and fallback:
+        cached_sha = label_cache.attrs.get("teacher_sha256")
+        if cached_sha != file_sha256(teacher_ckpt):
+            raise LadError(f"teacher {teacher_ckpt} is not the teacher that made {cache} "
+                           f"(teacher_sha256 differs: cache {str(cached_sha)[:12]}..., given "
+                           f"{file_sha256(teacher_ckpt)[:12]}...)")
+
+    def source(device: torch.device) -> LabelSource:
+        def online() -> OnlineTeacher:
+            model_cfg = teacher_model_config(teacher_ckpt, config)
+            return OnlineTeacher(load_teacher(teacher_ckpt, model_cfg, device), config.assign,
+                                 config.train.teacher_batch_padding)
+
+        if label_cache is None:
+            if not teacher_ckpt:
+                raise LadError("train-student needs --cache, --teacher, or both")
+            return online()
+        return CachedLabels(label_cache, online if (teacher_ckpt and fallback) else None)
+
+    extra = {"cache": cache, "teacher": teacher_ckpt}
+    return Trainer(config, Path(out), dataset, source, resume=resume, summary_extra=extra).fit()

@@ -1,0 +1,245 @@
+"""The one training loop. PAA, online LAD and cached LAD differ only in their LabelSource."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import load_init_weights, read_checkpoint, save_checkpoint
+from ..config import Config, save_config
+from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
+from ..errors import LadError
+from ..losses import lad_loss, paa_loss
+from ..models import build_detector
+from . import distributed as dist
+from .label_sources import LabelSource
+from .progress import MetricsLog, Progress, add_file_log
+from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
+
+log = logging.getLogger("lad")
+LOSSES = {"paa": paa_loss, "lad": lad_loss}
+
+
+@dataclass
+class RunPaths:
+    root: Path
+    checkpoints: Path = field(init=False)
+    latest: Path = field(init=False)
+    final: Path = field(init=False)
+    metrics: Path = field(init=False)
+    log: Path = field(init=False)
+    config: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoints = self.root / "checkpoints"
+        self.latest = self.checkpoints / "latest.pth"
+        self.final = self.checkpoints / "final.pth"
+        self.metrics = self.root / "metrics.jsonl"
+        self.log = self.root / "train.log"
+        self.config = self.root / "config.toml"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class NonFiniteLoss(LadError):
+    pass
+
+
+def _rng_state() -> dict:
+    # numpy's state holds an ndarray: stored as a tensor so the checkpoint stays weights_only-loadable
+    np_state = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains ``config.model`` on ``dataset`` with the labels of ``source`` into the run directory."""
+
+    def __init__(self, config: Config, run_dir: Path, dataset: CocoViews,
+                 source_factory: Callable[[torch.device], LabelSource], *, resume: bool = False,
+                 summary_extra: Optional[dict] = None) -> None:
+        self.config = config
+        self.paths = RunPaths(Path(run_dir))
+        self.rank, self.world, self.device = dist.init_from_env()
+        self.main = self.rank == 0
+        self.dataset = dataset
+        self.resume = resume
+        self.summary_extra = summary_extra or {}
+        self._prepare_run_dir()
+        seed_everything(config.train.seed)
+        self.model = build_detector(config.model).to(self.device)
+        if config.model.init_from and not self._has_checkpoint():
+            kind = load_init_weights(self.model, config.model.init_from)
+            log.info("initialised the %s from %s", kind, config.model.init_from)
+        self.source = source_factory(self.device)
+        # plain PAA trains with PAAHead's loss; teacher-given labels with mmdetection's LADHead loss
+        self.loss_fn = LOSSES[self.source.loss]
+        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
+        self.optimizer = build_optimizer(self.model, config.train, self.world)
+        self.base_lr = scaled_lr(config.train, self.world)
+        self.keys_per_epoch = len(dataset.train_keys(0))
+        total_batch = config.train.batch_size * self.world
+        self.iters_per_epoch = self.keys_per_epoch // total_batch
+        if self.iters_per_epoch == 0:
+            raise LadError(f"the dataset has {self.keys_per_epoch} training images, fewer than one batch of "
+                           f"{total_batch}: lower train.batch_size")
+        self.schedule = Schedule.from_config(config.train, self.iters_per_epoch)
+        self.amp = config.train.amp and self.device.type == "cuda"
+        if config.train.amp and not self.amp:
+            log.info("train.amp is set but there is no CUDA device: training in fp32")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.iteration = 0
+        if self._has_checkpoint():
+            self._load_state(self.paths.latest)
+        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main)
+
+    # -- run directory and state ------------------------------------------------------------------
+    def _has_checkpoint(self) -> bool:
+        return self.resume and self.paths.latest.exists()
+
+    def _prepare_run_dir(self) -> None:
+        if self.main:
+            if self.paths.root.exists() and any(self.paths.root.iterdir()) and not self.resume:
+                raise LadError(f"run directory {self.paths.root} is not empty: pass --resume to continue it, "
+                               f"or choose another --out")
+            self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.paths.config)
+            add_file_log(self.paths.log)
+        dist.barrier()
+
+    def _state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
+                "scaler": self.scaler.state_dict(), "counts": dict(self.source.counts)}
+
+    def save(self, path: Path) -> None:
+        if self.main:
+            save_checkpoint(path, self.model, self.config.to_dict(), **self._state())
+
+    def _load_state(self, path: Path) -> None:
+        state = read_checkpoint(path)
+        from ..checkpoint import extract_state_dict, load_state_dict_strict
+
+        load_state_dict_strict(self.model, extract_state_dict(state, path), f"checkpoint {path}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.source.counts.update(state.get("counts", {}))
+        _set_rng_state(state["rng"])
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # -- data -------------------------------------------------------------------------------------
+    def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
+        sampler = ViewSampler(self.dataset.train_keys, self.config.train.batch_size, rank=self.rank,
+                              world_size=self.world, epoch=epoch, start_iter=start)
+        return make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def _batches(self):
+        while self.iteration < self.schedule.total_iters:
+            epoch, start = divmod(self.iteration, self.iters_per_epoch)
+            for batch in self._loader(epoch, start):
+                yield batch
+                if self.iteration >= self.schedule.total_iters:
+                    return
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self, batch) -> dict[str, float]:
+        data = self.config.data
+        if not batch.images:  # every view of the batch was an unreadable image (data.skip_bad_images)
+            if self.world > 1:
+                raise LadError(f"iteration {self.iteration}: every image of this rank's batch was unreadable; "
+                               f"remove the bad images (lad cache-info / the warnings name them)")
+            log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration)
+            return {"loss": float("nan"), "lr": 0.0, "num_pos": 0}
+        images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)
+        targets = [t.to(self.device) for t in batch.targets]
+        lr = set_lr(self.optimizer, self.base_lr, self.schedule, self.iteration)
+        net = self.ddp or self.model
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            outs = net(images)
+        outs = type(outs)(*[[t.float() for t in level] for level in outs])
+        assignments, targets = self.source.assign(images, pad_shapes, targets, list(batch.keys), outs)
+        losses = self.loss_fn(outs, assignments, targets, **_loss_kwargs(self.config))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration}; stopped, and "
+                                f"{self.paths.latest} keeps the last good state")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        num_pos = sum(a.num_pos for a in assignments)
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr, "num_pos": num_pos}
+
+    def fit(self) -> dict:
+        train = self.config.train
+        if self.iteration >= self.schedule.total_iters:
+            log.info("run already complete at iteration %d", self.iteration)
+        progress = Progress(self.schedule.total_iters, "train", "it", initial=self.iteration, enabled=self.main)
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM saves like Ctrl-C
+        try:
+            for batch in self._batches():
+                record = self.step(batch)
+                self.iteration += 1
+                progress.update(1, loss=record["loss"], lr=record["lr"])
+                if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
+                    self.metrics.write({"iter": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
+                                        **record, **self.source.counts})
+                if self.iteration % train.checkpoint_every == 0:
+                    self.save(self.paths.latest)
+        except KeyboardInterrupt:
+            progress.close()
+            self.save(self.paths.latest)
+            log.info("interrupted at iteration %d: saved %s", self.iteration, self.paths.latest)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        progress.close()
+        self.save(self.paths.latest)
+        self.save(self.paths.final)
+        summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.source.counts,
+                   **self.summary_extra}
+        self.metrics.write({"summary": summary})
+        if self.main:
+            log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
+                     self.source.counts["hits"], self.source.counts["misses"], self.paths.final)
+        return summary
+
+
+def _loss_kwargs(config: Config) -> dict:
+    loss = config.loss
+    return {"focal_gamma": loss.focal_gamma, "focal_alpha": loss.focal_alpha, "bbox_weight": loss.bbox_weight,
+            "iou_weight": loss.iou_weight}
