@@ -1,13 +1,11 @@
 """Checkpoint reading: ours and mmdetection's, safe against crafted pickles, loud on mismatches."""
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO
+from conftest import GOLDEN, REPO, assert_one_line_error, run_lad
 from mmdet_recipe import SEED_SMALL, load_manifest, recipe_state_dict
 from lad_pipeline.checkpoint import (
     checkpoint_config,
@@ -21,20 +19,6 @@ from lad_pipeline.errors import LadError
 from lad_pipeline.models import build_detector
 
 SMALL = REPO / "configs" / "paa_r18_small.toml"
-
-
-def run_lad(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")

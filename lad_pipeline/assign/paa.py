@@ -1,0 +1,188 @@
+"""PAA's probabilistic anchor assignment (mmdetection 3.3.0 ``PAAHead.get_targets`` / ``get_pos_loss`` /
+``paa_reassign``), for a whole batch at once.
+
+1. Max-IoU pre-assignment of the valid anchors (``max_iou.py``); its positives are the candidates.
+2. Score of a candidate: focal loss summed over classes + ``bbox_weight`` * GIoU loss of its decoded box.
+3. Per GT, the ``topk`` lowest scores on each level, pooled and sorted ascending.
+4. A two-component GMM per GT (``gmm.py``: one batched fit, or sklearn's per-GT loop); positives are
+   scheme (c): the component-0 prefix up to its most likely sample. GTs with < 2 candidates get none.
+
+Exactly tied scores are ordered by anchor index wherever mmdetection's order is up to ``topk``/``sort``
+internals (which tied anchor enters the top-k, which one ends the positive prefix).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import LadError
+from ..losses import aligned_iou, focal_loss_terms
+from ..models.anchors import grid_anchors, valid_flags
+from ..models.box_coder import decode
+from ..types import IGNORED, NEGATIVE, Assignment, HeadOutputs, Targets
+from .gmm import fit_gmm, fit_gmm_sklearn, split_positives
+from .max_iou import max_iou_assign
+
+GMM_FITS = {"torch": fit_gmm, "sklearn": fit_gmm_sklearn}
+
+
+def paa_assign(
+    outs: HeadOutputs,
+    targets: Sequence[Targets],
+    pad_shapes: Sequence[tuple[int, int]],
+    *,
+    topk: int = 9,
+    pos_iou_thr: float = 0.1,
+    neg_iou_thr: float = 0.1,
+    ignore_iof_thr: float = -1.0,
+    gmm: str = "torch",
+    focal_gamma: float = 2.0,
+    focal_alpha: float = 0.25,
+    bbox_weight: float = 1.3,
+) -> list[Assignment]:
+    """PAA labels of every image of a batch from its head outputs (the batch's padded feature maps).
+
+    ``pad_shapes[i]`` is image i's own padded (H, W): anchors beyond it are IGNORED. Returns one
+    Assignment per image over the batch's flattened anchors.
+    """
+    if gmm not in GMM_FITS:
+        raise LadError(f"assign.gmm must be one of {sorted(GMM_FITS)}, got {gmm!r}")
+    num_images = outs.cls[0].shape[0]
+    if len(targets) != num_images or len(pad_shapes) != num_images:
+        raise LadError(f"{num_images} images of head outputs but {len(targets)} targets and {len(pad_shapes)} pad shapes")
+    with torch.no_grad():
+        _check_finite(outs)
+        dev = outs.cls[0].device
+        sizes = [tuple(t.shape[-2:]) for t in outs.cls]
+        level_anchors = grid_anchors(sizes, device=dev)
+        anchors = torch.cat(level_anchors)
+        level_start = torch.tensor([0] + [len(a) for a in level_anchors], device=dev).cumsum(0)
+
+        pre = torch.stack([
+            max_iou_assign(anchors, t.boxes, valid_flags(sizes, pad, device=dev), pad, t.ignore,
+                           pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
+            for t, pad in zip(targets, pad_shapes)
+        ])  # [B, A]
+        gt_index = torch.full_like(pre, NEGATIVE).masked_fill_(pre == IGNORED, IGNORED)
+        img, anchor = (pre >= 0).nonzero(as_tuple=True)  # candidates, in (image, anchor) order
+        gt_local = pre[img, anchor]
+        gt_offsets = torch.tensor([0] + [len(t.boxes) for t in targets], device=dev).cumsum(0)
+        gid = gt_offsets[img] + gt_local  # GT index within the batch
+        level = torch.bucketize(anchor, level_start[1:], right=True)
+
+        boxes = torch.cat([t.boxes for t in targets]).to(device=dev, dtype=torch.float32)
+        labels = torch.cat([t.labels for t in targets]).to(dev)
+        _check_labels(targets, outs.cls[0].shape[1])
+        score = _paa_scores(outs, img, anchor, level, level_start, anchors, boxes[gid], labels[gid],
+                           focal_gamma=focal_gamma, focal_alpha=focal_alpha, bbox_weight=bbox_weight)
+        bad = ~torch.isfinite(score)
+        if bool(bad.any()):
+            raise LadError(f"PAA scores of image {int(img[bad][0])} in the batch are not finite: its head outputs "
+                           "are finite but too large (a diverged model)")
+
+        sel = _select_topk(score, gid, level, topk, len(sizes))  # per GT, ascending score
+        count = torch.bincount(gid[sel], minlength=int(gt_offsets[-1]))
+        sel = sel[count[gid[sel]] >= 2]  # GTs with fewer than 2 candidates get no positive
+        positive = _gmm_split(score[sel], gid[sel], gmm)
+        pos = sel[positive]
+        gt_index[img[pos], anchor[pos]] = gt_local[pos]
+
+        per_image = torch.bincount(img[sel], minlength=num_images).tolist()
+        parts = zip(*(t.split(per_image) for t in (anchor[sel], gt_local[sel], score[sel], positive)))
+        return [Assignment(gt_index[i], *p) for i, p in enumerate(parts)]
+
+
+def _paa_scores(
+    outs: HeadOutputs,
+    img: Tensor,
+    anchor: Tensor,
+    level: Tensor,
+    level_start: Tensor,
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    *,
+    focal_gamma: float,
+    focal_alpha: float,
+    bbox_weight: float,
+) -> Tensor:
+    """PAA score (mmdetection's ``get_pos_loss``) of candidates ``(img, anchor)`` against their GT: float32.
+
+    Rows are gathered level by level from the NCHW outputs, so the full maps are never flattened.
+    """
+    num_classes = outs.cls[0].shape[1]
+    logits = anchors.new_empty(len(anchor), num_classes)
+    deltas = anchors.new_empty(len(anchor), 4)
+    for lvl, (cls, reg) in enumerate(zip(outs.cls, outs.reg)):
+        rows = (level == lvl).nonzero().squeeze(1)
+        offset = anchor[rows] - level_start[lvl]
+        y, x = offset // cls.shape[-1], offset % cls.shape[-1]
+        logits[rows] = cls[img[rows], :, y, x].float()
+        deltas[rows] = reg[img[rows], :, y, x].float()
+    onehot = torch.zeros_like(logits)
+    onehot[torch.arange(len(anchor), device=anchor.device), gt_labels] = 1.0
+    focal = focal_loss_terms(logits, onehot, focal_gamma, focal_alpha).sum(-1)
+    giou = aligned_iou(decode(anchors[anchor], deltas), gt_boxes)[1]
+    return bbox_weight * (1 - giou) + focal
+
+
+def _check_labels(targets: Sequence[Targets], num_classes: int) -> None:
+    for i, t in enumerate(targets):
+        if t.labels.numel() and (int(t.labels.min()) < 0 or int(t.labels.max()) >= num_classes):
+            raise LadError(f"labels of image {i} in the batch must lie in 0..{num_classes - 1} (the head's classes), "
+                           f"got {t.labels.tolist()}")
+
+
+def _check_finite(outs: HeadOutputs) -> None:
+    """LadError naming the first image whose head outputs hold NaN or inf: they must never reach the GMM."""
+    # a per-image sum is NaN/inf whenever an element is (40x faster than isfinite); a finite sum that
+    # overflowed is told apart by the exact test, which only runs when the screen fires
+    screen = [torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in outs]
+    if all(bool(torch.isfinite(s).all()) for s in screen):
+        return
+    names = ("classification", "regression", "IoU")
+    bad = [torch.stack([~torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]).any(dim=0) for tensors in outs]
+    hits = torch.stack(bad).any(dim=0).nonzero()
+    if len(hits):
+        i = int(hits[0])
+        which = ", ".join(name for name, b in zip(names, bad) if b[i])
+        raise LadError(f"head outputs of image {i} in the batch contain NaN or inf ({which}); the model has diverged "
+                       "or its input is broken, so PAA cannot assign labels")
+
+
+def _group_rank(keys: Tensor) -> Tensor:
+    """Position of each element within its run of equal ``keys`` (keys sorted)."""
+    n = keys.numel()
+    idx = torch.arange(n, device=keys.device)
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=0).values
+
+
+def _select_topk(score: Tensor, gid: Tensor, level: Tensor, topk: int, num_levels: int) -> Tensor:
+    """Candidates kept by the per-GT, per-level top-k (lowest scores), ordered by GT then ascending score.
+
+    Stable sorts on (image, anchor)-ordered candidates: equal scores go by anchor index.
+    """
+    by_score = torch.sort(score, stable=True).indices
+    order = by_score[torch.sort(gid[by_score] * num_levels + level[by_score], stable=True).indices]
+    keep = order[_group_rank(gid[order] * num_levels + level[order]) < topk]
+    keep = keep[torch.sort(score[keep], stable=True).indices]
+    return keep[torch.sort(gid[keep], stable=True).indices]
+
+
+def _gmm_split(score: Tensor, gid: Tensor, gmm: str) -> Tensor:
+    """Positive flag of each selected candidate (grouped by ``gid``, ascending score within a group)."""
+    if score.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=score.device)
+    _, row = torch.unique_consecutive(gid, return_inverse=True)
+    col = _group_rank(gid)
+    width = int(col.max()) + 1
+    x = score.new_zeros(int(row[-1]) + 1, width)
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=score.device)
+    x[row, col] = score
+    mask[row, col] = True
+    fit = GMM_FITS[gmm](x, mask)
+    return split_positives(fit, mask)[row, col]

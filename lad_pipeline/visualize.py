@@ -1,0 +1,263 @@
+"""Pictures of what a detector found (``lad show``) and of what a teacher taught (``lad show-labels``).
+
+Images are uint8 ``[3, H, W]`` RGB tensors, as the data pipeline decodes them; boxes and labels are
+drawn with ``torchvision.utils.draw_bounding_boxes``, anchor marks with plain tensor indexing.
+
+An assignment picture shows, on the view the teacher saw:
+
+* every GT box, thick, in the colour of that GT (``palette``), labelled ``"<gt> <class name>"``;
+* every positive anchor as a filled square with a black rim at its anchor centre ``(x * stride,
+  y * stride)``, in the colour of its GT. Coarser FPN levels get bigger squares, drawn first, so
+  positives of several levels at one centre show as nested squares;
+* every candidate the GMM split rejected as a faint hollow square in the colour of its GT.
+
+A mark stays closer to its centre than the smallest distance between two anchor centres, so the
+pixel at a positive's centre always carries the colour of a positive anchored there.
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+from functools import reduce
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.io import encode_png
+from torchvision.utils import draw_bounding_boxes
+
+from .data.transforms import quiet_torchvision_io
+from .errors import LadError
+from .models.anchors import STRIDES, feature_sizes
+from .types import Assignment, Detections, Targets
+
+Color = tuple[int, int, int]
+
+_GOLDEN = 0.618033988749895
+REJECTED_ALPHA = 0.55  # opacity of the hollow marks of rejected candidates
+RIM = (0, 0, 0)  # rim around positive marks: visible on any colour
+
+
+def palette(n: int) -> list[Color]:
+    """``n`` distinct, saturated RGB colours; the i-th colour never depends on ``n``.
+
+    Hues step by the golden ratio (well spread for any prefix); value and saturation alternate so
+    that neighbours in hue still differ.
+    """
+    return [color(i) for i in range(n)]
+
+
+def color(i: int) -> Color:
+    """The i-th colour of ``palette``."""
+    hue = (0.05 + i * _GOLDEN) % 1.0
+    sat = (0.95, 0.75, 0.6)[(i // 3) % 3]
+    val = (1.0, 0.8)[i % 2]
+    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def hex_color(c: Color) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*c)
+
+
+def _text_color(c: Color) -> Color:
+    """Black or white, whichever reads better on ``c``."""
+    luma = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+    return (0, 0, 0) if luma > 140 else (255, 255, 255)
+
+
+def _name(class_names: Optional[Sequence[str]], label: int) -> str:
+    if class_names is not None and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return str(label)
+
+
+def _check_image(image: Tensor) -> None:
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
+
+
+def _boxes(image: Tensor, boxes: Tensor, labels: list[str], colors: list[Color], width: int) -> Tensor:
+    """``draw_bounding_boxes`` with labels on a filled background in the box colour."""
+    if boxes.shape[0] == 0:
+        return image.clone()
+    return draw_bounding_boxes(
+        image.cpu(), boxes.detach().cpu().float(), labels=labels, colors=colors, width=width,
+        fill_labels=True, label_background_colors=colors, label_colors=[_text_color(c) for c in colors],
+    )
+
+
+# -- detections ----------------------------------------------------------------------------------
+def draw_detections(image: Tensor, dets: Detections, class_names: Optional[Sequence[str]] = None,
+                    score_thr: float = 0.3, width: int = 2) -> Tensor:
+    """The detections scoring above ``score_thr`` drawn on ``image`` (uint8 ``[3, H, W]``, same pixels
+    as the boxes), one colour per class, labelled ``"<class name> <score>"``; returns a new image.
+
+    The highest-scoring boxes are drawn last, on top.
+    """
+    _check_image(image)
+    keep = torch.nonzero(dets.scores.detach().cpu() > score_thr).flatten()
+    scores = dets.scores.detach().cpu()[keep]
+    order = keep[torch.argsort(scores, stable=True)]
+    boxes = dets.boxes.detach().cpu()[order]
+    labels = dets.labels.detach().cpu()[order].tolist()
+    scores = dets.scores.detach().cpu()[order].tolist()
+    text = [f"{_name(class_names, lab)} {s:.2f}" for lab, s in zip(labels, scores)]
+    return _boxes(image, boxes, text, [color(lab) for lab in labels], width)
+
+
+# -- assignments ---------------------------------------------------------------------------------
+class GTSummary(NamedTuple):
+    """One GT of an assignment picture: what it is, its colour and what the teacher gave it."""
+
+    gt: int
+    label: int
+    name: str
+    box: tuple[float, float, float, float]
+    color: Color
+    positives: int  # anchors assigned to it (gt_index == gt)
+    candidates: int  # anchors the GMM split saw for it (positive or rejected)
+
+
+def anchor_centres(index: Tensor, pad_size: Sequence[int], strides: Sequence[int] = STRIDES) -> tuple[Tensor, Tensor]:
+    """Centres ``[N, 2]`` (x, y) in view pixels and FPN levels ``[N]`` of flat anchor indices of a view's own
+    padded grid (level-major, then y, then x; one anchor per location, centred at (x * stride, y * stride))."""
+    sizes = feature_sizes(pad_size, strides)
+    counts = torch.tensor([h * w for h, w in sizes], dtype=torch.int64)
+    ends = counts.cumsum(0)
+    index = index.detach().cpu().to(torch.int64).reshape(-1)
+    if index.numel() and (index.min() < 0 or index.max() >= ends[-1]):
+        raise ValueError(f"anchor index outside the own grid of pad size {tuple(pad_size)} (0..{int(ends[-1]) - 1})")
+    level = torch.bucketize(index, ends, right=True)
+    local = index - (ends - counts)[level]
+    widths = torch.tensor([w for _, w in sizes], dtype=torch.int64)[level]
+    stride = torch.tensor(list(strides), dtype=torch.int64)[level]
+    return torch.stack([local % widths * stride, local // widths * stride], 1), level
+
+
+def mark_half_sizes(strides: Sequence[int]) -> list[int]:
+    """Half side of the square marking an anchor of each level.
+
+    Grows with the level, but a mark (with its 1-px rim) stays closer to its centre than the smallest
+    distance between two anchor centres (the gcd of the strides) and never touches its same-level
+    neighbours.
+    """
+    step = reduce(math.gcd, [int(s) for s in strides])
+    return [max(0, min(2 + level, step - 2, int(s) // 2 - 2)) for level, s in enumerate(strides)]
+
+
+def _square_offsets(half: int, hollow: bool) -> tuple[Tensor, Tensor]:
+    d = torch.arange(-half, half + 1)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    dy, dx = dy.reshape(-1), dx.reshape(-1)
+    if hollow and half > 0:
+        ring = torch.maximum(dy.abs(), dx.abs()) == half
+        dy, dx = dy[ring], dx[ring]
+    return dy, dx
+
+
+def _paint_squares(canvas: Tensor, centres: Tensor, colors: Tensor, half: int, *, hollow: bool = False,
+                   alpha: float = 1.0) -> None:
+    """Paint squares of side ``2 * half + 1`` centred at ``centres`` (x, y) in place on a float ``[3, H, W]``
+    canvas; ``colors [N, 3]``; squares are clipped to the canvas. Squares given together must not overlap."""
+    if centres.shape[0] == 0:
+        return
+    dy, dx = _square_offsets(half, hollow)
+    ys = (centres[:, 1:2] + dy[None]).reshape(-1)
+    xs = (centres[:, 0:1] + dx[None]).reshape(-1)
+    owner = torch.arange(centres.shape[0]).repeat_interleave(dy.numel())
+    inside = (ys >= 0) & (ys < canvas.shape[1]) & (xs >= 0) & (xs < canvas.shape[2])
+    ys, xs, owner = ys[inside], xs[inside], owner[inside]
+    paint = colors[owner].T  # [3, P]
+    if alpha < 1.0:
+        paint = alpha * paint + (1.0 - alpha) * canvas[:, ys, xs]
+    canvas[:, ys, xs] = paint
+
+
+def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad_size: Sequence[int],
+                    strides: Sequence[int] = STRIDES, class_names: Optional[Sequence[str]] = None,
+                    box_width: int = 3) -> tuple[Tensor, list[GTSummary]]:
+    """A teacher's assignment of one view drawn on the view (see the module docstring for what is drawn).
+
+    ``image``: the view, uint8 ``[3, h, w]``; ``targets`` in view pixels; ``assignment`` over the view's own
+    padded grid ``pad_size`` (H, W), as the label cache stores it. Returns the new image and one summary
+    row per GT (``format_summary`` makes the legend lines).
+    """
+    _check_image(image)
+    num_anchors = sum(h * w for h, w in feature_sizes(pad_size, strides))
+    gt_index = assignment.gt_index.detach().cpu()
+    if gt_index.numel() != num_anchors:
+        raise ValueError(f"assignment has {gt_index.numel()} anchors but the own grid of pad size "
+                         f"{tuple(pad_size)} has {num_anchors}")
+    boxes = targets.boxes.detach().cpu().float().reshape(-1, 4)
+    labels = targets.labels.detach().cpu().tolist()
+    num_gt = boxes.shape[0]
+    colors = palette(num_gt)
+    cand_gt = assignment.cand_gt.detach().cpu().to(torch.int64)
+    cand_pos = assignment.cand_pos.detach().cpu().to(torch.bool)
+    rows = [
+        GTSummary(g, int(labels[g]), _name(class_names, int(labels[g])), tuple(round(float(v), 1) for v in boxes[g]),
+                  colors[g], int((gt_index == g).sum()), int((cand_gt == g).sum()))
+        for g in range(num_gt)
+    ]
+    text = [f"{g} {_name(class_names, int(labels[g]))}" for g in range(num_gt)]
+    canvas = _boxes(image, boxes, text, colors, box_width).float()
+    if num_gt == 0:
+        return canvas.to(torch.uint8), rows
+
+    color_table = torch.tensor(colors, dtype=torch.float32)
+    halves = mark_half_sizes(strides)
+    # rejected candidates: faint hollow squares
+    rejected = ~cand_pos
+    centres, levels = anchor_centres(assignment.cand_anchor[rejected], pad_size, strides)
+    rej_gt = cand_gt[rejected]
+    for level in reversed(range(len(strides))):
+        sel = levels == level
+        _paint_squares(canvas, centres[sel], color_table[rej_gt[sel]], halves[level], hollow=True,
+                       alpha=REJECTED_ALPHA)
+    # positives: filled squares with a black rim, coarse levels first so fine ones stay on top
+    pos = torch.nonzero(gt_index >= 0).flatten()
+    centres, levels = anchor_centres(pos, pad_size, strides)
+    pos_gt = gt_index[pos]
+    rim = torch.tensor(RIM, dtype=torch.float32).expand(len(pos), 3)
+    for level in reversed(range(len(strides))):
+        sel = levels == level
+        _paint_squares(canvas, centres[sel], rim[sel], halves[level] + 1)
+        _paint_squares(canvas, centres[sel], color_table[pos_gt[sel]], halves[level])
+    return canvas.round().clamp(0, 255).to(torch.uint8), rows
+
+
+def format_summary(rows: Sequence[GTSummary]) -> list[str]:
+    """Legend lines of an assignment picture: per GT its colour, class, box, positives / candidates; then a total."""
+    width = max([len(r.name) for r in rows] + [5])
+    lines = [
+        f"gt {r.gt:>3}  {r.name:<{width}}  {hex_color(r.color)}  positives {r.positives:>3} / candidates "
+        f"{r.candidates:>3}  box [{', '.join(f'{v:g}' for v in r.box)}]"
+        for r in rows
+    ]
+    pos, cand = sum(r.positives for r in rows), sum(r.candidates for r in rows)
+    lines.append(f"total   {len(rows)} GTs, positives {pos} / candidates {cand}")
+    return lines
+
+
+# -- output --------------------------------------------------------------------------------------
+def write_png(image: Tensor, path: str | os.PathLike) -> Path:
+    """Encode ``image`` (uint8 ``[3, H, W]``) as PNG at ``path``, atomically (aside, then renamed)."""
+    _check_image(image)
+    path = Path(path)
+    with quiet_torchvision_io():
+        data = encode_png(image.cpu().contiguous())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.numpy().tobytes())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise LadError(f"cannot write image {path}: {exc.strerror or exc}") from None
+    return path
