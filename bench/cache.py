@@ -1,11 +1,14 @@
-"""Label-cache benchmark: bytes per view at COCO scale and random lookups per second.
+"""Label-cache benchmark: cache-labels throughput, bytes per view at COCO scale, random lookups per second.
+
+(a) ``lad cache-labels`` (the library call, data loading and writing included) against the teacher's
+forward alone on the same, already decoded views: coco128 images (``LAD_COCO128``) with an R-50 teacher.
 
 Views are 1333x800 (padded 1344x800, 22,400 anchors) with COCO-like GT counts (mean ~7, skewed) and
 box sizes; candidates are the real PAA pre-assignment (max IoU >= 0.1, top 9 per level per GT) on
 the real anchor grid, with 5-20 lowest-score candidates per GT positive. Scores are random float32
 (the least compressible part, as real losses are). Prints a table, writes bench/cache.json.
 
-    python bench/cache.py [--views 10000] [--lookups 50000] [--out DIR]
+    python bench/cache.py [--views 10000] [--lookups 50000] [--out DIR] [--teacher-views 16 --teacher-scale 640x384]
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lad_pipeline.cache.writer import DEFAULT_COMPRESSION as DEFAULT  # noqa: E402
 from lad_pipeline.cache import CacheWriter, LabelCache, ViewGeometry, cache_info  # noqa: E402
@@ -139,14 +143,63 @@ def _worker(args) -> float:
     return lookups(Path(path), keys, n, seed)["warm_per_s"]
 
 
+def teacher_throughput(out: Path, n_views: int, scale: tuple[int, int]) -> dict:
+    """Seconds per view of the whole cache-labels stage and of the teacher's forward alone."""
+    from common import timeit
+    from lad_pipeline.checkpoint import save_checkpoint
+    from lad_pipeline.config import load_config
+    from lad_pipeline.data import CocoViews, normalize_and_pad
+    from lad_pipeline.engine.cache_labels import cache_labels
+    from lad_pipeline.models import build_detector
+
+    repo = Path(__file__).resolve().parents[1]
+    coco = Path(os.environ.get("LAD_COCO128", repo.parent / "shared" / "data" / "coco128"))
+    if not (coco / "annotations.json").is_file():
+        return {"skipped": f"coco128 not found at {coco} (set LAD_COCO128)"}
+    data = json.loads((coco / "annotations.json").read_text())
+    with_boxes = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd")}
+    images = [im for im in data["images"] if im["id"] in with_boxes][: max(n_views // 2, 1)]
+    ids = {im["id"] for im in images}
+    subset = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    ann = out / "subset.json"
+    ann.write_text(json.dumps(subset))
+    config = load_config(repo / "configs" / "paa_r50_fpn_1x_coco.toml",
+                         [f"data.scales=[[{scale[0]}, {scale[1]}]]", "data.num_workers=1"])
+    teacher = build_detector(config.model).eval()
+    ckpt = out / "teacher.pth"
+    save_checkpoint(ckpt, teacher, config.to_dict())
+    dataset = CocoViews(ann, coco / "images", scales=[scale], train=True)
+    views = [dataset.load_view(k) for k in dataset.views_for()]
+    inputs = [normalize_and_pad([v.image])[0] for v in views]
+
+    def forward_all() -> None:
+        with torch.no_grad():
+            for x in inputs:
+                teacher(x)
+
+    forward_s = timeit(forward_all, repeats=1, warmup=1) / len(views)
+    start = time.perf_counter()
+    cache_labels(config, str(ckpt), str(out / "teacher_labels.zarr"), ann=str(ann), images=str(coco / "images"),
+                 overwrite=True, num_workers=1)
+    stage_s = (time.perf_counter() - start) / len(views)
+    return {"views": len(views), "scale": list(scale), "teacher": "resnet50", "forward_s_per_view": round(forward_s, 4),
+            "cache_labels_s_per_view": round(stage_s, 4), "overhead": round(stage_s / forward_s - 1, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--views", type=int, default=10_000)
     ap.add_argument("--lookups", type=int, default=50_000)
     ap.add_argument("--shard-size", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None, help="where stores go (default: a temp dir)")
+    ap.add_argument("--teacher-views", type=int, default=16, help="views for the cache-labels throughput (0: skip)")
+    ap.add_argument("--teacher-scale", default="640x384", help="LONGxSHORT view scale for the throughput part")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="lad-bench-cache-"))
+    stage = {}
+    if args.teacher_views > 0:
+        long, short = (int(v) for v in args.teacher_scale.split("x"))
+        stage = teacher_throughput(out, args.teacher_views, (long, short))
     t = time.perf_counter()
     views = [coco_like_view(i) for i in range(args.views)]
     scratch = CacheWriter.create(out / "layout.zarr", attrs(args.shard_size), overwrite=True)
@@ -177,6 +230,13 @@ def main() -> None:
                          **decode_cost(default)}
     headline = result[DEFAULT]["bytes_per_view"]
     result["headline"] = {"cache_bytes_per_view": headline}
+    result["cache_labels_throughput"] = stage
+    if "overhead" in stage:
+        print(f"(a) cache-labels on {stage['views']} coco128 views at {args.teacher_scale}, R-50 teacher: "
+              f"{stage['cache_labels_s_per_view']:.3f} s/view vs forward alone {stage['forward_s_per_view']:.3f} "
+              f"s/view: overhead {100 * stage['overhead']:.1f}% (goal <= 10%)")
+    elif stage:
+        print(f"(a) skipped: {stage['skipped']}")
     c, st = info["counts"], info["stats"]
     print(f"label cache bench: {args.views} views of {VIEW[1]}x{VIEW[0]} (pad {PAD[1]}x{PAD[0]}), "
           f"shards of {args.shard_size}; generated in {gen_s:.1f}s")

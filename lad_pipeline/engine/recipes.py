@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +22,20 @@ from .trainer import Trainer
 log = logging.getLogger("lad")
 
 
+def with_train_data(config: Config, ann: Optional[str], images: Optional[str]) -> Config:
+    """The config with the training data actually used (``--ann``/``--images`` over ``data.ann``/``data.images``).
+
+    The run directory's config.toml is the resolved config, so it names the data the run trained on, and a
+    ``--resume`` without ``--ann``/``--images`` continues on that data, not on the config file's default.
+    """
+    ann = ann or config.data.ann
+    images = images or config.data.images
+    if not ann or not images:
+        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+    data = replace(config.data, ann=os.path.abspath(ann), images=os.path.abspath(images))
+    return replace(config, data=data)
+
+
 def train_dataset(config: Config, ann: Optional[str], images: Optional[str]) -> CocoViews:
     ann = ann or config.data.ann
     images = images or config.data.images
@@ -36,7 +52,8 @@ def train_dataset(config: Config, ann: Optional[str], images: Optional[str]) -> 
 def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
                   resume: bool = False) -> dict:
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
-    dataset = train_dataset(config, ann, images)
+    config = with_train_data(config, ann, images)
+    dataset = train_dataset(config, None, None)
     return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign), resume=resume).fit()
 
 
@@ -54,7 +71,8 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
 
     Without a cache the teacher runs online for every view (mmdetection's LAD).
     """
-    dataset = train_dataset(config, ann, images)
+    config = with_train_data(config, ann, images)
+    dataset = train_dataset(config, None, None)
     teacher_ckpt = teacher or config.teacher.checkpoint or None
     if teacher_ckpt and not Path(teacher_ckpt).is_file():
         raise LadError(f"teacher checkpoint {teacher_ckpt} not found")

@@ -5,6 +5,8 @@ import logging
 import math
 import random
 import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +29,7 @@ from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("lad")
 LOSSES = {"paa": paa_loss, "lad": lad_loss}
+COUNTS = ("hits", "misses")  # label-source counters, summed over ranks
 
 
 @dataclass
@@ -54,8 +57,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 1) % 2**63
+
+
 class NonFiniteLoss(LadError):
     pass
+
+
+class StepGuard:
+    """Makes a training step atomic with respect to SIGINT and SIGTERM.
+
+    A signal between steps (e.g. while waiting for data) interrupts at once; one that arrives during a step
+    is held until the step is done, so an interrupted run always stops on a whole number of iterations and
+    its saved state is that of an iteration boundary (weights, optimizer, BN statistics, RNG and iteration
+    count agree, and ``--resume`` continues exactly). A second signal during the same step interrupts at
+    once and marks the in-memory state ``torn`` (not to be saved).
+    """
+
+    def __init__(self) -> None:
+        self.in_step = self.pending = self.torn = False
+
+    def handler(self, signum, frame) -> None:
+        if self.in_step and not self.pending:
+            self.pending = True
+            return
+        if self.in_step:
+            self.torn = True
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def step(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield self
+            return
+        signals = [signal.SIGINT, signal.SIGTERM]  # a scheduler's SIGTERM saves like Ctrl-C
+        previous = [signal.getsignal(s) for s in signals]
+        for s in signals:
+            signal.signal(s, self.handler)
+        try:
+            yield self
+        finally:
+            for s, p in zip(signals, previous):
+                signal.signal(s, p)
 
 
 def _rng_state() -> dict:
@@ -93,6 +147,7 @@ class Trainer:
         self.dataset = dataset
         self.resume = resume
         self.summary_extra = summary_extra or {}
+        self._log_handler: Optional[logging.Handler] = None
         self._prepare_run_dir()
         seed_everything(config.train.seed)
         self.model = build_detector(config.model).to(self.device)
@@ -117,6 +172,8 @@ class Trainer:
             log.info("train.amp is set but there is no CUDA device: training in fp32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.iteration = 0
+        self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
+        self.counts = dict.fromkeys(COUNTS, 0)  # over every rank, unlike self.source.counts
         if self._has_checkpoint():
             self._load_state(self.paths.latest)
         self.metrics = MetricsLog(self.paths.metrics, enabled=self.main)
@@ -132,16 +189,29 @@ class Trainer:
                                f"or choose another --out")
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.paths.config)
-            add_file_log(self.paths.log)
+            self._log_handler = add_file_log(self.paths.log)
         dist.barrier()
+
+    def _log_to_file(self, message: str) -> None:
+        if self._log_handler is not None:
+            self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
+
+    def close(self) -> None:
+        """Stop mirroring the ``lad`` log into this run's train.log (``fit`` does it when it ends)."""
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
 
     def _state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
-                "scaler": self.scaler.state_dict(), "counts": dict(self.source.counts)}
+                "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
 
     def save(self, path: Path) -> None:
         if self.main:
             save_checkpoint(path, self.model, self.config.to_dict(), **self._state())
+        if path == self.paths.latest:
+            self.saved_iteration = self.iteration
 
     def _load_state(self, path: Path) -> None:
         state = read_checkpoint(path)
@@ -150,8 +220,8 @@ class Trainer:
         load_state_dict_strict(self.model, extract_state_dict(state, path), f"checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.iteration = int(state["iteration"])
-        self.source.counts.update(state.get("counts", {}))
+        self.iteration = self.saved_iteration = int(state["iteration"])
+        self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
         _set_rng_state(state["rng"])
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
@@ -159,8 +229,14 @@ class Trainer:
     def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
         sampler = ViewSampler(self.dataset.train_keys, self.config.train.batch_size, rank=self.rank,
                               world_size=self.world, epoch=epoch, start_iter=start)
-        return make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
-                           pin_memory=self.device.type == "cuda")
+        loader = make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
+                             pin_memory=self.device.type == "cuda")
+        # Each DataLoader iterator draws its workers' base seed from ``loader.generator``, by default the global
+        # torch RNG. A resumed run opens one loader more (mid-epoch) than an uninterrupted one, so that draw
+        # put the RNG (and the worker seeds) out of step after --resume. A generator of its own, seeded by
+        # (seed, epoch), leaves the global RNG alone and gives every epoch the same worker seeds on resume.
+        loader.generator = torch.Generator().manual_seed(_epoch_seed(self.config.train.seed, epoch))
+        return loader
 
     def _batches(self):
         while self.iteration < self.schedule.total_iters:
@@ -175,9 +251,9 @@ class Trainer:
         data = self.config.data
         if not batch.images:  # every view of the batch was an unreadable image (data.skip_bad_images)
             if self.world > 1:
-                raise LadError(f"iteration {self.iteration}: every image of this rank's batch was unreadable; "
+                raise LadError(f"iteration {self.iteration + 1}: every image of this rank's batch was unreadable; "
                                f"remove the bad images (lad cache-info / the warnings name them)")
-            log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration)
+            log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration + 1)
             return {"loss": float("nan"), "lr": 0.0, "num_pos": 0}
         images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)
         targets = [t.to(self.device) for t in batch.targets]
@@ -191,8 +267,9 @@ class Trainer:
         losses = self.loss_fn(outs, assignments, targets, **_loss_kwargs(self.config))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration}; stopped, and "
-                                f"{self.paths.latest} keeps the last good state")
+            # iterations count from 1, as in metrics.jsonl and the progress line
+            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; stopped: "
+                                f"{self._last_good()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
@@ -203,39 +280,65 @@ class Trainer:
         num_pos = sum(a.num_pos for a in assignments)
         return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr, "num_pos": num_pos}
 
+    def _last_good(self) -> str:
+        if self.saved_iteration is None:
+            return (f"no checkpoint was saved yet (train.checkpoint_every is {self.config.train.checkpoint_every}), "
+                    f"{self.paths.latest} does not exist")
+        return f"{self.paths.latest} keeps iteration {self.saved_iteration}"
+
+    def _count(self, before: dict[str, int]) -> None:
+        """Add this step's label hits and misses of every rank to ``self.counts``."""
+        delta = dist.all_reduce_sum([float(self.source.counts[k] - before[k]) for k in COUNTS], self.device)
+        for k, d in zip(COUNTS, delta):
+            self.counts[k] += int(round(d))
+
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         train = self.config.train
         if self.iteration >= self.schedule.total_iters:
             log.info("run already complete at iteration %d", self.iteration)
         progress = Progress(self.schedule.total_iters, "train", "it", initial=self.iteration, enabled=self.main)
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM saves like Ctrl-C
+        guard = StepGuard()
         try:
-            for batch in self._batches():
-                record = self.step(batch)
-                self.iteration += 1
-                progress.update(1, loss=record["loss"], lr=record["lr"])
-                if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
-                    self.metrics.write({"iter": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
-                                        **record, **self.source.counts})
-                if self.iteration % train.checkpoint_every == 0:
-                    self.save(self.paths.latest)
+            with guard.installed():
+                for batch in self._batches():
+                    with guard.step():  # a signal now stops after this iteration is logged and saved
+                        before = {k: self.source.counts[k] for k in COUNTS}
+                        record = self.step(batch)
+                        self._count(before)
+                        self.iteration += 1
+                        progress.update(1, loss=record["loss"], lr=record["lr"])
+                        if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
+                            self.metrics.write({"iter": self.iteration,
+                                                "epoch": self.iteration / self.iters_per_epoch,
+                                                **record, **self.counts})
+                        if self.iteration % train.checkpoint_every == 0:
+                            self.save(self.paths.latest)
         except KeyboardInterrupt:
             progress.close()
-            self.save(self.paths.latest)
-            log.info("interrupted at iteration %d: saved %s", self.iteration, self.paths.latest)
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            if guard.torn:  # stopped inside a step: the state in memory is not an iteration's
+                message = f"stopped inside iteration {self.iteration + 1}: nothing saved, {self._last_good()}"
+            else:
+                if self.saved_iteration != self.iteration:
+                    self.save(self.paths.latest)
+                message = f"stopped at iteration {self.iteration}: saved {self.paths.latest}, continue with --resume"
+            # into train.log only: on the terminal the command says it in its one line, from the exception
+            self._log_to_file(message)
+            raise KeyboardInterrupt(message) from None
         progress.close()
         self.save(self.paths.latest)
         self.save(self.paths.final)
-        summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.source.counts,
+        summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.counts,
                    **self.summary_extra}
         self.metrics.write({"summary": summary})
         if self.main:
             log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
-                     self.source.counts["hits"], self.source.counts["misses"], self.paths.final)
+                     self.counts["hits"], self.counts["misses"], self.paths.final)
         return summary
 
 

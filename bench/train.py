@@ -1,0 +1,209 @@
+"""Seconds per training iteration of a PAA R-50 student by where its labels come from (R-101 teacher).
+
+    python bench/train.py [--scale 320] [--batch 2] [--iters 5] [--warmup 2] [--images 14] [--data toy]
+
+(a) cached LAD: ``CachedLabels`` over a label cache written first by ``cache-labels`` for every timed view;
+(b) online LAD: ``OnlineTeacher``, the R-101 teacher runs on every view of every step (mmdetection's LAD);
+(c) plain PAA: ``SelfAssign``, the student assigns its own labels (PAA score + GMM on its own outputs);
+(d) the floor: the same step with the assignment already in memory (a label source that costs nothing).
+
+Every mode times the product's own ``Trainer.step`` (normalise and pad on the device, forward, labels, loss,
+backward, SGD update) on the same preloaded batches, so data loading is excluded and the modes differ only
+in the label source. The modes take turns, one step each per round, and each reports its median.
+Views are coco128 images (``LAD_COCO128``, default ../shared/data/coco128) at one (long, short) scale;
+without coco128 the toy digits are used. Weights are random (nothing to download): timings depend on them
+only through PAA's candidate counts. Last two lines: ``cached_over_floor`` and the headline
+``cached_over_online``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from itertools import cycle
+from pathlib import Path
+
+import torch
+
+from common import machine, timeit, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
+from lad_pipeline.config import Config, load_config  # noqa: E402
+from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
+from lad_pipeline.engine.cache_labels import cache_labels  # noqa: E402
+from lad_pipeline.engine.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign  # noqa: E402
+from lad_pipeline.engine.recipes import open_cache_for  # noqa: E402
+from lad_pipeline.engine.teacher import load_teacher  # noqa: E402
+from lad_pipeline.engine.trainer import Trainer  # noqa: E402
+from lad_pipeline.models import build_detector  # noqa: E402
+from lad_pipeline.models.anchors import feature_sizes  # noqa: E402
+from lad_pipeline.types import HeadOutputs  # noqa: E402
+
+MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher R-101"),
+         ("c", "plain PAA", "SelfAssign"), ("d", "floor", "precomputed, no label source"))
+
+
+class Precomputed(LabelSource):
+    """The floor: each view's assignment is already in memory, on the batch grid it is trained on."""
+
+    loss = "lad"
+
+    def __init__(self, table: dict) -> None:
+        super().__init__()
+        self.table = table
+
+    def assign(self, images, pad_shapes, targets, keys, outs):
+        assignments, targets = self.table[tuple(keys)]
+        return assignments, targets
+
+
+def subset_dataset(source: Path, out: Path, n_images: int) -> tuple[Path, Path, int]:
+    """The first ``n_images`` images with a usable box, every category kept: (annotations, images, classes)."""
+    data = json.loads((source / "annotations.json").read_text())
+    with_box = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd", 0) and a["bbox"][2] >= 1
+                and a["bbox"][3] >= 1}
+    images = [im for im in data["images"] if im["id"] in with_box][:n_images]
+    ids = {im["id"] for im in images}
+    subset = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    ann = out / "annotations.json"
+    ann.write_text(json.dumps(subset))
+    return ann, source / "images", len(data["categories"])
+
+
+def toy_dataset(out: Path, n_images: int) -> tuple[Path, Path, int]:
+    from lad_pipeline.data.toy import make_toy_dataset
+
+    root = make_toy_dataset(out / "toy", n_images, 0, seed=0)
+    return root / "train" / "annotations.json", root / "train" / "images", 10
+
+
+def configs(args, num_classes: int) -> tuple[Config, Config]:
+    common = [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
+              f"model.num_classes={num_classes}", "train.max_iters=1000000", "train.log_every=1000000",
+              "train.checkpoint_every=1000000"]
+    student = load_config(REPO / "configs" / "paa_r50_fpn_1x_coco.toml", common)
+    teacher = load_config(REPO / "configs" / "paa_r101_fpn_1x_coco.toml", common)
+    return student, teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short), e.g. 320 -> 320x240")
+    parser.add_argument("--batch", type=int, default=2, help="views per step")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
+    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
+    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.manual_seed(0)
+
+    coco128 = Path(os.environ.get("LAD_COCO128", REPO.parent / "shared" / "data" / "coco128"))
+    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
+    work = Path(tempfile.mkdtemp(prefix="lad-bench-train-"))
+    if use_coco:
+        ann, image_dir, num_classes = subset_dataset(coco128, work, args.images)
+        data_name = f"coco128 ({args.images} images)"
+    else:
+        ann, image_dir, num_classes = toy_dataset(work, args.images)
+        data_name = f"toy digits ({args.images} images)"
+    student_cfg, teacher_cfg = configs(args, num_classes)
+
+    # the teacher: a PAA R-101 (random weights) saved as our checkpoint, its config embedded
+    teacher_ckpt = work / "teacher_r101.pth"
+    save_checkpoint(teacher_ckpt, build_detector(teacher_cfg.model).eval(), teacher_cfg.to_dict())
+
+    # stage one: cache both flips of every image (every view the timed steps can draw)
+    t0 = time.perf_counter()
+    attrs = cache_labels(student_cfg, str(teacher_ckpt), str(work / "labels.zarr"), ann=str(ann),
+                         images=str(image_dir), variants=("identity", "hflip"))
+    cache_s = time.perf_counter() - t0
+    cached_views = attrs["counts"]["views"]
+
+    dataset = CocoViews(ann, image_dir, scales=student_cfg.data.scales, flip_prob=student_cfg.data.flip_prob,
+                        seed=student_cfg.train.seed)
+    cache = open_cache_for(student_cfg, str(work / "labels.zarr"), dataset)
+    cache.load_all()
+    keys = dataset.train_keys(0)
+    n_batches = args.warmup + args.iters
+    batches = list(make_loader(dataset, keys[:n_batches * args.batch], args.batch, 0))
+    batches = [b for b in batches if len(b) == args.batch][:n_batches]
+    pads = sorted({(v[0], v[1]) for b in batches for v in b.view_sizes})
+
+    # the floor's table: the cached assignments moved onto each batch's grid once, before timing
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = {}
+    for b in batches:
+        images, pad_shapes = normalize_and_pad(b.images, student_cfg.data.mean, student_cfg.data.std,
+                                               student_cfg.data.size_divisor, device)
+        grid = feature_sizes(images.shape[-2:], student_cfg.model.strides)
+        shapes = HeadOutputs(*[[torch.empty(len(b), 0, h, w, device=device) for h, w in grid]] * 3)
+        table[tuple(b.keys)] = CachedLabels(cache).assign(images, pad_shapes,
+                                                          [t.to(device) for t in b.targets], list(b.keys), shapes)
+    teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
+
+    sources = {
+        "a": lambda d: CachedLabels(cache),
+        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.train.teacher_batch_padding),
+        "c": lambda d: SelfAssign(student_cfg.assign),
+        "d": lambda d: Precomputed(table),
+    }
+    # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
+    # machine's slow and fast moments fall on every mode alike
+    trainers = {mode: Trainer(student_cfg, work / f"run-{mode}", dataset, sources[mode]) for mode, _, _ in MODES}
+    feeds = {mode: cycle(batches) for mode in trainers}
+
+    def step(mode: str):
+        trainer = trainers[mode]
+        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
+
+    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for n in range(args.warmup + args.iters):
+        for mode in trainers:
+            seconds = timeit(step(mode), repeats=1, warmup=0)
+            if n >= args.warmup:
+                times[mode].append(seconds)
+    results = {}
+    for mode, name, what in MODES:
+        trainers[mode].close()
+        median = statistics.median(times[mode])
+        results[mode] = {"name": name, "label_source": what, "s_per_iter": median,
+                         "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].source.counts}
+    assert results["a"]["misses"] == 0, "a cached view was missing: the timed steps ran the teacher"
+
+    a, b, c, d = (results[m]["s_per_iter"] for m in "abcd")
+    ratios = {"cached_over_floor": a / d, "cached_over_plain_paa": a / c, "cached_over_online": a / b}
+    print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale} "
+          f"(views {', '.join(f'{w}x{h}' for h, w in pads)}), batch {args.batch}; PAA R-50 student, "
+          f"PAA R-101 teacher; median of {args.iters} iterations after {args.warmup} warm-up")
+    print(f"cache-labels: {cached_views} views in {cache_s:.1f} s ({cache_s / cached_views:.3f} s/view, R-101)")
+    print(f"{'mode':<16}{'label source':<32}{'s/iter':>9}{'views/s':>9}{'vs floor':>10}")
+    for mode, name, what in MODES:
+        r = results[mode]
+        print(f"({mode}) {name:<12}{what:<32}{r['s_per_iter']:>9.3f}{r['views_per_s']:>9.2f}"
+              f"{r['s_per_iter'] / d:>9.2f}x")
+    write_result("train", {
+        "machine": machine(), "data": data_name, "scale": [args.scale, args.scale], "batch": args.batch,
+        "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": "PAA R-101",
+        "cache_labels_s_per_view": cache_s / cached_views, "modes": results, "ratios": ratios,
+        "headline": {"cached_over_online": ratios["cached_over_online"]},
+    })
+    print(f"a/d cached_over_floor     = {ratios['cached_over_floor']:.3f}")
+    print(f"a/c cached_over_plain_paa = {ratios['cached_over_plain_paa']:.3f}")
+    print(f"a/b cached_over_online    = {ratios['cached_over_online']:.3f}")
+    print(f"cached_over_floor = {ratios['cached_over_floor']:.3f}")
+    print(f"headline: cached_over_online = {ratios['cached_over_online']:.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
