@@ -14,13 +14,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import device, machine, write_result  # noqa: E402
+from common import device, machine, wall_time, write_result  # noqa: E402
 from lad_pipeline.assign import fit_gmm, fit_gmm_sklearn, paa_assign, split_positives  # noqa: E402
 from lad_pipeline.checkpoint import load_checkpoint  # noqa: E402
 from lad_pipeline.config import load_config  # noqa: E402
@@ -85,14 +84,7 @@ def paired_medians(first, second, repeats: int, rounds: int = 3) -> tuple[float,
     for _ in range(rounds):
         for fn, out in ((first, times[0]), (second, times[1])):
             fn()  # warm-up
-            for _ in range(repeats):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                out.append(time.perf_counter() - start)
+            out.extend(wall_time(fn) for _ in range(repeats))
     return statistics.median(times[0]), statistics.median(times[1])
 
 

@@ -21,20 +21,22 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def wall_time(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (CUDA synchronised before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn`` in seconds (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(wall_time(fn) for _ in range(repeats))
 
 
 def write_result(name: str, result: dict) -> Path:

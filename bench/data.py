@@ -5,7 +5,9 @@
 Each view: JPEG decode, keep-ratio resize to (1333, 800), horizontal flip with probability 0.5, collate
 (one epoch of ``train_keys(0)``, 126 views; loader start-up included, as the trainer starts one per epoch).
 Normalisation and padding run on the training device and are timed apart. Last line: the 2-worker figure.
-``--step-time`` (seconds per training iteration at the same batch size) adds the data/step comparison.
+The same run times one training step of the small model (configs/paa_r18_small.toml: forward, its own PAA
+assignment, loss, backward, SGD) on a batch of these views, so the loader's rate reads against what training
+consumes; ``--step-time S`` gives that figure instead (e.g. a GPU's).
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -54,22 +55,47 @@ def normalize_views_per_s(dataset: CocoViews, batch: int, repeats: int) -> float
     return statistics.median(rates)
 
 
-def compare_with_training_step(data_views_per_s: float, step_seconds: Optional[float], batch: int) -> dict:
-    """Hook for the data-vs-compute comparison: how many training steps' worth of views the loader
-    produces in one step's time (> 1: the data pipeline keeps up). ``step_seconds`` is one training
-    iteration of the small model at ``batch`` images; None leaves the comparison out."""
-    if not step_seconds:
-        return {}
+def compare_with_training_step(data_views_per_s: float, step_seconds: float, batch: int) -> dict:
+    """How many training steps' worth of views the loader produces in one step's time (> 1: the data
+    pipeline keeps up). ``step_seconds`` is one training iteration at ``batch`` images."""
     step_views_per_s = batch / step_seconds
     return {"step_seconds": step_seconds, "step_views_per_s": step_views_per_s,
             "data_over_step": data_views_per_s / step_views_per_s}
+
+
+def small_model_step_seconds(dataset: CocoViews, batch: int, repeats: int = 3) -> float:
+    """Seconds per training step of the small PAA model on ``batch`` views at (1333, 800)."""
+    from common import timeit
+    from lad_pipeline.assign import paa_assign
+    from lad_pipeline.config import load_config
+    from lad_pipeline.losses import paa_loss
+    from lad_pipeline.models import build_detector
+
+    dev = device()
+    config = load_config(REPO / "configs" / "paa_r18_small.toml")
+    model = build_detector(config.model).to(dev).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    views = [dataset[k] for k in dataset.train_keys(0)[:batch]]
+    images, pads = normalize_and_pad([v.image for v in views], device=dev)
+    targets = [v.targets.to(dev) for v in views]
+
+    def step() -> None:
+        outs = model(images)
+        detached = type(outs)(*[[t.detach() for t in level] for level in outs])
+        loss = sum(paa_loss(outs, paa_assign(detached, targets, pads), targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return timeit(step, repeats=repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--step-time", type=float, default=None, help="seconds per training iteration")
+    parser.add_argument("--step-time", type=float, default=None,
+                        help="seconds per training iteration (default: measure the small model's)")
     args = parser.parse_args()
     if not (COCO128 / "annotations.json").is_file():
         raise SystemExit(f"coco128 not found at {COCO128} (set LAD_COCO128)")
@@ -86,10 +112,10 @@ def main() -> None:
     result = {"machine": machine(), "cpu_count": os.cpu_count(), "batch": args.batch, "views": len(dataset),
               "views_per_s": {str(w): r for w, r in rates.items()}, "normalize_views_per_s": norm,
               "data_views_per_s": rates[2]}
-    comparison = compare_with_training_step(rates[2], args.step_time, args.batch)
-    if comparison:
-        print(f"training step {comparison['step_views_per_s']:.1f} views/s: the loader delivers "
-              f"{comparison['data_over_step']:.2f}x what the step consumes")
+    step_time = args.step_time or small_model_step_seconds(dataset, args.batch)
+    comparison = compare_with_training_step(rates[2], step_time, args.batch)
+    print(f"{'small model training step (views/s)':<44}{comparison['step_views_per_s']:>10.1f}")
+    print(f"the 2-worker loader delivers {comparison['data_over_step']:.1f}x what the step consumes")
     result.update(comparison)
     write_result("data", result)
     print(f"headline: data_views_per_s = {rates[2]:.1f}")

@@ -34,6 +34,10 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
         results: Any = detections
     else:
         results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers)
+        from lad_pipeline.engine import distributed
+
+        if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
+            return
     metrics = evaluate_coco(ann, results)
     click.echo(metrics["summary"])
     click.echo(_per_class_table(metrics["per_class_ap"]))

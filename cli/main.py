@@ -26,8 +26,8 @@ class LadGroup(click.Group):
         except LadError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"interrupted: {exc}" if str(exc) else "interrupted", err=True)
             sys.exit(130)
 
 

@@ -9,16 +9,18 @@ from lad_pipeline.engine import distributed
 
 from .options import ann_option, config_option, images_option, resume_option, set_option
 
+amp_option = click.option("--amp", is_flag=True, help="Mixed precision on CUDA (same as --set train.amp=true).")
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), metavar="RUN",
                           help="Run directory: config.toml, checkpoints/, metrics.jsonl, train.log.")
 
 
-def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, out: str):
+def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, out: str, amp: bool):
     from pathlib import Path
 
     from lad_pipeline.config import load_config
     from lad_pipeline.errors import LadError
 
+    overrides = (*overrides, "train.amp=true") if amp else overrides
     saved = Path(out) / "config.toml"
     if resume and saved.is_file():  # a resumed run continues with the config it started with
         return load_config(saved, overrides)
@@ -27,23 +29,26 @@ def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, o
     return load_config(config_path, overrides)
 
 
+def run_options(command):
+    """The options every training command takes, in help order."""
+    for option in reversed((config_option, ann_option, images_option, out_option, resume_option, amp_option,
+                            set_option)):
+        command = option(command)
+    return command
+
+
 def _report(summary: dict) -> None:
     if distributed.is_main():
         click.echo(json.dumps(summary))
 
 
 @click.command("train-teacher")
-@config_option
-@ann_option
-@images_option
-@out_option
-@resume_option
-@set_option
-def train_teacher_command(config_path, ann, images, out, resume, overrides) -> None:
+@run_options
+def train_teacher_command(config_path, ann, images, out, resume, amp, overrides) -> None:
     """Train a PAA detector on its own label assignment (plain PAA)."""
     from lad_pipeline.engine.recipes import train_teacher
 
-    _report(train_teacher(_config(config_path, overrides, resume, out), out, ann=ann, images=images, resume=resume))
+    _report(train_teacher(_config(config_path, overrides, resume, out, amp), out, ann=ann, images=images, resume=resume))
 
 
 @click.command("train-student")
@@ -51,16 +56,11 @@ def train_teacher_command(config_path, ann, images, out, resume, overrides) -> N
 @click.option("--teacher", type=click.Path(dir_okay=False),
               help="Teacher checkpoint for views the cache lacks (default teacher.checkpoint of the config).")
 @click.option("--no-fallback", is_flag=True, help="A view missing from the cache is an error, not an online teacher run.")
-@config_option
-@ann_option
-@images_option
-@out_option
-@resume_option
-@set_option
-def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, overrides) -> None:
+@run_options
+def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, overrides) -> None:
     """Train a student from the teacher's labels: cached, with the online teacher as fallback."""
     from lad_pipeline.engine.recipes import train_student
 
-    config = _config(config_path, overrides, resume, out)
+    config = _config(config_path, overrides, resume, out, amp)
     _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,
                           images=images, resume=resume))

@@ -91,11 +91,13 @@ def normalize_and_pad(images: Sequence[Tensor], mean: Sequence[float] = MEAN, st
 
 def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Sampler], batch_size: int,
                 num_workers: int = 0, *, shuffle: bool = False, seed: int = 0, pin_memory: Optional[bool] = None,
-                drop_last: bool = False, persistent_workers: bool = False) -> DataLoader:
+                drop_last: bool = False, persistent_workers: bool = False,
+                generator: Optional[torch.Generator] = None) -> DataLoader:
     """A DataLoader over explicit ViewKeys (or a sampler yielding them) that collates into ``Batch``.
 
     ``shuffle`` permutes the given keys with a generator seeded by ``seed`` (training order normally comes
     from ``train_keys`` already). Memory is pinned when CUDA is available unless ``pin_memory`` says otherwise.
+    ``generator`` seeds the workers (default: a draw from the global torch RNG, which it then advances).
     """
     sampler: Union[Sequence[ViewKey], Sampler] = keys_or_sampler
     if shuffle:
@@ -106,4 +108,4 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
         pin_memory = torch.cuda.is_available()
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_views,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=persistent_workers and num_workers > 0)
+                      persistent_workers=persistent_workers and num_workers > 0, generator=generator)

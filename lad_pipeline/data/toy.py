@@ -64,7 +64,6 @@ def make_toy_dataset(out: Union[str, Path], n_train: int = 512, n_val: int = 128
         raise
     finally:
         progress.close()
-    log.info("toy dataset written to %s (%d train, %d val images)", out, n_train, n_val)
     return out
 
 

@@ -36,11 +36,9 @@ def with_train_data(config: Config, ann: Optional[str], images: Optional[str]) -
     return replace(config, data=data)
 
 
-def train_dataset(config: Config, ann: Optional[str], images: Optional[str]) -> CocoViews:
-    ann = ann or config.data.ann
-    images = images or config.data.images
-    if not ann or not images:
-        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+def train_dataset(config: Config) -> CocoViews:
+    """The training split of ``config.data`` (see ``with_train_data``), checked against the model."""
+    ann, images = config.data.ann, config.data.images
     dataset = CocoViews(ann, images, scales=config.data.scales, flip_prob=config.data.flip_prob, train=True,
                         seed=config.train.seed, skip_bad_images=config.data.skip_bad_images)
     if dataset.num_classes != config.model.num_classes:
@@ -53,7 +51,7 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
                   resume: bool = False) -> dict:
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
     config = with_train_data(config, ann, images)
-    dataset = train_dataset(config, None, None)
+    dataset = train_dataset(config)
     return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign), resume=resume).fit()
 
 
@@ -72,7 +70,7 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     Without a cache the teacher runs online for every view (mmdetection's LAD).
     """
     config = with_train_data(config, ann, images)
-    dataset = train_dataset(config, None, None)
+    dataset = train_dataset(config)
     teacher_ckpt = teacher or config.teacher.checkpoint or None
     if teacher_ckpt and not Path(teacher_ckpt).is_file():
         raise LadError(f"teacher checkpoint {teacher_ckpt} not found")

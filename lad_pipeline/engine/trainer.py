@@ -229,14 +229,11 @@ class Trainer:
     def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
         sampler = ViewSampler(self.dataset.train_keys, self.config.train.batch_size, rank=self.rank,
                               world_size=self.world, epoch=epoch, start_iter=start)
-        loader = make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
-                             pin_memory=self.device.type == "cuda")
-        # Each DataLoader iterator draws its workers' base seed from ``loader.generator``, by default the global
-        # torch RNG. A resumed run opens one loader more (mid-epoch) than an uninterrupted one, so that draw
-        # put the RNG (and the worker seeds) out of step after --resume. A generator of its own, seeded by
-        # (seed, epoch), leaves the global RNG alone and gives every epoch the same worker seeds on resume.
-        loader.generator = torch.Generator().manual_seed(_epoch_seed(self.config.train.seed, epoch))
-        return loader
+        # A resumed run opens one loader more (mid-epoch) than an uninterrupted one; drawing worker seeds from
+        # the global RNG would put it out of step. A generator seeded by (seed, epoch) leaves it alone.
+        generator = torch.Generator().manual_seed(_epoch_seed(self.config.train.seed, epoch))
+        return make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
+                           pin_memory=self.device.type == "cuda", generator=generator)
 
     def _batches(self):
         while self.iteration < self.schedule.total_iters:

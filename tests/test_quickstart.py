@@ -1,0 +1,53 @@
+"""The README's main job, end to end through the real CLI, at a reduced size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_quickstart(work, **sizes):
+    env = dict(os.environ, **{k: str(v) for k, v in sizes.items()})
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh"), str(work)], capture_output=True,
+                          text=True, env=env, timeout=1800)
+
+
+def test_quickstart_reduced(tmp_path):
+    work = tmp_path / "qs"
+    result = run_quickstart(work, TRAIN_IMAGES=48, VAL_IMAGES=12, TEACHER_ITERS=12, STUDENT_ITERS=8, SCALE=128)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # every stage ran and left what the next one reads
+    assert (work / "labels.zarr" / "zarr.json").is_file()
+    info = json.loads(subprocess.run([sys.executable, "-m", "cli", "cache-info", str(work / "labels.zarr"),
+                                      "--json"], capture_output=True, text=True, cwd=REPO).stdout)
+    assert info["counts"]["views"] == 2 * info["counts"]["images"] and info["finalized"]
+    summary = [json.loads(line) for line in (work / "runs" / "student_lad" / "metrics.jsonl").read_text().splitlines()
+               if '"summary"' in line][-1]["summary"]
+    assert summary["misses"] == 0 and summary["hits"] == 8 * 8  # every view came from the cache
+    for run in ("teacher", "student_paa", "student_lad"):
+        metrics = json.loads((work / "runs" / run / "val_metrics.json").read_text())
+        assert 0.0 <= metrics["AP"] <= 1.0
+    table = out[out.index("COCO AP on the toy val split"):]
+    for name in ("teacher (R-50, PAA)", "student (R-18, PAA)", "student (R-18, cached LAD)"):
+        assert name in table
+
+    # a second run finds every stage done and only re-evaluates
+    again = run_quickstart(work, TRAIN_IMAGES=48, VAL_IMAGES=12, TEACHER_ITERS=12, STUDENT_ITERS=8, SCALE=128)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train:" not in again.stderr
+
+
+@pytest.mark.slow
+def test_small_detector_learns_the_toy_digits(tmp_path):
+    """A student trained for a few minutes on CPU reaches a clearly non-zero AP through lad eval."""
+    work = tmp_path / "qs"
+    result = run_quickstart(work, TRAIN_IMAGES=256, VAL_IMAGES=64, TEACHER_ITERS=200, STUDENT_ITERS=200, SCALE=192)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run in ("teacher", "student_paa", "student_lad"):
+        metrics = json.loads((work / "runs" / run / "val_metrics.json").read_text())
+        assert metrics["AP50"] > 0.05, (run, metrics["AP50"])
