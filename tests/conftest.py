@@ -63,44 +63,10 @@ def golden_batch(seed: int = GOLDEN_IMAGE_SEED, shapes=GOLDEN_TRAIN_SHAPES) -> t
     return batch
 
 
-def run_lad(*args, cwd=None, timeout=600, env=None):
-    """The real ``lad`` command in a subprocess (``python -m cli``), as a user runs it."""
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout, env=env)
-
-
-def assert_one_line_error(result, *fragments):
-    """A user error: non-zero exit, one line on stderr naming the thing, no traceback."""
-    assert result.returncode != 0, result.stdout
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-
 
 @pytest.fixture(scope="session")
-def tiny_toy(tmp_path_factory) -> Path:
-    """A tiny toy digits dataset (12 train, 4 val images), made once per test session."""
-    from lad_pipeline.data.toy import make_toy_dataset
+def world(tmp_path_factory):
+    """The tiny toy world shared by the end-to-end tests (toy_world.py)."""
+    from toy_world import shared_world
 
-    return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy", 12, 4, seed=0)
-
-
-TINY_OVERRIDES = ("data.scales=[[128, 128]]", "data.num_workers=0", "train.batch_size=2")
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A randomly initialised toy teacher saved as our checkpoint (its config embedded)."""
-    from lad_pipeline.checkpoint import save_checkpoint
-    from lad_pipeline.config import load_config
-    from lad_pipeline.models import build_detector
-
-    config = load_config(REPO / "configs" / "toy_student_r18.toml", TINY_OVERRIDES)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    save_checkpoint(path, build_detector(config.model).eval(), config.to_dict())
-    return path
+    return shared_world(tmp_path_factory)

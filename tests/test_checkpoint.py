@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, assert_one_line_error, run_lad
+from conftest import GOLDEN, REPO
+from toy_world import assert_one_line_error, lad as run_lad
 from mmdet_recipe import SEED_SMALL, load_manifest, recipe_state_dict
 from lad_pipeline.checkpoint import (
     checkpoint_config,
