@@ -114,7 +114,7 @@ def main() -> None:
               "data_views_per_s": rates[2]}
     step_time = args.step_time or small_model_step_seconds(dataset, args.batch)
     comparison = compare_with_training_step(rates[2], step_time, args.batch)
-    print(f"{'small model training step (views/s)':<44}{comparison['step_views_per_s']:>10.1f}")
+    print(f"{'small model training step (views/s)':<44}{comparison['step_views_per_s']:>10.2f}")
     print(f"the 2-worker loader delivers {comparison['data_over_step']:.1f}x what the step consumes")
     result.update(comparison)
     write_result("data", result)

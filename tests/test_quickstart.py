@@ -43,11 +43,12 @@ def test_quickstart_reduced(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_detector_learns_the_toy_digits(tmp_path):
-    """A student trained for a few minutes on CPU reaches a clearly non-zero AP through lad eval."""
+def test_quickstart_models_learn_the_toy_digits(tmp_path):
+    """The README's main job at full size (about 12 minutes on 2 cores): every model it trains reaches a clearly
+    non-zero AP through lad eval (an untrained detector scores 0.000; the README's run: AP50 0.087 to 0.105)."""
     work = tmp_path / "qs"
-    result = run_quickstart(work, TRAIN_IMAGES=256, VAL_IMAGES=64, TEACHER_ITERS=200, STUDENT_ITERS=200, SCALE=192)
+    result = run_quickstart(work)
     assert result.returncode == 0, result.stderr[-3000:]
     for run in ("teacher", "student_paa", "student_lad"):
         metrics = json.loads((work / "runs" / run / "val_metrics.json").read_text())
-        assert metrics["AP50"] > 0.05, (run, metrics["AP50"])
+        assert metrics["AP50"] > 0.03, (run, metrics["AP50"])
