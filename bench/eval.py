@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common import device, machine, timeit, write_result
-from lad_pipeline.models.anchors import STRIDES, feature_sizes, grid_anchors
+from lad_pipeline.models.anchors import feature_sizes, grid_anchors
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import HeadOutputs
 

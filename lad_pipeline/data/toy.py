@@ -9,7 +9,6 @@ trains on a couple of CPU cores in minutes. Same seed, same bytes.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +24,6 @@ from ..engine.progress import Progress
 from ..errors import LadError
 from .transforms import quiet_torchvision_io
 
-log = logging.getLogger("lad")
 
 VERSION = 1
 MANIFEST = "toy.json"

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from ..cache import CacheWriter, LabelCache, ViewGeometry, annotation_fingerprint
 from ..checkpoint import file_sha256
