@@ -39,11 +39,11 @@ sys.path.insert(0, str(REPO))
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
-from lad_pipeline.engine.cache_labels import cache_labels  # noqa: E402
-from lad_pipeline.engine.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign  # noqa: E402
-from lad_pipeline.engine.recipes import open_cache_for  # noqa: E402
-from lad_pipeline.engine.teacher import load_teacher  # noqa: E402
-from lad_pipeline.engine.trainer import Trainer  # noqa: E402
+from lad_pipeline.cache.stage import cache_labels  # noqa: E402
+from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign  # noqa: E402
+from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
+from lad_pipeline.teacher import load_teacher  # noqa: E402
+from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.models.anchors import feature_sizes  # noqa: E402
 from lad_pipeline.types import HeadOutputs  # noqa: E402

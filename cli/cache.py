@@ -46,8 +46,8 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
                          resume: bool, overwrite: bool, overrides: tuple[str, ...]) -> None:
     """Run the teacher once over every view and store its PAA assignment (stage one)."""
     from lad_pipeline.checkpoint import resolve_config
-    from lad_pipeline.engine import distributed
-    from lad_pipeline.engine.cache_labels import cache_labels
+    from lad_pipeline.runtime import distributed
+    from lad_pipeline.cache.stage import cache_labels
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")

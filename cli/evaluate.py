@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from lad_pipeline.engine.coco_eval import evaluate_coco
+from lad_pipeline.evaluate.coco_eval import evaluate_coco
 from lad_pipeline.errors import LadError
 
 
@@ -34,7 +34,7 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
         results: Any = detections
     else:
         results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers)
-        from lad_pipeline.engine import distributed
+        from lad_pipeline.runtime import distributed
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
             return
@@ -53,7 +53,7 @@ def _inference(checkpoint: str, config_path: str | None, ann: str | None, images
                batch_size: int | None, num_workers: int | None) -> tuple[list[dict], str]:
     """COCO results of the checkpoint and the annotation file they refer to."""
     # imported here: evaluating a results file needs neither the model nor the data pipeline
-    from lad_pipeline.engine.inference import run_inference
+    from lad_pipeline.evaluate.inference import run_inference
 
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
                          batch_size=batch_size, num_workers=num_workers)

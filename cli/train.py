@@ -5,7 +5,7 @@ import json
 
 import click
 
-from lad_pipeline.engine import distributed
+from lad_pipeline.runtime import distributed
 
 from .options import ann_option, config_option, images_option, resume_option, set_option
 
@@ -46,7 +46,7 @@ def _report(summary: dict) -> None:
 @run_options
 def train_teacher_command(config_path, ann, images, out, resume, amp, overrides) -> None:
     """Train a PAA detector on its own label assignment (plain PAA)."""
-    from lad_pipeline.engine.recipes import train_teacher
+    from lad_pipeline.train.recipes import train_teacher
 
     _report(train_teacher(_config(config_path, overrides, resume, out, amp), out, ann=ann, images=images, resume=resume))
 
@@ -59,7 +59,7 @@ def train_teacher_command(config_path, ann, images, out, resume, amp, overrides)
 @run_options
 def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, overrides) -> None:
     """Train a student from the teacher's labels: cached, with the online teacher as fallback."""
-    from lad_pipeline.engine.recipes import train_student
+    from lad_pipeline.train.recipes import train_student
 
     config = _config(config_path, overrides, resume, out, amp)
     _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,

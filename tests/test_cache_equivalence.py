@@ -18,9 +18,9 @@ from toy_world import CACHE_THREADS, save_teacher, shared_cache, shared_world, t
 
 from lad_pipeline.cache import LabelCache  # noqa: E402
 from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad  # noqa: E402
-from lad_pipeline.engine.label_sources import CachedLabels, OnlineTeacher  # noqa: E402
-from lad_pipeline.engine.recipes import open_cache_for, train_student  # noqa: E402
-from lad_pipeline.engine.teacher import load_teacher, teacher_model_config  # noqa: E402
+from lad_pipeline.train.label_sources import CachedLabels, OnlineTeacher  # noqa: E402
+from lad_pipeline.train.recipes import open_cache_for, train_student  # noqa: E402
+from lad_pipeline.teacher import load_teacher, teacher_model_config  # noqa: E402
 from lad_pipeline.errors import LadError  # noqa: E402
 from lad_pipeline.losses import lad_loss  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402

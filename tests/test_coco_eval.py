@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from cli.evaluate import eval_command
 from cli.main import LadGroup
-from lad_pipeline.engine.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
+from lad_pipeline.evaluate.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import Detections
 
@@ -178,6 +178,6 @@ def test_cli_usage(ann, tmp_path):
     both = run_cli("--checkpoint", "x.pth", "--detections", "r.json", "--ann", str(ann))
     assert both.exit_code != 0 and "exactly one" in both.stderr
     try:
-        import lad_pipeline.engine.inference  # noqa: F401
+        import lad_pipeline.evaluate.inference  # noqa: F401
     except ImportError:
-        assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "m.pth")), "lad_pipeline.engine.inference")
+        assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "m.pth")), "lad_pipeline.evaluate.inference")

@@ -181,7 +181,7 @@ def test_no_fallback_miss_is_one_line_naming_the_view(world, tmp_path):
 
 
 def test_unflipped_views_all_hit(world, tmp_path):
-    from lad_pipeline.engine.recipes import train_student
+    from lad_pipeline.train.recipes import train_student
 
     cache = shared_cache(world, "identity")
     config = tiny_config("data.flip_prob=0.0", "train.max_iters=2")
@@ -192,8 +192,8 @@ def test_unflipped_views_all_hit(world, tmp_path):
 
 # -- 5. faults --------------------------------------------------------------------------------------------------
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_state(world, tmp_path, monkeypatch):
-    from lad_pipeline.engine import trainer
-    from lad_pipeline.engine.recipes import train_teacher
+    from lad_pipeline.train import loop as trainer
+    from lad_pipeline.train.recipes import train_teacher
 
     real, calls = trainer.LOSSES["paa"], []
 
@@ -222,8 +222,8 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
     """SIGINT arriving between the optimizer update and the end of the step used to save the updated
     weights under the previous iteration number (a resumed run then repeated that step)."""
     from lad_pipeline.data import CocoViews
-    from lad_pipeline.engine.label_sources import SelfAssign
-    from lad_pipeline.engine.trainer import Trainer
+    from lad_pipeline.train.label_sources import SelfAssign
+    from lad_pipeline.train.loop import Trainer
 
     config = tiny_config("train.max_iters=6", "train.checkpoint_every=100")
     dataset = CocoViews(world.ann, world.images, scales=config.data.scales, flip_prob=config.data.flip_prob,

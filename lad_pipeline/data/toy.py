@@ -20,7 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 from torchvision.io import encode_png
 
-from ..engine.progress import Progress
+from ..runtime.progress import Progress
 from ..errors import LadError
 from .transforms import quiet_torchvision_io
 

@@ -14,10 +14,10 @@ from ..checkpoint import file_sha256
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
-from .cache_labels import anchor_layout
+from ..cache.stage import anchor_layout
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
-from .teacher import load_teacher, teacher_model_config
-from .trainer import Trainer
+from ..teacher import load_teacher, teacher_model_config
+from .loop import Trainer
 
 log = logging.getLogger("lad")
 

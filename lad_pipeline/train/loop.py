@@ -21,9 +21,9 @@ from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
 from ..losses import lad_loss, paa_loss
 from ..models import build_detector
-from . import distributed as dist
+from ..runtime import distributed as dist
 from .label_sources import LabelSource
-from .progress import MetricsLog, Progress, add_file_log
+from ..runtime.progress import MetricsLog, Progress, add_file_log
 from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("lad")

@@ -13,9 +13,9 @@ from ..data import CocoViews, make_loader, normalize_and_pad, shard_keys
 from ..errors import LadError
 from ..models import PAADetector, build_detector
 from ..postprocess import postprocess
-from . import distributed as dist
+from ..runtime import distributed as dist
 from .coco_eval import detections_to_coco
-from .progress import Progress
+from ..runtime.progress import Progress
 
 log = logging.getLogger("lad")
 

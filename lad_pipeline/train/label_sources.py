@@ -21,6 +21,7 @@ from ..assign import paa_assign
 from ..config import AssignConfig
 from ..errors import LadError
 from ..models.anchors import feature_sizes, own_grid_index
+from ..teacher import teacher_assign
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 
 log = logging.getLogger("lad")
@@ -42,20 +43,6 @@ def to_batch_grid(own: Assignment, own_sizes: Sequence[tuple[int, int]],
     gt = torch.full((sum(h * w for h, w in batch_sizes),), IGNORED, dtype=torch.int64, device=index.device)
     gt[index] = own.gt_index
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
-
-
-@torch.no_grad()
-def teacher_assign(teacher: nn.Module, image: Tensor, target: Targets, pad_shape: tuple[int, int],
-                   assign: AssignConfig, amp: bool = False) -> Assignment:
-    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own.
-
-    fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
-    """
-    amp = amp and image.device.type == "cuda"
-    with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
-        outs = teacher(image[None] if amp else image[None].float())
-    outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
-    return paa_assign(outs, [target], [pad_shape], **asdict(assign))[0]
 
 
 class LabelSource:

@@ -17,10 +17,10 @@ from ..checkpoint import file_sha256
 from ..config import Config, ModelConfig
 from ..data import CocoViews, make_loader, normalize_and_pad
 from ..errors import LadError
-from . import distributed as dist
-from .label_sources import teacher_assign
-from .progress import Progress
-from .teacher import load_teacher, teacher_model_config
+from ..runtime import distributed as dist
+from ..teacher import teacher_assign
+from ..runtime.progress import Progress
+from ..teacher import load_teacher, teacher_model_config
 
 log = logging.getLogger("lad")
 

@@ -1,0 +1,1 @@
+"""Evaluation: running a detector over a dataset and scoring it with pycocotools."""

@@ -1,0 +1,52 @@
+"""The frozen teacher: loading it from our checkpoint or an mmdetection one, and its assignment of one view."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from torch import Tensor, nn
+
+from .assign import paa_assign
+from .checkpoint import checkpoint_config, load_checkpoint
+from .config import AssignConfig, Config, ModelConfig, config_from_dict
+from .errors import LadError
+from .models import PAADetector, build_detector
+from .types import Assignment, HeadOutputs, Targets
+
+
+def teacher_model_config(checkpoint: str, config: Config | None) -> ModelConfig:
+    """The teacher's architecture: embedded in our checkpoints, else the config's ``[teacher.model]``.
+
+    A LAD config names its teacher (``teacher.checkpoint``) and describes it in ``[teacher.model]``;
+    any other config is taken to be the teacher's own training config, described by ``[model]``.
+    """
+    embedded = checkpoint_config(checkpoint)
+    if embedded is not None:
+        return config_from_dict(embedded).model
+    if config is None:
+        raise LadError(f"teacher {checkpoint} has no embedded config (an mmdetection file?): pass --config")
+    return config.teacher.model if config.teacher.checkpoint else config.model
+
+
+def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.device) -> PAADetector:
+    """A detector in eval mode, without gradients: a teacher is never trained."""
+    model = build_detector(model_config)
+    load_checkpoint(model, checkpoint)
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def teacher_assign(teacher: nn.Module, image: Tensor, target: Targets, pad_shape: tuple[int, int],
+                   assign: AssignConfig, amp: bool = False) -> Assignment:
+    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own.
+
+    fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
+    """
+    amp = amp and image.device.type == "cuda"
+    with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
+        outs = teacher(image[None] if amp else image[None].float())
+    outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
+    return paa_assign(outs, [target], [pad_shape], **asdict(assign))[0]

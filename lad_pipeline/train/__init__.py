@@ -1,0 +1,1 @@
+"""Stage two: the one training loop, its label sources and the optimisation recipe."""
