@@ -40,7 +40,7 @@ from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
 from lad_pipeline.cache.stage import cache_labels  # noqa: E402
-from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign  # noqa: E402
+from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign, StepInputs  # noqa: E402
 from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
@@ -53,17 +53,14 @@ MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher
 
 
 class Precomputed(LabelSource):
-    """The floor: each view's assignment is already in memory, on the batch grid it is trained on."""
+    """The floor: each view's labels are already in memory, on the batch grid they are trained on."""
 
-    loss = "lad"
-
-    def __init__(self, table: dict) -> None:
-        super().__init__()
+    def __init__(self, table: dict, loss) -> None:
+        super().__init__(loss)
         self.table = table
 
-    def assign(self, images, pad_shapes, targets, keys, outs):
-        assignments, targets = self.table[tuple(keys)]
-        return assignments, targets
+    def labels(self, batch, outs):
+        return self.table[tuple(batch.keys)]
 
 
 def subset_dataset(source: Path, out: Path, n_images: int) -> tuple[Path, Path, int]:
@@ -147,15 +144,16 @@ def main() -> None:
                                                student_cfg.data.size_divisor, device)
         grid = feature_sizes(images.shape[-2:], student_cfg.model.strides)
         shapes = HeadOutputs(*[[torch.empty(len(b), 0, h, w, device=device) for h, w in grid]] * 3)
-        table[tuple(b.keys)] = CachedLabels(cache).assign(images, pad_shapes,
-                                                          [t.to(device) for t in b.targets], list(b.keys), shapes)
+        inputs = StepInputs(images, pad_shapes, [t.to(device) for t in b.targets], list(b.keys))
+        table[tuple(b.keys)] = CachedLabels(cache, student_cfg.loss).labels(inputs, shapes)
     teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
 
     sources = {
-        "a": lambda d: CachedLabels(cache),
-        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.train.teacher_batch_padding),
-        "c": lambda d: SelfAssign(student_cfg.assign),
-        "d": lambda d: Precomputed(table),
+        "a": lambda d: CachedLabels(cache, student_cfg.loss),
+        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.loss,
+                                     student_cfg.train.teacher_batch_padding),
+        "c": lambda d: SelfAssign(student_cfg.assign, student_cfg.loss),
+        "d": lambda d: Precomputed(table, student_cfg.loss),
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
     # machine's slow and fast moments fall on every mode alike
@@ -177,7 +175,7 @@ def main() -> None:
         trainers[mode].close()
         median = statistics.median(times[mode])
         results[mode] = {"name": name, "label_source": what, "s_per_iter": median,
-                         "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].source.counts}
+                         "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].counts}
     assert results["a"]["misses"] == 0, "a cached view was missing: the timed steps ran the teacher"
 
     a, b, c, d = (results[m]["s_per_iter"] for m in "abcd")

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from lad_pipeline.checkpoint import FORMAT, file_sha256, load_checkpoint, read_checkpoint, resolve_config
-from lad_pipeline.models import build_detector
+from lad_pipeline.checkpoint import checkpoint_format, file_sha256, load_detector
 
 
 @click.command("checkpoint-info")
@@ -14,17 +13,13 @@ from lad_pipeline.models import build_detector
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.num_classes=10.")
 def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
     """Load CHECKPOINT (ours or mmdetection's) into its detector and summarise it."""
-    config = resolve_config(checkpoint, config_path, overrides)
+    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher)
     model_cfg = config.teacher.model if teacher else config.model
-    model = build_detector(model_cfg)
-    load_checkpoint(model, checkpoint)
-    raw = read_checkpoint(checkpoint)
-    kind = "lad" if raw.get("format") == FORMAT else "mmdetection" if "state_dict" in raw else "state dict"
     params = sum(p.numel() for p in model.parameters())
     click.echo(f"checkpoint   {checkpoint}")
-    click.echo(f"format       {kind}")
+    click.echo(f"format       {checkpoint_format(contents)}")
     click.echo(f"sha256       {file_sha256(checkpoint)}")
     click.echo(f"model        {model_cfg.backbone}, {model_cfg.num_classes} classes, {params / 1e6:.2f} M parameters")
-    if "iteration" in raw:
-        click.echo(f"iteration    {raw['iteration']}")
+    if "iteration" in contents:
+        click.echo(f"iteration    {contents['iteration']}")
     click.echo("loads        all keys, no mismatches")

@@ -29,6 +29,11 @@ class LadGroup(click.Group):
         except KeyboardInterrupt as exc:
             click.echo(f"interrupted: {exc}" if str(exc) else "interrupted", err=True)
             sys.exit(130)
+        finally:
+            if "torch.distributed" in sys.modules:  # a command that joined a torchrun process group leaves it
+                from lad_pipeline.runtime.distributed import cleanup
+
+                cleanup()
 
 
 @click.group(cls=LadGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -46,36 +46,24 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     boxes in original pixels) and write a PNG."""
     import torch
 
-    from lad_pipeline.checkpoint import load_checkpoint, resolve_config
-    from lad_pipeline.data import CocoViews, normalize_and_pad, read_image
-    from lad_pipeline.models import build_detector
-    from lad_pipeline.postprocess import postprocess
+    from lad_pipeline.data import CocoViews, read_image
+    from lad_pipeline.evaluate.predictor import Predictor
     from lad_pipeline.visualize import draw_detections, write_png
 
-    cfg = resolve_config(checkpoint, config_path)
-    dataset = CocoViews(ann, images, scales=cfg.data.scales[:1], flip_prob=0.0, train=False)
-    if dataset.num_classes != cfg.model.num_classes:
-        raise LadError(f"{dataset.ann_file} has {dataset.num_classes} categories but the model predicts "
-                       f"{cfg.model.num_classes} classes (model.num_classes)")
-    view = dataset.load_view(ViewKey(image_id, dataset.scales[0], False))  # LadError for an unknown id
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise click.BadParameter(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
                                  param_hint="--device") from None
-    model = build_detector(cfg.model)
-    load_checkpoint(model, checkpoint)
-    model.eval().to(dev)
-    test = cfg.test
-    with torch.inference_mode():
-        inputs, _ = normalize_and_pad([view.image], cfg.data.mean, cfg.data.std, cfg.data.size_divisor, dev)
-        outs = model(inputs)
-        # a --score-thr below the test threshold must see the boxes it asks for
-        dets = postprocess(outs, [view.view_size], [view.scale_factor], nms_pre=test.nms_pre,
-                           score_thr=min(test.score_thr, score_thr), nms_iou=test.nms_iou,
-                           max_per_img=test.max_per_img, score_voting=test.score_voting,
-                           strides=cfg.model.strides, anchor_scale=cfg.model.anchor_scale)[0]
-    dets = type(dets)(*(t.cpu() for t in dets))
+    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev)
+    scale = predictor.config.data.scales[0]
+    dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
+    dataset.check_num_classes(predictor.num_classes)
+    view = dataset.load_view(ViewKey(image_id, dataset.scales[0], False))  # LadError for an unknown id
+    # a --score-thr below the test threshold must see the boxes it asks for
+    test_thr = predictor.config.test.score_thr
+    dets = predictor.predict_views([view.image], [view.view_size], [view.scale_factor],
+                                   score_thr=min(test_thr, score_thr))[0]
     original = read_image(dataset.image_path(image_id))
     drawn = draw_detections(original, dets, dataset.class_names, score_thr)
     path = write_png(drawn, out or f"show_{image_id}.png")

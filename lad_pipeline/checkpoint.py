@@ -22,6 +22,7 @@ from .errors import LadError
 
 if TYPE_CHECKING:
     from .config import Config
+    from .models import PAADetector
 
 FORMAT = "lad-checkpoint"
 
@@ -115,15 +116,18 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error."""
-    state = extract_state_dict(read_checkpoint(path), path)
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> None:
+    """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error.
+
+    ``contents``: the file already read by ``read_checkpoint`` (it is not read again).
+    """
+    state = extract_state_dict(read_checkpoint(path) if contents is None else contents, path)
     load_state_dict_strict(model, state, f"checkpoint {path}")
 
 
-def checkpoint_config(path: str | os.PathLike) -> dict[str, Any] | None:
+def checkpoint_config(path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The resolved config embedded in our checkpoints (None for mmdetection files)."""
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if contents is None else contents
     config = obj.get("config") if obj.get("format") == FORMAT else None
     return dict(config) if isinstance(config, Mapping) else None
 
@@ -161,14 +165,46 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def checkpoint_format(obj: Mapping[str, Any]) -> str:
+    """``lad``, ``mmdetection`` (mmdetection/mmengine container) or ``state dict`` (a bare one)."""
+    if obj.get("format") == FORMAT:
+        return "lad"
+    return "mmdetection" if "state_dict" in obj else "state dict"
+
+
 def resolve_config(checkpoint: str | os.PathLike | None, config_path: str | os.PathLike | None,
-                   overrides: tuple[str, ...] | list[str] = ()) -> "Config":
-    """The config a command runs with: ``--config`` if given, else the one embedded in our checkpoint."""
+                   overrides: tuple[str, ...] | list[str] = (), *,
+                   contents: Mapping[str, Any] | None = None) -> "Config":
+    """The config a command runs with: ``--config`` if given, else the one embedded in our checkpoint.
+
+    ``contents`` is the checkpoint already read (``read_checkpoint``), so that it is not read twice.
+    """
     from .config import config_from_dict, load_config
 
     if config_path:
         return load_config(config_path, overrides)
-    embedded = checkpoint_config(checkpoint) if checkpoint else None
+    embedded = checkpoint_config(checkpoint, contents=contents) if checkpoint else None
     if embedded is None:
         raise LadError(f"checkpoint {checkpoint} has no embedded config (an mmdetection file?): pass --config")
     return config_from_dict(embedded, overrides)
+
+
+def load_detector(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None,
+                  overrides: tuple[str, ...] | list[str] = (), *, teacher: bool = False,
+                  device: torch.device | str | None = None) -> tuple["PAADetector", "Config", dict[str, Any]]:
+    """Build the detector a checkpoint holds and load it, reading the file once.
+
+    The architecture comes from ``config_path`` (``[teacher.model]`` with ``teacher=True``) or from the
+    config embedded in our checkpoints. Returns the model in eval mode on ``device``, the config, and the
+    checkpoint's contents (iteration, format, ...).
+    """
+    from .models import build_detector
+
+    contents = read_checkpoint(checkpoint)
+    config = resolve_config(checkpoint, config_path, overrides, contents=contents)
+    model = build_detector(config.teacher.model if teacher else config.model)
+    load_checkpoint(model, checkpoint, contents=contents)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, config, contents

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -14,13 +15,14 @@ from .models import PAADetector, build_detector
 from .types import Assignment, HeadOutputs, Targets
 
 
-def teacher_model_config(checkpoint: str, config: Config | None) -> ModelConfig:
+def teacher_model_config(checkpoint: str, config: Config | None, *,
+                         contents: Mapping[str, Any] | None = None) -> ModelConfig:
     """The teacher's architecture: embedded in our checkpoints, else the config's ``[teacher.model]``.
 
     A LAD config names its teacher (``teacher.checkpoint``) and describes it in ``[teacher.model]``;
     any other config is taken to be the teacher's own training config, described by ``[model]``.
     """
-    embedded = checkpoint_config(checkpoint)
+    embedded = checkpoint_config(checkpoint, contents=contents)
     if embedded is not None:
         return config_from_dict(embedded).model
     if config is None:
@@ -28,10 +30,14 @@ def teacher_model_config(checkpoint: str, config: Config | None) -> ModelConfig:
     return config.teacher.model if config.teacher.checkpoint else config.model
 
 
-def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.device) -> PAADetector:
-    """A detector in eval mode, without gradients: a teacher is never trained."""
+def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.device, *,
+                 contents: Mapping[str, Any] | None = None) -> PAADetector:
+    """A detector in eval mode, without gradients: a teacher is never trained.
+
+    ``contents``: the checkpoint already read (``read_checkpoint``), so that it is read once.
+    """
     model = build_detector(model_config)
-    load_checkpoint(model, checkpoint)
+    load_checkpoint(model, checkpoint, contents=contents)
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +7,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers (mmdet_recipe)
 
 
 def _shared_path(env: str, default: str) -> Path:

@@ -7,32 +7,25 @@ same gradients. A cache made for other annotations, another anchor layout or ano
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import CACHE_THREADS, save_teacher, shared_cache, shared_world, tiny_config  # noqa: E402
+from toy_world import CACHE_THREADS, save_teacher, shared_cache, tiny_config
 
-from lad_pipeline.cache import LabelCache  # noqa: E402
-from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad  # noqa: E402
-from lad_pipeline.train.label_sources import CachedLabels, OnlineTeacher  # noqa: E402
-from lad_pipeline.train.recipes import open_cache_for, train_student  # noqa: E402
-from lad_pipeline.teacher import load_teacher, teacher_model_config  # noqa: E402
-from lad_pipeline.errors import LadError  # noqa: E402
-from lad_pipeline.losses import lad_loss  # noqa: E402
-from lad_pipeline.models import build_detector  # noqa: E402
-from lad_pipeline.models.anchors import feature_sizes  # noqa: E402
-from lad_pipeline.types import IGNORED, ViewKey  # noqa: E402
+from lad_pipeline.cache import LabelCache
+from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad
+from lad_pipeline.train.label_sources import CachedLabels, OnlineTeacher, StepInputs
+from lad_pipeline.train.recipes import open_cache_for, train_student
+from lad_pipeline.teacher import load_teacher, teacher_model_config
+from lad_pipeline.errors import LadError
+from lad_pipeline.losses import lad_loss
+from lad_pipeline.models import build_detector
+from lad_pipeline.models.anchors import feature_sizes
+from lad_pipeline.types import IGNORED, ViewKey
 
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return shared_world(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +87,20 @@ def test_cached_and_online_labels_train_the_student_identically(world, cache_pat
     student = build_detector(config.model).train()
     outs = student(images)
     teacher = load_teacher(str(world.teacher), teacher_model_config(str(world.teacher), config), CPU)
-    cached = CachedLabels(LabelCache.open(cache_path))
-    online = OnlineTeacher(teacher, config.assign)
-    a_cached, t_cached = cached.assign(images, pad_shapes, list(batch.targets), keys, outs)
+    cached = CachedLabels(LabelCache.open(cache_path), config.loss)
+    online = OnlineTeacher(teacher, config.assign, config.loss)
+    inputs = StepInputs(images, pad_shapes, list(batch.targets), keys)
+    from_cache = cached.labels(inputs, outs)
+    a_cached, t_cached = from_cache.assignments, from_cache.targets
     threads = torch.get_num_threads()
     torch.set_num_threads(CACHE_THREADS)  # the thread count the cache was made with: same sums, same labels
     try:
-        a_online, t_online = online.assign(images, pad_shapes, list(batch.targets), keys, outs)
+        from_teacher = online.labels(inputs, outs)
+        a_online, t_online = from_teacher.assignments, from_teacher.targets
     finally:
         torch.set_num_threads(threads)
-    assert cached.counts == {"hits": 4, "misses": 0} and cached.fallback is None
+    assert (from_cache.hits, from_cache.misses) == (4, 0) and cached.fallback is None
+    assert (from_teacher.hits, from_teacher.misses) == (0, 4)
 
     batch_sizes = [tuple(t.shape[-2:]) for t in outs.cls]
     num_anchors = sum(h * w for h, w in batch_sizes)

@@ -15,8 +15,7 @@ from lad_pipeline.cache import CacheWriter, LabelCache, cache_info
 from lad_pipeline.cache.reader import committed_shards, open_root, read_shard
 from lad_pipeline.types import Assignment
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from test_cache_store import cache_attrs, write_store  # noqa: E402
+from test_cache_store import cache_attrs, write_store
 
 N_VIEWS, SHARD = 30, 4
 NUM_SHARDS = -(-N_VIEWS // SHARD)

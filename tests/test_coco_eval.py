@@ -177,7 +177,3 @@ def test_cli_usage(ann, tmp_path):
     assert run_cli("--ann", str(ann)).exit_code != 0  # neither source
     both = run_cli("--checkpoint", "x.pth", "--detections", "r.json", "--ann", str(ann))
     assert both.exit_code != 0 and "exactly one" in both.stderr
-    try:
-        import lad_pipeline.evaluate.inference  # noqa: F401
-    except ImportError:
-        assert_one_line_error(run_cli("--checkpoint", str(tmp_path / "m.pth")), "lad_pipeline.evaluate.inference")

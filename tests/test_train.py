@@ -8,14 +8,12 @@ import json
 import math
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import (  # noqa: E402
+from toy_world import (
     STUDENT_CONFIG,
     assert_one_line_error,
     assert_same_tensors,
@@ -25,7 +23,6 @@ from toy_world import (  # noqa: E402
     lad,
     set_args,
     shared_cache,
-    shared_world,
     start_lad,
     step_records,
     summary,
@@ -33,15 +30,11 @@ from toy_world import (  # noqa: E402
     wait_for,
 )
 
-from lad_pipeline.checkpoint import load_checkpoint  # noqa: E402
-from lad_pipeline.config import load_config  # noqa: E402
-from lad_pipeline.errors import LadError  # noqa: E402
-from lad_pipeline.models import build_detector  # noqa: E402
+from lad_pipeline.checkpoint import load_checkpoint
+from lad_pipeline.config import load_config
+from lad_pipeline.errors import LadError
+from lad_pipeline.models import build_detector
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return shared_world(tmp_path_factory)
 
 
 def resolved(world, *overrides: str) -> dict:
@@ -192,19 +185,19 @@ def test_unflipped_views_all_hit(world, tmp_path):
 
 # -- 5. faults --------------------------------------------------------------------------------------------------
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_state(world, tmp_path, monkeypatch):
-    from lad_pipeline.train import loop as trainer
+    from lad_pipeline.train.label_sources import SelfAssign
     from lad_pipeline.train.recipes import train_teacher
 
-    real, calls = trainer.LOSSES["paa"], []
+    real, calls = SelfAssign.loss, []
 
-    def poisoned(*args, **kwargs):  # the third step's loss is NaN, deterministically
-        losses = real(*args, **kwargs)
+    def poisoned(self, outs, labels):  # the third step's loss is NaN, deterministically
+        losses = real(self, outs, labels)
         calls.append(1)
         if len(calls) == 3:
             losses["loss_cls"] = losses["loss_cls"] * float("nan")
         return losses
 
-    monkeypatch.setitem(trainer.LOSSES, "paa", poisoned)
+    monkeypatch.setattr(SelfAssign, "loss", poisoned)
     run = tmp_path / "nan"
     config = tiny_config("train.max_iters=6", "train.checkpoint_every=1")
     with pytest.raises(LadError) as info:
@@ -235,7 +228,7 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
         if len(steps) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt right here, mid-step
 
-    trainer = Trainer(config, tmp_path / "interrupted", dataset, lambda device: SelfAssign(config.assign))
+    trainer = Trainer(config, tmp_path / "interrupted", dataset, lambda device: SelfAssign(config.assign, config.loss))
     handle = trainer.optimizer.register_step_post_hook(signal_after_update)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -245,7 +238,7 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
     state = checkpoint(tmp_path / "interrupted" / "checkpoints" / "latest.pth")
     assert state["iteration"] == 3
 
-    reference = Trainer(config, tmp_path / "reference", dataset, lambda device: SelfAssign(config.assign))
+    reference = Trainer(config, tmp_path / "reference", dataset, lambda device: SelfAssign(config.assign, config.loss))
     for batch in reference._batches():  # three whole iterations, as fit runs them
         reference.step(batch)
         reference.iteration += 1

@@ -7,20 +7,16 @@ are split across the ranks and the store's content digest equals a one-process s
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import (  # noqa: E402
+from toy_world import (
     STUDENT_CONFIG,
     cache_args,
     checkpoint,
     keys_of_epoch,
     set_args,
     shared_cache,
-    shared_world,
     step_records,
     student_keys,
     summary,
@@ -28,22 +24,18 @@ from toy_world import (  # noqa: E402
     torchrun,
 )
 
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
 
-from lad_pipeline.cache import cache_info  # noqa: E402
-from lad_pipeline.checkpoint import load_checkpoint  # noqa: E402
-from lad_pipeline.config import load_config  # noqa: E402
-from lad_pipeline.models import build_detector  # noqa: E402
+from lad_pipeline.cache import cache_info
+from lad_pipeline.checkpoint import load_checkpoint
+from lad_pipeline.config import load_config
+from lad_pipeline.models import build_detector
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
 
 ITERS = 3
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return shared_world(tmp_path_factory)
 
 
 def test_torchrun_trains_a_student_on_two_processes(world, tmp_path):

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 
 from ..cache import CacheWriter, LabelCache, ViewGeometry, annotation_fingerprint
-from ..checkpoint import file_sha256
+from ..checkpoint import file_sha256, read_checkpoint
 from ..config import Config, ModelConfig
 from ..data import CocoViews, make_loader, normalize_and_pad
 from ..errors import LadError
@@ -66,13 +66,12 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
     scales = [list(s) for s in (scales or config.data.scales)]
-    teacher_cfg = teacher_model_config(teacher_ckpt, config)
-    teacher = load_teacher(teacher_ckpt, teacher_cfg, device)
+    contents = read_checkpoint(teacher_ckpt)
+    teacher_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
+    teacher = load_teacher(teacher_ckpt, teacher_cfg, device, contents=contents)
     dataset = CocoViews(ann, images, scales=scales, flip_prob=0.0, train=True,
                         skip_bad_images=config.data.skip_bad_images)
-    if dataset.num_classes != teacher_cfg.num_classes:
-        raise LadError(f"{ann} has {dataset.num_classes} categories but the teacher predicts "
-                       f"{teacher_cfg.num_classes} classes")
+    dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
     attrs = cache_attrs(config, teacher_cfg, teacher_ckpt, ann, variants, scales, shard_size)

@@ -191,6 +191,12 @@ class CocoViews(Dataset):
     def num_classes(self) -> int:
         return len(self.label_to_cat)
 
+    def check_num_classes(self, num_classes: int, model: str = "the model") -> None:
+        """LadError unless the dataset has as many categories as ``model`` predicts classes."""
+        if self.num_classes != num_classes:
+            raise LadError(f"{self.ann_file} has {self.num_classes} categories but {model} predicts {num_classes} "
+                           f"classes (model.num_classes)")
+
     def _index(self, image_id: int) -> int:
         try:
             return self._row[int(image_id)]

@@ -48,14 +48,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj: object) -> object:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` on every rank (small payloads: detections, counts)."""
     if not dist.is_initialized():
@@ -66,5 +58,6 @@ def gather_objects(obj: object) -> list[object]:
 
 
 def cleanup() -> None:
+    """Leave the process group (the end of a torchrun command), so that no rank exits holding it."""
     if dist.is_initialized():
         dist.destroy_process_group()

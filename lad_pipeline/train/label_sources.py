@@ -1,25 +1,28 @@
-"""Where the label assignment of a training view comes from. One training loop, four sources.
+"""Where the labels of a training view come from, and the loss that trains on them. One loop, three sources.
 
-* ``SelfAssign``: plain PAA, the model assigns its own labels (``paa_loss``).
-* ``OnlineTeacher``: mmdetection's LAD, a frozen teacher assigns them every step (``lad_loss``).
-* ``CachedLabels``: the teacher's assignment read back from a label cache.
-* ``CachedWithFallback``: cache hits, and the online teacher for views the cache does not hold.
+* ``SelfAssign``: plain PAA, the model assigns its own labels (mmdetection's ``PAAHead`` loss).
+* ``OnlineTeacher``: mmdetection's LAD, a frozen teacher assigns them every step (``LADHead`` loss).
+* ``CachedLabels``: the teacher's assignment read back from a label cache; with a fallback, views the
+  cache does not hold go to the online teacher.
 
-The teacher runs on each view padded on its own, as ``lad cache-labels`` does, so a cached label and an
-online one are the same label whatever the view was batched with.
+A source returns ``Labels``: the assignments on the batch grid of the student's outputs, the targets they
+index, and how many views came from a cache (hits) or from an online teacher (misses). The teacher runs on
+each view padded on its own, as ``lad cache-labels`` does, so a cached label and an online one are the same
+label whatever the view was batched with.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
-from typing import Callable, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..assign import paa_assign
-from ..config import AssignConfig
+from ..config import AssignConfig, LossConfig
 from ..errors import LadError
+from ..losses import lad_loss, paa_loss
 from ..models.anchors import feature_sizes, own_grid_index
 from ..teacher import teacher_assign
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
@@ -45,38 +48,67 @@ def to_batch_grid(own: Assignment, own_sizes: Sequence[tuple[int, int]],
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
 
 
+@dataclass
+class StepInputs:
+    """One training batch as the student sees it: normalised images padded to the batch shape, each image's
+    own padded (H, W), its targets and its view key."""
+
+    images: Tensor
+    pad_shapes: list[tuple[int, int]]
+    targets: list[Targets]
+    keys: list[ViewKey]
+
+
+class Labels(NamedTuple):
+    """A batch's labels: assignments over the batch grid of the student's outputs, the targets their GT
+    indices refer to, and the views served by a label cache (``hits``) or an online teacher (``misses``)."""
+
+    assignments: list[Assignment]
+    targets: list[Targets]
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def num_pos(self) -> int:
+        return sum(a.num_pos for a in self.assignments)
+
+
 class LabelSource:
-    """Gives the assignment of each view of a batch, on the batch grid of the student's outputs."""
+    """Gives the labels of each batch and the loss that trains the student on them."""
 
-    loss = "paa"
+    def __init__(self, loss: LossConfig) -> None:
+        self.loss_config = loss
 
-    def __init__(self) -> None:
-        self.counts = {"hits": 0, "misses": 0}
-
-    def assign(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
-               keys: list[ViewKey], outs: HeadOutputs) -> tuple[list[Assignment], list[Targets]]:
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         raise NotImplementedError
+
+    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
+        """mmdetection's LADHead loss: the labels come from a teacher."""
+        return lad_loss(outs, labels.assignments, labels.targets, **_loss_weights(self.loss_config))
 
 
 class SelfAssign(LabelSource):
-    loss = "paa"
+    """Plain PAA: the student's own (detached) outputs choose its positives."""
 
-    def __init__(self, assign: AssignConfig) -> None:
-        super().__init__()
+    def __init__(self, assign: AssignConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
         self.config = assign
 
-    def assign(self, images, pad_shapes, targets, keys, outs):
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         detached = HeadOutputs(*[[t.detach() for t in level] for level in outs])
-        return paa_assign(detached, targets, pad_shapes, **asdict(self.config)), targets
+        return Labels(paa_assign(detached, batch.targets, batch.pad_shapes, **asdict(self.config)), batch.targets)
+
+    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
+        """mmdetection's PAAHead loss (IoU-weighted box term)."""
+        return paa_loss(outs, labels.assignments, labels.targets, **_loss_weights(self.loss_config))
 
 
 class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
-    loss = "lad"
-
-    def __init__(self, teacher: nn.Module, assign: AssignConfig, batch_padding: bool = False) -> None:
-        super().__init__()
+    def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig,
+                 batch_padding: bool = False) -> None:
+        super().__init__(loss)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -96,9 +128,9 @@ class OnlineTeacher(LabelSource):
             out.append(to_batch_grid(own, feature_sizes((h, w)), batch_sizes))
         return out
 
-    def assign(self, images, pad_shapes, targets, keys, outs):
-        self.counts["misses"] += len(keys)
-        return self.assign_views(images, pad_shapes, targets, grid_sizes(outs)), targets
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
+        assignments = self.assign_views(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs))
+        return Labels(assignments, batch.targets, misses=len(batch.keys))
 
 
 class CachedLabels(LabelSource):
@@ -107,18 +139,17 @@ class CachedLabels(LabelSource):
     ``fallback`` is a factory, so the teacher is loaded only when the first miss comes.
     """
 
-    loss = "lad"
-
-    def __init__(self, cache, fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
-        super().__init__()
+    def __init__(self, cache, loss: LossConfig, fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
+        super().__init__(loss)
         self.cache = cache
         self.fallback_factory = fallback
         self.fallback: Optional[OnlineTeacher] = None
 
-    def assign(self, images, pad_shapes, targets, keys, outs):
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
+        images, pad_shapes, keys = batch.images, batch.pad_shapes, batch.keys
         batch_sizes = grid_sizes(outs)
         assignments: list[Optional[Assignment]] = [None] * len(keys)
-        targets = list(targets)
+        targets = list(batch.targets)
         missing = []
         for i, key in enumerate(keys):
             view = self.cache.get(key)
@@ -132,9 +163,7 @@ class CachedLabels(LabelSource):
             own = own._replace(**{f: getattr(own, f).to(images.device) for f in own._fields})
             assignments[i] = to_batch_grid(own, feature_sizes(pad_shapes[i]), batch_sizes)
             targets[i] = view.targets.to(images.device)  # the GT indices refer to the cached targets
-        self.counts["hits"] += len(keys) - len(missing)
         if missing:
-            self.counts["misses"] += len(missing)
             if self.fallback_factory is None:
                 raise LadError(f"view {keys[missing[0]]} is not in the label cache and the online fallback is off "
                                f"(--no-fallback, or no --teacher given): cache it with the right --variants/--scales")
@@ -145,4 +174,9 @@ class CachedLabels(LabelSource):
                                              [targets[i] for i in missing], batch_sizes)
             for i, a in zip(missing, sub):
                 assignments[i] = a
-        return assignments, targets
+        return Labels(assignments, targets, hits=len(keys) - len(missing), misses=len(missing))
+
+
+def _loss_weights(loss: LossConfig) -> dict[str, float]:
+    return {"focal_gamma": loss.focal_gamma, "focal_alpha": loss.focal_alpha, "bbox_weight": loss.bbox_weight,
+            "iou_weight": loss.iou_weight}

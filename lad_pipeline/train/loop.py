@@ -1,4 +1,4 @@
-"""The one training loop. PAA, online LAD and cached LAD differ only in their LabelSource."""
+"""The one training loop. PAA, online LAD and cached LAD differ only in their LabelSource (labels and loss)."""
 from __future__ import annotations
 
 import logging
@@ -19,16 +19,14 @@ from ..checkpoint import load_init_weights, read_checkpoint, save_checkpoint
 from ..config import Config, save_config
 from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
-from ..losses import lad_loss, paa_loss
 from ..models import build_detector
 from ..runtime import distributed as dist
-from .label_sources import LabelSource
+from .label_sources import LabelSource, StepInputs
 from ..runtime.progress import MetricsLog, Progress, add_file_log
 from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("lad")
-LOSSES = {"paa": paa_loss, "lad": lad_loss}
-COUNTS = ("hits", "misses")  # label-source counters, summed over ranks
+COUNTS = ("hits", "misses")  # label-cache hits and misses, summed over ranks
 
 
 @dataclass
@@ -154,8 +152,6 @@ class Trainer:
             kind = load_init_weights(self.model, config.model.init_from)
             log.info("initialised the %s from %s", kind, config.model.init_from)
         self.source = source_factory(self.device)
-        # plain PAA trains with PAAHead's loss; teacher-given labels with mmdetection's LADHead loss
-        self.loss_fn = LOSSES[self.source.loss]
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         self.optimizer = build_optimizer(self.model, config.train, self.world)
         self.base_lr = scaled_lr(config.train, self.world)
@@ -172,7 +168,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.iteration = 0
         self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
-        self.counts = dict.fromkeys(COUNTS, 0)  # over every rank, unlike self.source.counts
+        self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
         if self._has_checkpoint():
             self._load_state(self.paths.latest)
         self.metrics = MetricsLog(self.paths.metrics, enabled=self.main)
@@ -259,8 +255,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             outs = net(images)
         outs = type(outs)(*[[t.float() for t in level] for level in outs])
-        assignments, targets = self.source.assign(images, pad_shapes, targets, list(batch.keys), outs)
-        losses = self.loss_fn(outs, assignments, targets, **_loss_kwargs(self.config))
+        labels = self.source.labels(StepInputs(images, pad_shapes, targets, list(batch.keys)), outs)
+        losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             # iterations count from 1, as in metrics.jsonl and the progress line
@@ -273,8 +269,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        num_pos = sum(a.num_pos for a in assignments)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr, "num_pos": num_pos}
+        self._count(labels.hits, labels.misses)
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr, "num_pos": labels.num_pos}
 
     def _last_good(self) -> str:
         if self.saved_iteration is None:
@@ -282,11 +278,10 @@ class Trainer:
                     f"{self.paths.latest} does not exist")
         return f"{self.paths.latest} keeps iteration {self.saved_iteration}"
 
-    def _count(self, before: dict[str, int]) -> None:
+    def _count(self, hits: int, misses: int) -> None:
         """Add this step's label hits and misses of every rank to ``self.counts``."""
-        delta = dist.all_reduce_sum([float(self.source.counts[k] - before[k]) for k in COUNTS], self.device)
-        for k, d in zip(COUNTS, delta):
-            self.counts[k] += int(round(d))
+        for k, total in zip(COUNTS, dist.all_reduce_sum([float(hits), float(misses)], self.device)):
+            self.counts[k] += int(round(total))
 
     def fit(self) -> dict:
         try:
@@ -304,9 +299,7 @@ class Trainer:
             with guard.installed():
                 for batch in self._batches():
                     with guard.step():  # a signal now stops after this iteration is logged and saved
-                        before = {k: self.source.counts[k] for k in COUNTS}
                         record = self.step(batch)
-                        self._count(before)
                         self.iteration += 1
                         progress.update(1, loss=record["loss"], lr=record["lr"])
                         if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
@@ -337,8 +330,3 @@ class Trainer:
                      self.counts["hits"], self.counts["misses"], self.paths.final)
         return summary
 
-
-def _loss_kwargs(config: Config) -> dict:
-    loss = config.loss
-    return {"focal_gamma": loss.focal_gamma, "focal_alpha": loss.focal_alpha, "bbox_weight": loss.bbox_weight,
-            "iou_weight": loss.iou_weight}

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..cache import LabelCache, annotation_fingerprint
-from ..checkpoint import file_sha256
+from ..checkpoint import file_sha256, read_checkpoint
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
@@ -41,9 +41,7 @@ def train_dataset(config: Config) -> CocoViews:
     ann, images = config.data.ann, config.data.images
     dataset = CocoViews(ann, images, scales=config.data.scales, flip_prob=config.data.flip_prob, train=True,
                         seed=config.train.seed, skip_bad_images=config.data.skip_bad_images)
-    if dataset.num_classes != config.model.num_classes:
-        raise LadError(f"{ann} has {dataset.num_classes} categories but model.num_classes is "
-                       f"{config.model.num_classes}: pass --set model.num_classes={dataset.num_classes}")
+    dataset.check_num_classes(config.model.num_classes)
     return dataset
 
 
@@ -52,7 +50,7 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
-    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign), resume=resume).fit()
+    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, config.loss), resume=resume).fit()
 
 
 def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:
@@ -84,15 +82,16 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
 
     def source(device: torch.device) -> LabelSource:
         def online() -> OnlineTeacher:
-            model_cfg = teacher_model_config(teacher_ckpt, config)
-            return OnlineTeacher(load_teacher(teacher_ckpt, model_cfg, device), config.assign,
-                                 config.train.teacher_batch_padding)
+            contents = read_checkpoint(teacher_ckpt)
+            model_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
+            return OnlineTeacher(load_teacher(teacher_ckpt, model_cfg, device, contents=contents), config.assign,
+                                 config.loss, config.train.teacher_batch_padding)
 
         if label_cache is None:
             if not teacher_ckpt:
                 raise LadError("train-student needs --cache, --teacher, or both")
             return online()
-        return CachedLabels(label_cache, online if (teacher_ckpt and fallback) else None)
+        return CachedLabels(label_cache, config.loss, online if (teacher_ckpt and fallback) else None)
 
     extra = {"cache": cache, "teacher": teacher_ckpt}
     return Trainer(config, Path(out), dataset, source, resume=resume, summary_extra=extra).fit()
