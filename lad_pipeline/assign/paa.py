@@ -7,12 +7,15 @@
 4. A two-component GMM per GT (``gmm.py``: one batched fit, or sklearn's per-GT loop); positives are
    scheme (c): the component-0 prefix up to its most likely sample. GTs with < 2 candidates get none.
 
+``paa_assign`` is ``find_candidates`` (1), ``score_candidates`` (2), ``assign_from_scores`` (3, 4); CoLAD
+(``colad.py``) runs the same steps on two networks' scores.
+
 Exactly tied scores are ordered by anchor index wherever mmdetection's order is up to ``topk``/``sort``
 internals (which tied anchor enters the top-k, which one ends the positive prefix).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -47,51 +50,108 @@ def paa_assign(
     ``pad_shapes[i]`` is image i's own padded (H, W): anchors beyond it are IGNORED. Returns one
     Assignment per image over the batch's flattened anchors.
     """
+    check_assign_args(outs, targets, pad_shapes, gmm)
+    with torch.no_grad():
+        _check_finite(outs)
+        cand = find_candidates(outs, targets, pad_shapes, pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr,
+                               ignore_iof_thr=ignore_iof_thr)
+        score = score_candidates(outs, targets, cand, focal_gamma=focal_gamma, focal_alpha=focal_alpha,
+                                 bbox_weight=bbox_weight)
+        return assign_from_scores(cand, score, topk=topk, gmm=gmm)
+
+
+class Candidates(NamedTuple):
+    """The max-IoU positives of a batch (PAA's candidates), in (image, anchor) order, and what scores them."""
+
+    img: Tensor  # [N] image in the batch
+    anchor: Tensor  # [N] flat anchor index
+    gt_local: Tensor  # [N] GT index within its image
+    gid: Tensor  # [N] GT index within the batch
+    level: Tensor  # [N] FPN level
+    gt_index: Tensor  # [B, A] the labels before the split: NEGATIVE, or IGNORED (invalid / ignore region)
+    anchors: Tensor  # [A, 4]
+    level_start: Tensor  # [L + 1] first flat anchor index of each level
+    boxes: Tensor  # [G, 4] the batch's GT boxes, float32
+    labels: Tensor  # [G] their labels
+    num_levels: int
+
+
+def check_assign_args(outs: HeadOutputs, targets: Sequence[Targets], pad_shapes: Sequence, gmm: str) -> None:
     if gmm not in GMM_FITS:
         raise LadError(f"assign.gmm must be one of {sorted(GMM_FITS)}, got {gmm!r}")
     num_images = outs.cls[0].shape[0]
     if len(targets) != num_images or len(pad_shapes) != num_images:
         raise LadError(f"{num_images} images of head outputs but {len(targets)} targets and {len(pad_shapes)} pad shapes")
-    with torch.no_grad():
-        _check_finite(outs)
-        dev = outs.cls[0].device
-        sizes = [tuple(t.shape[-2:]) for t in outs.cls]
-        level_anchors = grid_anchors(sizes, device=dev)
-        anchors = torch.cat(level_anchors)
-        level_start = torch.tensor([0] + [len(a) for a in level_anchors], device=dev).cumsum(0)
 
-        pre = torch.stack([
-            max_iou_assign(anchors, t.boxes, valid_flags(sizes, pad, device=dev), pad, t.ignore,
-                           pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
-            for t, pad in zip(targets, pad_shapes)
-        ])  # [B, A]
-        gt_index = torch.full_like(pre, NEGATIVE).masked_fill_(pre == IGNORED, IGNORED)
-        img, anchor = (pre >= 0).nonzero(as_tuple=True)  # candidates, in (image, anchor) order
-        gt_local = pre[img, anchor]
-        gt_offsets = torch.tensor([0] + [len(t.boxes) for t in targets], device=dev).cumsum(0)
-        gid = gt_offsets[img] + gt_local  # GT index within the batch
-        level = torch.bucketize(anchor, level_start[1:], right=True)
 
-        boxes = torch.cat([t.boxes for t in targets]).to(device=dev, dtype=torch.float32)
-        labels = torch.cat([t.labels for t in targets]).to(dev)
-        _check_labels(targets, outs.cls[0].shape[1])
-        score = _paa_scores(outs, img, anchor, level, level_start, anchors, boxes[gid], labels[gid],
-                           focal_gamma=focal_gamma, focal_alpha=focal_alpha, bbox_weight=bbox_weight)
-        bad = ~torch.isfinite(score)
-        if bool(bad.any()):
-            raise LadError(f"PAA scores of image {int(img[bad][0])} in the batch are not finite: its head outputs "
-                           "are finite but too large (a diverged model)")
+def find_candidates(
+    outs: HeadOutputs,
+    targets: Sequence[Targets],
+    pad_shapes: Sequence[tuple[int, int]],
+    *,
+    pos_iou_thr: float,
+    neg_iou_thr: float,
+    ignore_iof_thr: float,
+) -> Candidates:
+    """Max-IoU pre-assignment of the batch's anchors (only the feature-map sizes of ``outs`` are used)."""
+    dev = outs.cls[0].device
+    sizes = [tuple(t.shape[-2:]) for t in outs.cls]
+    level_anchors = grid_anchors(sizes, device=dev)
+    anchors = torch.cat(level_anchors)
+    level_start = torch.tensor([0] + [len(a) for a in level_anchors], device=dev).cumsum(0)
 
-        sel = _select_topk(score, gid, level, topk, len(sizes))  # per GT, ascending score
-        count = torch.bincount(gid[sel], minlength=int(gt_offsets[-1]))
-        sel = sel[count[gid[sel]] >= 2]  # GTs with fewer than 2 candidates get no positive
-        positive = _gmm_split(score[sel], gid[sel], gmm)
-        pos = sel[positive]
-        gt_index[img[pos], anchor[pos]] = gt_local[pos]
+    pre = torch.stack([
+        max_iou_assign(anchors, t.boxes, valid_flags(sizes, pad, device=dev), pad, t.ignore,
+                       pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
+        for t, pad in zip(targets, pad_shapes)
+    ])  # [B, A]
+    gt_index = torch.full_like(pre, NEGATIVE).masked_fill_(pre == IGNORED, IGNORED)
+    img, anchor = (pre >= 0).nonzero(as_tuple=True)  # candidates, in (image, anchor) order
+    gt_local = pre[img, anchor]
+    gt_offsets = torch.tensor([0] + [len(t.boxes) for t in targets], device=dev).cumsum(0)
+    gid = gt_offsets[img] + gt_local  # GT index within the batch
+    level = torch.bucketize(anchor, level_start[1:], right=True)
 
-        per_image = torch.bincount(img[sel], minlength=num_images).tolist()
-        parts = zip(*(t.split(per_image) for t in (anchor[sel], gt_local[sel], score[sel], positive)))
-        return [Assignment(gt_index[i], *p) for i, p in enumerate(parts)]
+    boxes = torch.cat([t.boxes for t in targets]).to(device=dev, dtype=torch.float32)
+    labels = torch.cat([t.labels for t in targets]).to(dev)
+    return Candidates(img, anchor, gt_local, gid, level, gt_index, anchors, level_start, boxes, labels, len(sizes))
+
+
+def score_candidates(
+    outs: HeadOutputs,
+    targets: Sequence[Targets],
+    cand: Candidates,
+    *,
+    focal_gamma: float,
+    focal_alpha: float,
+    bbox_weight: float,
+) -> Tensor:
+    """PAA score of every candidate under ``outs`` (float32); LadError where labels or scores are bad."""
+    _check_labels(targets, outs.cls[0].shape[1])
+    score = _paa_scores(outs, cand.img, cand.anchor, cand.level, cand.level_start, cand.anchors,
+                        cand.boxes[cand.gid], cand.labels[cand.gid],
+                        focal_gamma=focal_gamma, focal_alpha=focal_alpha, bbox_weight=bbox_weight)
+    bad = ~torch.isfinite(score)
+    if bool(bad.any()):
+        raise LadError(f"PAA scores of image {int(cand.img[bad][0])} in the batch are not finite: its head outputs "
+                       "are finite but too large (a diverged model)")
+    return score
+
+
+def assign_from_scores(cand: Candidates, score: Tensor, *, topk: int, gmm: str) -> list[Assignment]:
+    """Per-level top-k and GMM split of the candidates on ``score``: one Assignment per image."""
+    num_images = cand.gt_index.shape[0]
+    sel = _select_topk(score, cand.gid, cand.level, topk, cand.num_levels)  # per GT, ascending score
+    count = torch.bincount(cand.gid[sel], minlength=len(cand.boxes))
+    sel = sel[count[cand.gid[sel]] >= 2]  # GTs with fewer than 2 candidates get no positive
+    positive = _gmm_split(score[sel], cand.gid[sel], gmm)
+    pos = sel[positive]
+    gt_index = cand.gt_index.clone()
+    gt_index[cand.img[pos], cand.anchor[pos]] = cand.gt_local[pos]
+
+    per_image = torch.bincount(cand.img[sel], minlength=num_images).tolist()
+    parts = zip(*(t.split(per_image) for t in (cand.anchor[sel], cand.gt_local[sel], score[sel], positive)))
+    return [Assignment(gt_index[i], *p) for i, p in enumerate(parts)]
 
 
 def _paa_scores(
