@@ -1,9 +1,9 @@
-"""``lad checkpoint-info``: does a checkpoint load into a detector, and what is in it."""
+"""``lad checkpoint-info`` (does a checkpoint load into its detectors, what is in it) and ``lad export-network``."""
 from __future__ import annotations
 
 import click
 
-from lad_pipeline.checkpoint import checkpoint_format, file_sha256, load_detector
+from lad_pipeline.checkpoint import checkpoint_format, export_network, file_sha256, load_detector, networks_in
 
 
 @click.command("checkpoint-info")
@@ -13,13 +13,34 @@ from lad_pipeline.checkpoint import checkpoint_format, file_sha256, load_detecto
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.num_classes=10.")
 def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
     """Load CHECKPOINT (ours or mmdetection's) into its detector and summarise it."""
-    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher)
-    model_cfg = config.teacher.model if teacher else config.model
-    params = sum(p.numel() for p in model.parameters())
+    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher, network=1)
     click.echo(f"checkpoint   {checkpoint}")
     click.echo(f"format       {checkpoint_format(contents)}")
     click.echo(f"sha256       {file_sha256(checkpoint)}")
-    click.echo(f"model        {model_cfg.backbone}, {model_cfg.num_classes} classes, {params / 1e6:.2f} M parameters")
+    held = networks_in(contents)
+    if len(held) == 1:
+        click.echo(f"model        {_describe(model, config.teacher.model if teacher else config.model)}")
+    else:  # CoLAD: both networks are loaded, so both are checked
+        network2, config2, _ = load_detector(checkpoint, config_path, overrides, network=2)
+        click.echo(f"network 1    {_describe(model, config.model)}")
+        click.echo(f"network 2    {_describe(network2, config2.model)}")
+        click.echo(f"inference    network {config.colad.inference_network} (colad.inference_network)")
     if "iteration" in contents:
         click.echo(f"iteration    {contents['iteration']}")
     click.echo("loads        all keys, no mismatches")
+
+
+def _describe(model, model_cfg) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    return f"{model_cfg.backbone}, {model_cfg.num_classes} classes, {params / 1e6:.2f} M parameters"
+
+
+@click.command("export-network")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--network", required=True, type=click.IntRange(1, 2), help="Which detector of the checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="OUT.pth",
+              help="Plain detector checkpoint to write (a teacher for cache-labels, or for eval/show).")
+def export_network_command(checkpoint: str, network: int, out: str) -> None:
+    """Write one network of CHECKPOINT (e.g. network 2 of a lad train-colad run) as a plain detector."""
+    config = export_network(checkpoint, out, network)
+    click.echo(f"wrote {out}: network {network} ({config.model.backbone}, {config.model.num_classes} classes)")

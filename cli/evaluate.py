@@ -21,10 +21,13 @@ from lad_pipeline.errors import LadError
 @click.option("--images", type=click.Path(file_okay=False), help="Image directory (with --checkpoint).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (with --checkpoint).")
 @click.option("--num-workers", type=click.IntRange(min=0), help="Data-loading processes (with --checkpoint).")
+@click.option("--network", type=click.IntRange(1, 2),
+              help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="metrics.json",
               help="Write the metrics as JSON here (default: print only).")
 def eval_command(checkpoint: str | None, config_path: str | None, detections: str | None, ann: str | None,
-                 images: str | None, batch_size: int | None, num_workers: int | None, out: str | None) -> None:
+                 images: str | None, batch_size: int | None, num_workers: int | None, network: int | None,
+                 out: str | None) -> None:
     """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
     if (checkpoint is None) == (detections is None):
         raise click.UsageError("give exactly one of --checkpoint and --detections")
@@ -33,7 +36,7 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
             raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
         results: Any = detections
     else:
-        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers)
+        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network)
         from lad_pipeline.runtime import distributed
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
@@ -45,18 +48,20 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
         record = {k: v for k, v in metrics.items() if k != "summary"}
         record["ann_file"] = str(ann)
         record["source"] = str(detections or checkpoint)
+        if network is not None:
+            record["network"] = network
         _write_json_atomic(Path(out), record)
         click.echo(f"metrics written to {out}")
 
 
 def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
-               batch_size: int | None, num_workers: int | None) -> tuple[list[dict], str]:
+               batch_size: int | None, num_workers: int | None, network: int | None) -> tuple[list[dict], str]:
     """COCO results of the checkpoint and the annotation file they refer to."""
     # imported here: evaluating a results file needs neither the model nor the data pipeline
     from lad_pipeline.evaluate.inference import run_inference
 
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
-                         batch_size=batch_size, num_workers=num_workers)
+                         batch_size=batch_size, num_workers=num_workers, network=network)
 
 
 def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> str:

@@ -39,9 +39,11 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--score-thr", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Draw detections scoring above this.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--network", type=click.IntRange(1, 2),
+              help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
 def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann: str, images: str, score_thr: float,
-                 device: Optional[str], out: Optional[str]) -> None:
+                 device: Optional[str], network: Optional[int], out: Optional[str]) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
     import torch
@@ -55,7 +57,7 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     except RuntimeError:
         raise click.BadParameter(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
                                  param_hint="--device") from None
-    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev)
+    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)

@@ -1,4 +1,4 @@
-"""``lad train-teacher`` and ``lad train-student``: the one training loop with two label sources."""
+"""``lad train-teacher``, ``lad train-student`` and ``lad train-colad``: the one training loop, three label sources."""
 from __future__ import annotations
 
 import json
@@ -64,3 +64,12 @@ def train_student_command(cache, teacher, no_fallback, config_path, ann, images,
     config = _config(config_path, overrides, resume, out, amp)
     _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,
                           images=images, resume=resume))
+
+
+@click.command("train-colad")
+@run_options
+def train_colad_command(config_path, ann, images, out, resume, amp, overrides) -> None:
+    """Co-learning LAD: train [model] and [colad.model] together, each teaching the other."""
+    from lad_pipeline.train.recipes import train_colad
+
+    _report(train_colad(_config(config_path, overrides, resume, out, amp), out, ann=ann, images=images, resume=resume))

@@ -189,22 +189,51 @@ def resolve_config(checkpoint: str | os.PathLike | None, config_path: str | os.P
     return config_from_dict(embedded, overrides)
 
 
+def networks_in(contents: Mapping[str, Any]) -> list[int]:
+    """The detectors a checkpoint holds: [1], or [1, 2] for a CoLAD run (network 2 under ``peers``)."""
+    peers = contents.get("peers") if contents.get("format") == FORMAT else None
+    return [1, 2] if isinstance(peers, Mapping) and "colad" in peers else [1]
+
+
 def load_detector(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None,
-                  overrides: tuple[str, ...] | list[str] = (), *, teacher: bool = False,
+                  overrides: tuple[str, ...] | list[str] = (), *, teacher: bool = False, network: int | None = None,
                   device: torch.device | str | None = None) -> tuple["PAADetector", "Config", dict[str, Any]]:
     """Build the detector a checkpoint holds and load it, reading the file once.
 
     The architecture comes from ``config_path`` (``[teacher.model]`` with ``teacher=True``) or from the
-    config embedded in our checkpoints. Returns the model in eval mode on ``device``, the config, and the
-    checkpoint's contents (iteration, format, ...).
+    config embedded in our checkpoints. A CoLAD checkpoint holds two networks: ``network`` picks one (default:
+    ``colad.inference_network``), and the returned config describes that one as its ``[model]``. Returns the
+    model in eval mode on ``device``, the config, and the checkpoint's contents (iteration, format, ...).
     """
+    from dataclasses import replace
+
     from .models import build_detector
 
     contents = read_checkpoint(checkpoint)
     config = resolve_config(checkpoint, config_path, overrides, contents=contents)
+    held = networks_in(contents)
+    if network is None:
+        network = config.colad.inference_network if len(held) == 2 else 1
+    if network not in held:
+        raise LadError(f"checkpoint {checkpoint} holds {len(held)} network(s); network {network} needs a "
+                       f"checkpoint of lad train-colad")
+    if network == 2:
+        config = replace(config, model=config.colad.model)
     model = build_detector(config.teacher.model if teacher else config.model)
-    load_checkpoint(model, checkpoint, contents=contents)
+    if network == 2:
+        load_state_dict_strict(model, contents["peers"]["colad"], f"network 2 of checkpoint {checkpoint}")
+    else:
+        load_checkpoint(model, checkpoint, contents=contents)
     model.eval()
     if device is not None:
         model.to(device)
     return model, config, contents
+
+
+def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, network: int,
+                   config_path: str | os.PathLike | None = None) -> "Config":
+    """Write one network of a checkpoint (e.g. network 2 of a CoLAD run) as a plain detector checkpoint,
+    usable as a teacher, for ``lad eval`` or as ``model.init_from``. Returns its config."""
+    model, config, _ = load_detector(checkpoint, config_path, network=network)
+    save_checkpoint(out, model, config.to_dict())
+    return config

@@ -43,6 +43,14 @@ class TeacherConfig:
 
 
 @dataclass
+class CoLADConfig:
+    """Co-learning LAD: ``[model]`` is network 1, ``[colad.model]`` network 2; both are trained."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference_network: int = 2  # which network ``lad eval`` / ``lad show`` use by default (the recipe's use_teacher)
+
+
+@dataclass
 class AssignConfig:
     topk: int = 9
     pos_iou_thr: float = 0.1
@@ -110,6 +118,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    colad: CoLADConfig = field(default_factory=CoLADConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)

@@ -33,9 +33,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None,
-                        overrides: Sequence[str] = (), device: torch.device | str | None = None) -> "Predictor":
-        """Our checkpoints carry their config; an mmdetection file needs ``config_path``."""
-        model, config, _ = load_detector(checkpoint, config_path, tuple(overrides))
+                        overrides: Sequence[str] = (), device: torch.device | str | None = None,
+                        network: Optional[int] = None) -> "Predictor":
+        """Our checkpoints carry their config; an mmdetection file needs ``config_path``. ``network`` picks
+        one of a CoLAD checkpoint's two detectors (default: its ``colad.inference_network``)."""
+        model, config, _ = load_detector(checkpoint, config_path, tuple(overrides), network=network)
         return cls(model, config, device)
 
     @property

@@ -13,8 +13,8 @@ label whatever the view was batched with.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,22 +51,30 @@ def to_batch_grid(own: Assignment, own_sizes: Sequence[tuple[int, int]],
 @dataclass
 class StepInputs:
     """One training batch as the student sees it: normalised images padded to the batch shape, each image's
-    own padded (H, W), its targets and its view key."""
+    own padded (H, W), its targets and its view key; ``peer_outs``: the outputs of the networks a source
+    trains along with the student (``LabelSource.peers``), on the same images."""
 
     images: Tensor
     pad_shapes: list[tuple[int, int]]
     targets: list[Targets]
     keys: list[ViewKey]
+    peer_outs: dict[str, HeadOutputs] = field(default_factory=dict)
 
 
 class Labels(NamedTuple):
     """A batch's labels: assignments over the batch grid of the student's outputs, the targets their GT
-    indices refer to, and the views served by a label cache (``hits``) or an online teacher (``misses``)."""
+    indices refer to, and the views served by a label cache (``hits``) or an online teacher (``misses``).
+
+    ``aux`` is whatever else the source's loss needs (the peers' outputs, soft targets); ``stats`` are
+    ratios to log, as (numerator, denominator) so that they sum over ranks.
+    """
 
     assignments: list[Assignment]
     targets: list[Targets]
     hits: int = 0
     misses: int = 0
+    aux: Any = None
+    stats: Optional[dict[str, tuple[float, float]]] = None
 
     @property
     def num_pos(self) -> int:
@@ -79,12 +87,17 @@ class LabelSource:
     def __init__(self, loss: LossConfig) -> None:
         self.loss_config = loss
 
+    def peers(self) -> dict[str, nn.Module]:
+        """Networks trained together with the student (CoLAD's network 2): the loop optimises, wraps in DDP
+        and checkpoints them, and passes their outputs in ``StepInputs.peer_outs``."""
+        return {}
+
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         raise NotImplementedError
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's LADHead loss: the labels come from a teacher."""
-        return lad_loss(outs, labels.assignments, labels.targets, **_loss_weights(self.loss_config))
+        return lad_loss(outs, labels.assignments, labels.targets, **loss_weights(self.loss_config))
 
 
 class SelfAssign(LabelSource):
@@ -100,7 +113,7 @@ class SelfAssign(LabelSource):
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's PAAHead loss (IoU-weighted box term)."""
-        return paa_loss(outs, labels.assignments, labels.targets, **_loss_weights(self.loss_config))
+        return paa_loss(outs, labels.assignments, labels.targets, **loss_weights(self.loss_config))
 
 
 class OnlineTeacher(LabelSource):
@@ -177,6 +190,6 @@ class CachedLabels(LabelSource):
         return Labels(assignments, targets, hits=len(keys) - len(missing), misses=len(missing))
 
 
-def _loss_weights(loss: LossConfig) -> dict[str, float]:
+def loss_weights(loss: LossConfig) -> dict[str, float]:
     return {"focal_gamma": loss.focal_gamma, "focal_alpha": loss.focal_alpha, "bbox_weight": loss.bbox_weight,
             "iou_weight": loss.iou_weight}

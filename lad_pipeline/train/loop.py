@@ -20,6 +20,7 @@ from ..config import Config, save_config
 from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
 from ..models import build_detector
+from ..types import HeadOutputs
 from ..runtime import distributed as dist
 from .label_sources import LabelSource, StepInputs
 from ..runtime.progress import MetricsLog, Progress, add_file_log
@@ -152,8 +153,12 @@ class Trainer:
             kind = load_init_weights(self.model, config.model.init_from)
             log.info("initialised the %s from %s", kind, config.model.init_from)
         self.source = source_factory(self.device)
-        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
-        self.optimizer = build_optimizer(self.model, config.train, self.world)
+        # networks trained along with the student (CoLAD's network 2): same optimizer, DDP and checkpoints
+        self.peers = {name: net.to(self.device) for name, net in self.source.peers().items()}
+        self.networks = nn.ModuleDict({"model": self.model, **self.peers})
+        self.forwards = {name: DistributedDataParallel(net) if self.world > 1 else net
+                         for name, net in self.networks.items()}
+        self.optimizer = build_optimizer(self.networks, config.train, self.world)
         self.base_lr = scaled_lr(config.train, self.world)
         self.keys_per_epoch = len(dataset.train_keys(0))
         total_batch = config.train.batch_size * self.world
@@ -199,8 +204,11 @@ class Trainer:
             self._log_handler = None
 
     def _state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
-                "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
+        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
+                 "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
+        if self.peers:
+            state["peers"] = {name: net.state_dict() for name, net in self.peers.items()}
+        return state
 
     def save(self, path: Path) -> None:
         if self.main:
@@ -213,6 +221,12 @@ class Trainer:
         from ..checkpoint import extract_state_dict, load_state_dict_strict
 
         load_state_dict_strict(self.model, extract_state_dict(state, path), f"checkpoint {path}")
+        saved_peers = state.get("peers", {})
+        if set(saved_peers) != set(self.peers):
+            raise LadError(f"checkpoint {path} holds the networks {sorted(['model', *saved_peers])} but this run "
+                           f"trains {sorted(self.networks)}: resume it with the command that started it")
+        for name, net in self.peers.items():
+            load_state_dict_strict(net, saved_peers[name], f"network {name!r} of checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = self.saved_iteration = int(state["iteration"])
@@ -250,12 +264,12 @@ class Trainer:
         images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)
         targets = [t.to(self.device) for t in batch.targets]
         lr = set_lr(self.optimizer, self.base_lr, self.schedule, self.iteration)
-        net = self.ddp or self.model
-        self.model.train()
+        self.networks.train()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            outs = net(images)
-        outs = type(outs)(*[[t.float() for t in level] for level in outs])
-        labels = self.source.labels(StepInputs(images, pad_shapes, targets, list(batch.keys)), outs)
+            all_outs = {name: forward(images) for name, forward in self.forwards.items()}
+        all_outs = {name: HeadOutputs(*[[t.float() for t in level] for level in o]) for name, o in all_outs.items()}
+        outs = all_outs.pop("model")
+        labels = self.source.labels(StepInputs(images, pad_shapes, targets, list(batch.keys), all_outs), outs)
         losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -266,11 +280,12 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            nn.utils.clip_grad_norm_(self.networks.parameters(), self.config.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self._count(labels.hits, labels.misses)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr, "num_pos": labels.num_pos}
+        stats = self._count(labels)
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, **stats, "lr": lr,
+                "num_pos": labels.num_pos}
 
     def _last_good(self) -> str:
         if self.saved_iteration is None:
@@ -278,10 +293,16 @@ class Trainer:
                     f"{self.paths.latest} does not exist")
         return f"{self.paths.latest} keeps iteration {self.saved_iteration}"
 
-    def _count(self, hits: int, misses: int) -> None:
-        """Add this step's label hits and misses of every rank to ``self.counts``."""
-        for k, total in zip(COUNTS, dist.all_reduce_sum([float(hits), float(misses)], self.device)):
+    def _count(self, labels) -> dict[str, float]:
+        """Add this step's label hits and misses of every rank to ``self.counts``; the source's ratios
+        (numerator and denominator summed over ranks) of this step."""
+        stats = labels.stats or {}
+        values = [float(labels.hits), float(labels.misses)] + [float(v) for pair in stats.values() for v in pair]
+        totals = dist.all_reduce_sum(values, self.device)
+        for k, total in zip(COUNTS, totals):
             self.counts[k] += int(round(total))
+        pairs = zip(totals[2::2], totals[3::2])
+        return {name: num / den if den else float("nan") for name, (num, den) in zip(stats, pairs)}
 
     def fit(self) -> dict:
         try:

@@ -10,14 +10,16 @@ from typing import Optional
 import torch
 
 from ..cache import LabelCache, annotation_fingerprint
-from ..checkpoint import file_sha256, read_checkpoint
+from ..checkpoint import file_sha256, load_init_weights, read_checkpoint
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
+from ..models import build_detector
 from ..cache.stage import anchor_layout
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
 from ..teacher import load_teacher, teacher_model_config
-from .loop import Trainer
+from .colearning import CoLearning
+from .loop import RunPaths, Trainer
 
 log = logging.getLogger("lad")
 
@@ -51,6 +53,25 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
     return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, config.loss), resume=resume).fit()
+
+
+def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
+                resume: bool = False) -> dict:
+    """CoLAD (``lad train-colad``): ``[model]`` and ``[colad.model]`` trained together, each (GT, level)
+    assigned by the network whose candidate losses separate better."""
+    config = with_train_data(config, ann, images)
+    dataset = train_dataset(config)
+    dataset.check_num_classes(config.colad.model.num_classes, "network 2 (colad.model)")
+    resuming = resume and RunPaths(Path(out)).latest.exists()
+
+    def source(device: torch.device) -> CoLearning:
+        network2 = build_detector(config.colad.model)
+        if config.colad.model.init_from and not resuming:
+            kind = load_init_weights(network2, config.colad.model.init_from)
+            log.info("initialised network 2's %s from %s", kind, config.colad.model.init_from)
+        return CoLearning(network2, config.assign, config.loss)
+
+    return Trainer(config, Path(out), dataset, source, resume=resume).fit()
 
 
 def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:

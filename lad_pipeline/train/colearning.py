@@ -1,0 +1,48 @@
+"""CoLAD: two detectors that teach each other (co-learning label assignment distillation).
+
+The student of the loop is network 1; network 2 is a *peer* of this label source: the loop trains it with
+the same optimizer, wraps it in DDP and checkpoints it, and hands its outputs on the same batch to
+``labels``. For every (GT, FPN level) the network whose PAA candidate losses separate better (std / mean)
+chooses the candidates' losses, one GMM split follows, and that one assignment trains both networks with
+the LAD losses; network 2's terms carry the suffix ``_t``. ``docs/colad.md`` has the algorithm and where
+we differ from the authors' code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from torch import Tensor, nn
+
+from ..assign import colad_assign
+from ..config import AssignConfig, LossConfig
+from ..losses import lad_loss
+from ..types import HeadOutputs
+from .label_sources import Labels, LabelSource, StepInputs, loss_weights
+
+PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
+
+
+class CoLearning(LabelSource):
+    """Labels chosen jointly by the student (network 1) and ``network2``; the loss trains both."""
+
+    def __init__(self, network2: nn.Module, assign: AssignConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.network2 = network2
+        self.config = assign
+
+    def peers(self) -> dict[str, nn.Module]:
+        return {PEER: self.network2}
+
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
+        outs2 = batch.peer_outs[PEER]
+        detached = [HeadOutputs(*[[t.detach() for t in level] for level in o]) for o in (outs, outs2)]
+        assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, **asdict(self.config))
+        return Labels(assignments, batch.targets, aux=outs2,
+                      stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
+
+    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
+        """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
+        weights = loss_weights(self.loss_config)
+        losses = lad_loss(outs, labels.assignments, labels.targets, **weights)
+        peer = lad_loss(labels.aux, labels.assignments, labels.targets, **weights)
+        return {**losses, **{f"{name}_t": value for name, value in peer.items()}}
