@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: timing, device choice, result files."""
+"""Shared helpers of the benchmarks: timing, device choice, result files, small datasets."""
 from __future__ import annotations
 
 import json
@@ -43,3 +43,23 @@ def write_result(name: str, result: dict) -> Path:
     path = Path(__file__).resolve().parent / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def subset_dataset(source: Path, out: Path, n_images: int) -> tuple[Path, Path, int]:
+    """The first ``n_images`` images with a usable box, every category kept: (annotations, images, classes)."""
+    data = json.loads((source / "annotations.json").read_text())
+    with_box = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd", 0) and a["bbox"][2] >= 1
+                and a["bbox"][3] >= 1}
+    images = [im for im in data["images"] if im["id"] in with_box][:n_images]
+    ids = {im["id"] for im in images}
+    subset = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    ann = out / "annotations.json"
+    ann.write_text(json.dumps(subset))
+    return ann, source / "images", len(data["categories"])
+
+
+def toy_dataset(out: Path, n_images: int) -> tuple[Path, Path, int]:
+    from lad_pipeline.data.toy import make_toy_dataset
+
+    root = make_toy_dataset(out / "toy", n_images, 0, seed=0)
+    return root / "train" / "annotations.json", root / "train" / "images", 10

@@ -18,7 +18,6 @@ only through PAA's candidate counts. Last two lines: ``cached_over_floor`` and t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, timeit, write_result
+from common import machine, subset_dataset, timeit, toy_dataset, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,26 +60,6 @@ class Precomputed(LabelSource):
 
     def labels(self, batch, outs):
         return self.table[tuple(batch.keys)]
-
-
-def subset_dataset(source: Path, out: Path, n_images: int) -> tuple[Path, Path, int]:
-    """The first ``n_images`` images with a usable box, every category kept: (annotations, images, classes)."""
-    data = json.loads((source / "annotations.json").read_text())
-    with_box = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd", 0) and a["bbox"][2] >= 1
-                and a["bbox"][3] >= 1}
-    images = [im for im in data["images"] if im["id"] in with_box][:n_images]
-    ids = {im["id"] for im in images}
-    subset = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
-    ann = out / "annotations.json"
-    ann.write_text(json.dumps(subset))
-    return ann, source / "images", len(data["categories"])
-
-
-def toy_dataset(out: Path, n_images: int) -> tuple[Path, Path, int]:
-    from lad_pipeline.data.toy import make_toy_dataset
-
-    root = make_toy_dataset(out / "toy", n_images, 0, seed=0)
-    return root / "train" / "annotations.json", root / "train" / "images", 10
 
 
 def configs(args, num_classes: int) -> tuple[Config, Config]:

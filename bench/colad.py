@@ -1,0 +1,113 @@
+"""Seconds per CoLAD training step against the two networks trained alone with plain PAA, in one run.
+
+    python bench/colad.py [--scale 320] [--batch 2] [--iters 5] [--warmup 2] [--images 14] [--data toy]
+
+(a) CoLAD: ``CoLearning``, network 1 (R-18) and network 2 (R-50) forward on the batch, the co-learning
+    assignment, both networks' LAD losses, one backward and one SGD update over both;
+(b) plain PAA of network 1 alone (``SelfAssign``, R-18);
+(c) plain PAA of network 2 alone (``SelfAssign``, R-50).
+
+Every mode times the product's own ``Trainer.step`` on the same preloaded batches (data loading excluded); the
+modes take turns, one step each per round, and each reports its median. The goal is a / (b + c) <= 1.05: the
+re-assignment itself (a second candidate scoring, the per-(GT, level) statistics, one GMM split) must be cheap
+next to two training steps. Views are coco128 images (``LAD_COCO128``, default ../shared/data/coco128), else
+the toy digits; random weights. Last line: ``headline: colad_over_two_paa``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from itertools import cycle
+from pathlib import Path
+
+import torch
+
+from common import machine, subset_dataset, timeit, toy_dataset, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lad_pipeline.config import load_config  # noqa: E402
+from lad_pipeline.data import CocoViews, make_loader  # noqa: E402
+from lad_pipeline.models import build_detector  # noqa: E402
+from lad_pipeline.train.colearning import CoLearning  # noqa: E402
+from lad_pipeline.train.label_sources import SelfAssign  # noqa: E402
+from lad_pipeline.train.loop import Trainer  # noqa: E402
+
+MODES = (("a", "CoLAD R-18 + R-50"), ("b", "PAA R-18 alone"), ("c", "PAA R-50 alone"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short)")
+    parser.add_argument("--batch", type=int, default=2, help="views per step")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
+    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
+    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.manual_seed(0)
+
+    coco128 = Path(os.environ.get("LAD_COCO128", REPO.parent / "shared" / "data" / "coco128"))
+    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
+    work = Path(tempfile.mkdtemp(prefix="lad-bench-colad-"))
+    if use_coco:
+        ann, image_dir, num_classes = subset_dataset(coco128, work, args.images)
+        data_name = f"coco128 ({args.images} images)"
+    else:
+        ann, image_dir, num_classes = toy_dataset(work, args.images)
+        data_name = f"toy digits ({args.images} images)"
+    common = [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
+              f"model.num_classes={num_classes}", f"colad.model.num_classes={num_classes}", "train.max_iters=1000000",
+              "train.log_every=1000000", "train.checkpoint_every=1000000"]
+    config = load_config(REPO / "configs" / "toy_colad_r18_r50.toml", common)
+    alone2 = load_config(REPO / "configs" / "toy_colad_r18_r50.toml",
+                         [*common, "model.backbone=resnet50"])  # network 2's architecture as a plain PAA run
+
+    dataset = CocoViews(ann, image_dir, scales=config.data.scales, flip_prob=config.data.flip_prob,
+                        seed=config.train.seed)
+    batches = list(make_loader(dataset, dataset.train_keys(0), args.batch))
+    sources = {
+        "a": (config, lambda d: CoLearning(build_detector(config.colad.model), config.assign, config.loss)),
+        "b": (config, lambda d: SelfAssign(config.assign, config.loss)),
+        "c": (alone2, lambda d: SelfAssign(alone2.assign, alone2.loss)),
+    }
+    trainers = {mode: Trainer(cfg, work / f"run-{mode}", dataset, factory) for mode, (cfg, factory) in sources.items()}
+    feeds = {mode: cycle(batches) for mode in trainers}
+
+    def step(mode: str):
+        trainer = trainers[mode]
+        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
+
+    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for n in range(args.warmup + args.iters):
+        for mode in trainers:
+            seconds = timeit(step(mode), repeats=1, warmup=0)
+            if n >= args.warmup:
+                times[mode].append(seconds)
+    for trainer in trainers.values():
+        trainer.close()
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    ratio = median["a"] / (median["b"] + median["c"])
+
+    print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale}, batch {args.batch}; "
+          f"median of {args.iters} iterations after {args.warmup} warm-up; random weights")
+    print(f"{'mode':<26}{'s/iter':>9}")
+    for mode, name in MODES:
+        print(f"({mode}) {name:<22}{median[mode]:>9.3f}")
+    print(f"(b)+(c) two PAA steps      {median['b'] + median['c']:>9.3f}")
+    write_result("colad", {"machine": machine(), "data": data_name, "scale": [args.scale, args.scale],
+                           "batch": args.batch, "iters": args.iters, "warmup": args.warmup,
+                           "s_per_iter": median, "times": times, "headline": {"colad_over_two_paa": ratio}})
+    print(f"headline: colad_over_two_paa = {ratio:.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
