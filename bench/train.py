@@ -45,7 +45,7 @@ from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
-from lad_pipeline.models.anchors import feature_sizes  # noqa: E402
+from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.types import HeadOutputs  # noqa: E402
 
 MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher R-101"),
@@ -145,7 +145,7 @@ def main() -> None:
     for b in batches:
         images, pad_shapes = normalize_and_pad(b.images, student_cfg.data.mean, student_cfg.data.std,
                                                student_cfg.data.size_divisor, device)
-        grid = feature_sizes(images.shape[-2:], student_cfg.model.strides)
+        grid = AnchorLayout.from_config(student_cfg.model).feature_sizes(images.shape[-2:])
         shapes = HeadOutputs(*[[torch.empty(len(b), 0, h, w, device=device) for h, w in grid]] * 3)
         table[tuple(b.keys)] = CachedLabels(cache).assign(images, pad_shapes,
                                                           [t.to(device) for t in b.targets], list(b.keys), shapes)
@@ -154,7 +154,7 @@ def main() -> None:
     sources = {
         "a": lambda d: CachedLabels(cache),
         "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.train.teacher_batch_padding),
-        "c": lambda d: SelfAssign(student_cfg.assign),
+        "c": lambda d: SelfAssign(student_cfg.assign, AnchorLayout.from_config(student_cfg.model)),
         "d": lambda d: Precomputed(table),
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the

@@ -74,7 +74,7 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
         dets = postprocess(outs, [view.view_size], [view.scale_factor], nms_pre=test.nms_pre,
                            score_thr=min(test.score_thr, score_thr), nms_iou=test.nms_iou,
                            max_per_img=test.max_per_img, score_voting=test.score_voting,
-                           strides=cfg.model.strides, anchor_scale=cfg.model.anchor_scale)[0]
+                           anchors=model.anchors)[0]
     dets = type(dets)(*(t.cpu() for t in dets))
     original = read_image(dataset.image_path(image_id))
     drawn = draw_detections(original, dets, dataset.class_names, score_thr)
@@ -144,7 +144,7 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
         click.echo(f"warning: {ann} is not the annotation file the cache was made from (fingerprints differ); "
                    "boxes and anchors are drawn from the cache, pixels and class names from it", err=True)
     image, rows = draw_assignment(view.image, cached.targets, cached.assignment, cached.pad_size,
-                                  cache.layout.strides, dataset.class_names)
+                                  cache.layout.anchors, dataset.class_names)
     path = write_png(image, out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
     h, w = cached.view_size
     click.echo(f"wrote {path} ({w}x{h}, image {image_id}, {variant}, scale {_scale_text(scale)}): "

@@ -1,7 +1,6 @@
 """PAA label assignment: max-IoU pre-assignment, PAA scores, per-level top-k, GMM split."""
 from .gmm import GMMFit, fit_gmm, fit_gmm_sklearn, split_positives
-from .max_iou import box_iou, max_iou_assign
+from .max_iou import max_iou_assign
 from .paa import paa_assign
 
-__all__ = ["GMMFit", "box_iou", "fit_gmm", "fit_gmm_sklearn", "max_iou_assign", "paa_assign",
-           "split_positives"]
+__all__ = ["GMMFit", "fit_gmm", "fit_gmm_sklearn", "max_iou_assign", "paa_assign", "split_positives"]

@@ -50,8 +50,7 @@ def predict(model: PAADetector, dataset: CocoViews, config: Config, device: torc
         outs = model(inputs)
         dets = postprocess(outs, batch.view_sizes, batch.scale_factors, nms_pre=test.nms_pre,
                            score_thr=test.score_thr, nms_iou=test.nms_iou, max_per_img=test.max_per_img,
-                           score_voting=test.score_voting, strides=config.model.strides,
-                           anchor_scale=config.model.anchor_scale)
+                           score_voting=test.score_voting, anchors=model.anchors)
         dets = [type(d)(*(t.cpu() for t in d)) for d in dets]
         results += detections_to_coco(dets, [k.image_id for k in batch.keys], dataset.label_to_cat)
         progress.update(len(batch.images))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..assign import paa_assign
 from ..config import AssignConfig
 from ..errors import LadError
-from ..models.anchors import feature_sizes, own_grid_index
+from ..models.anchors import AnchorLayout
 from ..teacher import teacher_assign
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 
@@ -31,15 +31,15 @@ def grid_sizes(outs: HeadOutputs) -> list[tuple[int, int]]:
     return [(int(t.shape[-2]), int(t.shape[-1])) for t in outs.cls]
 
 
-def to_batch_grid(own: Assignment, own_sizes: Sequence[tuple[int, int]],
-                  batch_sizes: Sequence[tuple[int, int]]) -> Assignment:
-    """Move an assignment from an image's own padded grid onto a larger batch grid.
+def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequence[tuple[int, int]],
+                  anchors: AnchorLayout) -> Assignment:
+    """Move an assignment from the own grid of an image padded to ``pad_shape`` onto a larger batch grid.
 
     Batch anchors beyond the image's own grid are IGNORED, as mmdetection marks them invalid.
     """
-    if list(own_sizes) == list(batch_sizes):
+    if anchors.feature_sizes(pad_shape) == [tuple(s) for s in batch_sizes]:
         return own
-    index = own_grid_index(batch_sizes, own_sizes).to(own.gt_index.device)
+    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device)
     gt = torch.full((sum(h * w for h, w in batch_sizes),), IGNORED, dtype=torch.int64, device=index.device)
     gt[index] = own.gt_index
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
@@ -59,15 +59,18 @@ class LabelSource:
 
 
 class SelfAssign(LabelSource):
+    """Plain PAA on the anchors of the model being trained (``anchors``: its ``detector.anchors``)."""
+
     loss = "paa"
 
-    def __init__(self, assign: AssignConfig) -> None:
+    def __init__(self, assign: AssignConfig, anchors: AnchorLayout) -> None:
         super().__init__()
         self.config = assign
+        self.anchors = anchors
 
     def assign(self, images, pad_shapes, targets, keys, outs):
         detached = HeadOutputs(*[[t.detach() for t in level] for level in outs])
-        return paa_assign(detached, targets, pad_shapes, **asdict(self.config)), targets
+        return paa_assign(detached, targets, pad_shapes, anchors=self.anchors, **asdict(self.config)), targets
 
 
 class OnlineTeacher(LabelSource):
@@ -88,12 +91,12 @@ class OnlineTeacher(LabelSource):
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 outs = self.teacher(images.float())
-            return paa_assign(outs, targets, pad_shapes, **asdict(self.config))
+            return paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, **asdict(self.config))
         out = []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
             own = teacher_assign(self.teacher, image[:, :h, :w], target, (h, w), self.config)
-            out.append(to_batch_grid(own, feature_sizes((h, w)), batch_sizes))
+            out.append(to_batch_grid(own, (h, w), batch_sizes, self.teacher.anchors))
         return out
 
     def assign(self, images, pad_shapes, targets, keys, outs):
@@ -130,7 +133,7 @@ class CachedLabels(LabelSource):
                                f"gives {tuple(pad_shapes[i])}: the cache was made with other transforms")
             own = view.assignment
             own = own._replace(**{f: getattr(own, f).to(images.device) for f in own._fields})
-            assignments[i] = to_batch_grid(own, feature_sizes(pad_shapes[i]), batch_sizes)
+            assignments[i] = to_batch_grid(own, pad_shapes[i], batch_sizes, self.cache.layout.anchors)
             targets[i] = view.targets.to(images.device)  # the GT indices refer to the cached targets
         self.counts["hits"] += len(keys) - len(missing)
         if missing:

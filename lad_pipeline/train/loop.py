@@ -260,7 +260,7 @@ class Trainer:
             outs = net(images)
         outs = type(outs)(*[[t.float() for t in level] for level in outs])
         assignments, targets = self.source.assign(images, pad_shapes, targets, list(batch.keys), outs)
-        losses = self.loss_fn(outs, assignments, targets, **_loss_kwargs(self.config))
+        losses = self.loss_fn(outs, assignments, targets, anchors=self.model.anchors, **_loss_kwargs(self.config))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             # iterations count from 1, as in metrics.jsonl and the progress line

@@ -9,12 +9,12 @@ from typing import Optional
 
 import torch
 
-from ..cache import LabelCache, annotation_fingerprint
+from ..cache import LabelCache, anchor_attrs, annotation_fingerprint
 from ..checkpoint import file_sha256
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
-from ..cache.stage import anchor_layout
+from ..models.anchors import AnchorLayout
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
 from ..teacher import load_teacher, teacher_model_config
 from .loop import Trainer
@@ -52,13 +52,14 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
-    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign), resume=resume).fit()
+    anchors = AnchorLayout.from_config(config.model)  # the layout the Trainer's detector is built with
+    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, anchors), resume=resume).fit()
 
 
 def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:
     """Open a label cache, refusing one made for other annotations or another anchor layout."""
     expect = {"annotation_fingerprint": annotation_fingerprint(dataset.ann_file),
-              "anchor": anchor_layout(config.model, config.data.size_divisor)}
+              "anchor": anchor_attrs(AnchorLayout.from_config(config.model), config.data.size_divisor)}
     return LabelCache.open(cache, expect=expect)
 
 
@@ -81,6 +82,12 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
             raise LadError(f"teacher {teacher_ckpt} is not the teacher that made {cache} "
                            f"(teacher_sha256 differs: cache {str(cached_sha)[:12]}..., given "
                            f"{file_sha256(teacher_ckpt)[:12]}...)")
+    if teacher_ckpt and (label_cache is None or fallback):  # its positives must name the student's anchors
+        differ = AnchorLayout.from_config(teacher_model_config(teacher_ckpt, config)).differences(
+            AnchorLayout.from_config(config.model))
+        if differ:
+            raise LadError(f"teacher {teacher_ckpt} has other anchors than the student (teacher vs student "
+                           f"model.{'; model.'.join(differ)}): LAD needs one anchor layout")
 
     def source(device: torch.device) -> LabelSource:
         def online() -> OnlineTeacher:
