@@ -29,19 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lad_pipeline.cache.writer import DEFAULT_COMPRESSION as DEFAULT  # noqa: E402
 from lad_pipeline.cache import CacheWriter, LabelCache, ViewGeometry, cache_info  # noqa: E402
-from lad_pipeline.models.anchors import STRIDES, feature_sizes, grid_anchors  # noqa: E402
+from lad_pipeline.cache import anchor_attrs  # noqa: E402
+from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.types import NEGATIVE, Assignment, Targets, ViewKey  # noqa: E402
 
 VIEW, PAD, SCALE = (800, 1333), (800, 1344), (1333, 800)
 COCO_TRAIN_VIEWS = 117_266 * 2  # images with annotations x {identity, hflip}
-SIZES = feature_sizes(PAD)
-ANCHORS = torch.cat(grid_anchors(SIZES)).numpy()
+LAYOUT = AnchorLayout()  # mmdetection's PAA anchors
+SIZES = LAYOUT.feature_sizes(PAD)
+ANCHORS = LAYOUT.anchors(SIZES).numpy()
 LEVEL_SLICES = np.cumsum([0] + [h * w for h, w in SIZES])
 
 
 def attrs(shard_size: int) -> dict:
     return {"teacher_sha256": "0" * 64, "model": {"depth": 101}, "transform": {"scale": list(SCALE)},
-            "anchor": {"strides": list(STRIDES), "octave_base_scale": 8, "size_divisor": 32},
+            "anchor": anchor_attrs(LAYOUT, 32),
             "annotation_fingerprint": "sha256:bench", "variants": ["identity", "hflip"], "scales": [list(SCALE)],
             "ignore_iof_thr": -1.0, "shard_size": shard_size}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common import device, machine, timeit, write_result
-from lad_pipeline.models.anchors import feature_sizes, grid_anchors
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import HeadOutputs
 
@@ -30,8 +30,9 @@ STDS = (0.1, 0.1, 0.2, 0.2)
 
 def synthetic_outputs(num_objects: int, seed: int = 0, dev: torch.device | str = "cpu") -> HeadOutputs:
     g = torch.Generator().manual_seed(seed)
-    sizes = feature_sizes(PAD_SHAPE)
-    anchors = grid_anchors(sizes)
+    layout = AnchorLayout()  # mmdetection's PAA anchors, postprocess's default
+    sizes = layout.feature_sizes(PAD_SHAPE)
+    anchors = layout.grid_anchors(sizes)
     # Objects: random class, centre and size (log-uniform 24..600 px).
     side = torch.exp(torch.empty(num_objects, 2).uniform_(math.log(24), math.log(600), generator=g))
     centre = torch.rand(num_objects, 2, generator=g) * torch.tensor([IMG_SHAPE[1], IMG_SHAPE[0]])

@@ -44,7 +44,7 @@ from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
-from lad_pipeline.models.anchors import feature_sizes  # noqa: E402
+from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.types import HeadOutputs  # noqa: E402
 
 MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher R-101"),
@@ -54,8 +54,8 @@ MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher
 class Precomputed(LabelSource):
     """The floor: each view's labels are already in memory, on the batch grid they are trained on."""
 
-    def __init__(self, table: dict, loss) -> None:
-        super().__init__(loss)
+    def __init__(self, table: dict, loss, anchors) -> None:
+        super().__init__(loss, anchors)
         self.table = table
 
     def labels(self, batch, outs):
@@ -117,22 +117,23 @@ def main() -> None:
 
     # the floor's table: the cached assignments moved onto each batch's grid once, before timing
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    anchors = AnchorLayout.from_config(student_cfg.model)
     table = {}
     for b in batches:
         images, pad_shapes = normalize_and_pad(b.images, student_cfg.data.mean, student_cfg.data.std,
                                                student_cfg.data.size_divisor, device)
-        grid = feature_sizes(images.shape[-2:], student_cfg.model.strides)
+        grid = anchors.feature_sizes(images.shape[-2:])
         shapes = HeadOutputs(*[[torch.empty(len(b), 0, h, w, device=device) for h, w in grid]] * 3)
         inputs = StepInputs(images, pad_shapes, [t.to(device) for t in b.targets], list(b.keys))
-        table[tuple(b.keys)] = CachedLabels(cache, student_cfg.loss).labels(inputs, shapes)
+        table[tuple(b.keys)] = CachedLabels(cache, student_cfg.loss, anchors).labels(inputs, shapes)
     teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
 
     sources = {
-        "a": lambda d: CachedLabels(cache, student_cfg.loss),
-        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.loss,
+        "a": lambda d: CachedLabels(cache, student_cfg.loss, anchors),
+        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.loss, anchors,
                                      student_cfg.train.teacher_batch_padding),
-        "c": lambda d: SelfAssign(student_cfg.assign, student_cfg.loss),
-        "d": lambda d: Precomputed(table, student_cfg.loss),
+        "c": lambda d: SelfAssign(student_cfg.assign, student_cfg.loss, anchors),
+        "d": lambda d: Precomputed(table, student_cfg.loss, anchors),
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
     # machine's slow and fast moments fall on every mode alike

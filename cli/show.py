@@ -134,7 +134,7 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
         click.echo(f"warning: {ann} is not the annotation file the cache was made from (fingerprints differ); "
                    "boxes and anchors are drawn from the cache, pixels and class names from it", err=True)
     image, rows = draw_assignment(view.image, cached.targets, cached.assignment, cached.pad_size,
-                                  cache.layout.strides, dataset.class_names)
+                                  cache.layout.anchors, dataset.class_names)
     path = write_png(image, out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
     h, w = cached.view_size
     click.echo(f"wrote {path} ({w}x{h}, image {image_id}, {variant}, scale {_scale_text(scale)}): "

@@ -126,10 +126,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, contents: Mapp
 
 
 def checkpoint_config(path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The resolved config embedded in our checkpoints (None for mmdetection files)."""
+    """The resolved config embedded in our checkpoints (None for mmdetection files), keys renamed since
+    the checkpoint was written under their new names."""
+    from .config import rename_old_keys
+
     obj = read_checkpoint(path) if contents is None else contents
     config = obj.get("config") if obj.get("format") == FORMAT else None
-    return dict(config) if isinstance(config, Mapping) else None
+    return rename_old_keys(dict(config)) if isinstance(config, Mapping) else None
 
 
 def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:

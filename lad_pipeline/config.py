@@ -29,7 +29,7 @@ class ModelConfig:
     head_channels: int = 256
     stacked_convs: int = 4
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    anchor_scale: float = 8.0  # anchor side = anchor_scale * stride (mmdetection's octave_base_scale)
+    octave_base_scale: float = 8.0  # anchor side = octave_base_scale * stride (one square anchor per location)
     prior_prob: float = 0.01
     frozen_stages: int = 1  # stem and stage 1 get no gradients
     norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
@@ -148,12 +148,19 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# keys that were renamed: (section dataclass, old name) -> new name
+RENAMED = {(ModelConfig, "anchor_scale"): "octave_base_scale"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if (cls, key) in RENAMED:
+            raise LadError(f"config key {name} was renamed {prefix}{RENAMED[cls, key]}; rename it in the config "
+                           "or the --set option")
         if key not in known:
             raise LadError(f"unknown config key {name} (known: {', '.join(sorted(known))})")
         hint = hints[key]
@@ -190,6 +197,18 @@ def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = ()) -> Con
                 raise LadError(f"override {text!r}: {part} is not a section")
         node[path[-1]] = value
     return _build(Config, data, "")
+
+
+def rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict embedded in a checkpoint written before a key was renamed, under the new names."""
+    data = _deep_copy(data)
+    teacher = data.get("teacher")
+    for section in (data.get("model"), teacher.get("model") if isinstance(teacher, dict) else None):
+        if isinstance(section, dict):
+            for (cls, old), new in RENAMED.items():
+                if cls is ModelConfig and old in section and new not in section:
+                    section[new] = section.pop(old)
+    return data
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:

@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from .boxes import aligned_iou, decode
 from .errors import LadError
-from .models.anchors import grid_anchors
-from .models.box_coder import decode
+from .models.anchors import AnchorLayout
 from .types import IGNORED, Assignment, HeadOutputs, Targets
 
 FLOAT32_EPS = 1.1920929e-07  # mmdetection's avg_factor guard, torch.finfo(torch.float32).eps
@@ -43,20 +43,6 @@ def focal_loss_terms(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha:
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
 
 
-def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """IoU and GIoU of matching rows of x1y1x2y2 boxes, mmdetection's ``bbox_overlaps(is_aligned=True)``."""
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    floor = area1.new_tensor([eps])
-    union = torch.max(area1 + area2 - overlap, floor)
-    iou = overlap / union
-    enclose_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    enclose = torch.max(enclose_wh[..., 0] * enclose_wh[..., 1], floor)
-    return iou, iou - (enclose - union) / enclose
-
-
 def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
     """``[B, C, H, W]`` per level -> ``[B, A, C]`` in the anchor order (level, then y, then x)."""
     b, c = tensors[0].shape[:2]
@@ -68,13 +54,17 @@ def paa_loss(
     assignments: Sequence[Assignment],
     targets: Sequence[Targets],
     *,
+    anchors: AnchorLayout = AnchorLayout(),
     focal_gamma: float = 2.0,
     focal_alpha: float = 0.25,
     bbox_weight: float = 1.3,
     iou_weight: float = 0.5,
 ) -> dict[str, Tensor]:
-    """mmdetection's ``PAAHead.loss_by_feat`` given the assignment: ``{"loss_cls", "loss_bbox", "loss_iou"}``."""
-    return _loss(outs, assignments, targets, focal_gamma, focal_alpha, bbox_weight, iou_weight, iou_weighted=True)
+    """mmdetection's ``PAAHead.loss_by_feat`` given the assignment: ``{"loss_cls", "loss_bbox", "loss_iou"}``.
+
+    ``anchors``: the layout of the model whose outputs these are (default: mmdetection's PAA layout).
+    """
+    return _loss(outs, assignments, targets, anchors, focal_gamma, focal_alpha, bbox_weight, iou_weight, iou_weighted=True)
 
 
 def lad_loss(
@@ -82,19 +72,22 @@ def lad_loss(
     assignments: Sequence[Assignment],
     targets: Sequence[Targets],
     *,
+    anchors: AnchorLayout = AnchorLayout(),
     focal_gamma: float = 2.0,
     focal_alpha: float = 0.25,
     bbox_weight: float = 1.3,
     iou_weight: float = 0.5,
 ) -> dict[str, Tensor]:
     """mmdetection's ``LADHead.loss_by_feat``: as ``paa_loss`` but the GIoU loss is a plain mean over positives."""
-    return _loss(outs, assignments, targets, focal_gamma, focal_alpha, bbox_weight, iou_weight, iou_weighted=False)
+    return _loss(outs, assignments, targets, anchors, focal_gamma, focal_alpha, bbox_weight, iou_weight,
+                 iou_weighted=False)
 
 
 def _loss(
     outs: HeadOutputs,
     assignments: Sequence[Assignment],
     targets: Sequence[Targets],
+    anchors: AnchorLayout,
     focal_gamma: float,
     focal_alpha: float,
     bbox_weight: float,
@@ -128,8 +121,8 @@ def _loss(
         # an empty slice: a zero that carries (zero) gradients to the box and IoU branches
         return {"loss_cls": loss_cls, "loss_bbox": reg[:, :0].sum(), "loss_iou": iou_logit[:, :0].sum()}
 
-    anchors = torch.cat(grid_anchors([tuple(t.shape[-2:]) for t in outs.cls], device=cls.device))
-    boxes = decode(anchors[anchor], reg[img, anchor])
+    priors = anchors.anchors([tuple(t.shape[-2:]) for t in outs.cls], device=cls.device)
+    boxes = decode(priors[anchor], reg[img, anchor])
     gt_boxes = torch.cat([t.boxes for t in targets]).to(boxes)[row]
     iou_target = aligned_iou(boxes.detach(), gt_boxes)[0]
     giou_loss = 1 - aligned_iou(boxes, gt_boxes)[1]

@@ -12,13 +12,12 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-from .models.anchors import OCTAVE_BASE_SCALE, STRIDES, grid_anchors
-from .models.box_coder import decode
+from .boxes import box_iou, decode
+from .models.anchors import AnchorLayout
 from .types import Detections, HeadOutputs
 
 VOTE_MIN_IOU = 0.01  # candidates at or below this IoU with a detection take no part in its vote
 VOTE_SIGMA = 0.025  # weight = exp(-(1 - IoU)^2 / sigma) * score
-IOU_EPS = 1e-6  # mmdetection's bbox_overlaps floor on the union
 MMCV_SPLIT_THR = 10000  # mmcv's batched_nms: one offset NMS below this many pairs, per-class NMS above
 
 
@@ -32,14 +31,14 @@ def postprocess(
     nms_iou: float = 0.6,
     max_per_img: int = 100,
     score_voting: bool = True,
-    strides: Sequence[int] = STRIDES,
-    anchor_scale: float = OCTAVE_BASE_SCALE,
+    anchors: AnchorLayout = AnchorLayout(),
 ) -> list[Detections]:
     """Detections of every image of a batch of PAA head outputs.
 
     ``img_shapes``: each image's unpadded (H, W) in network-input pixels; boxes are clipped to it.
     ``scale_factors``: each image's (w, h) resize factor; when given, boxes are divided by it
     before NMS, so they come out in original-image pixels (mmdetection's ``rescale=True``).
+    ``anchors``: the layout of the model that produced ``outs`` (default: mmdetection's PAA layout).
     Output order is mmdetection's: by class ascending, then NMS order (score voting on), or
     NMS order (score voting off).
     """
@@ -51,13 +50,13 @@ def postprocess(
         raise ValueError(f"{len(scale_factors)} scale_factors for a batch of {num_images} images")
     # Anchors come from the batch's (padded) feature sizes; all images of the batch share them.
     sizes = [(int(c.shape[-2]), int(c.shape[-1])) for c in cls_levels]
-    anchors = grid_anchors(sizes, strides, anchor_scale, device=cls_levels[0].device)
+    priors = anchors.grid_anchors(sizes, device=cls_levels[0].device)
 
     results = []
     for i in range(num_images):
         boxes, scores = _image_candidates(
             [c[i] for c in cls_levels], [r[i] for r in reg_levels], [u[i] for u in iou_levels],
-            anchors, img_shapes[i], nms_pre,
+            priors, img_shapes[i], nms_pre,
         )
         if scale_factors is not None:
             w, h = scale_factors[i]
@@ -140,14 +139,3 @@ def _vote(det_boxes: Tensor, det_labels: Tensor, boxes: Tensor, scores: Tensor, 
     ok = member.any(dim=1) & torch.isfinite(voted).all(dim=1)
     return torch.where(ok[:, None], voted, det_boxes)
 
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU ``[len(a), len(b)]`` of x1y1x2y2 boxes, union floored at 1e-6 as in mmdetection."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = (area_a[:, None] + area_b[None, :] - overlap).clamp(min=IOU_EPS)
-    return overlap / union

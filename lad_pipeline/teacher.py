@@ -5,7 +5,7 @@ from dataclasses import asdict
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .assign import paa_assign
 from .checkpoint import checkpoint_config, load_checkpoint
@@ -45,9 +45,10 @@ def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.devic
 
 
 @torch.no_grad()
-def teacher_assign(teacher: nn.Module, image: Tensor, target: Targets, pad_shape: tuple[int, int],
+def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
                    assign: AssignConfig, amp: bool = False) -> Assignment:
-    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own.
+    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own, on the
+    teacher's anchors (``teacher.anchors``).
 
     fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
     """
@@ -55,4 +56,4 @@ def teacher_assign(teacher: nn.Module, image: Tensor, target: Targets, pad_shape
     with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
         outs = teacher(image[None] if amp else image[None].float())
     outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
-    return paa_assign(outs, [target], [pad_shape], **asdict(assign))[0]
+    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, **asdict(assign))[0]

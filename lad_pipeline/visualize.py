@@ -30,7 +30,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from .data.transforms import quiet_torchvision_io
 from .errors import LadError
-from .models.anchors import STRIDES, feature_sizes
+from .models.anchors import AnchorLayout
 from .types import Assignment, Detections, Targets
 
 Color = tuple[int, int, int]
@@ -121,10 +121,10 @@ class GTSummary(NamedTuple):
     candidates: int  # anchors the GMM split saw for it (positive or rejected)
 
 
-def anchor_centres(index: Tensor, pad_size: Sequence[int], strides: Sequence[int] = STRIDES) -> tuple[Tensor, Tensor]:
+def anchor_centres(index: Tensor, pad_size: Sequence[int], anchors: AnchorLayout) -> tuple[Tensor, Tensor]:
     """Centres ``[N, 2]`` (x, y) in view pixels and FPN levels ``[N]`` of flat anchor indices of a view's own
     padded grid (level-major, then y, then x; one anchor per location, centred at (x * stride, y * stride))."""
-    sizes = feature_sizes(pad_size, strides)
+    sizes = anchors.feature_sizes(pad_size)
     counts = torch.tensor([h * w for h, w in sizes], dtype=torch.int64)
     ends = counts.cumsum(0)
     index = index.detach().cpu().to(torch.int64).reshape(-1)
@@ -133,7 +133,7 @@ def anchor_centres(index: Tensor, pad_size: Sequence[int], strides: Sequence[int
     level = torch.bucketize(index, ends, right=True)
     local = index - (ends - counts)[level]
     widths = torch.tensor([w for _, w in sizes], dtype=torch.int64)[level]
-    stride = torch.tensor(list(strides), dtype=torch.int64)[level]
+    stride = torch.tensor(anchors.strides, dtype=torch.int64)[level]
     return torch.stack([local % widths * stride, local // widths * stride], 1), level
 
 
@@ -177,16 +177,17 @@ def _paint_squares(canvas: Tensor, centres: Tensor, colors: Tensor, half: int, *
 
 
 def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad_size: Sequence[int],
-                    strides: Sequence[int] = STRIDES, class_names: Optional[Sequence[str]] = None,
+                    anchors: AnchorLayout, class_names: Optional[Sequence[str]] = None,
                     box_width: int = 3) -> tuple[Tensor, list[GTSummary]]:
     """A teacher's assignment of one view drawn on the view (see the module docstring for what is drawn).
 
     ``image``: the view, uint8 ``[3, h, w]``; ``targets`` in view pixels; ``assignment`` over the view's own
-    padded grid ``pad_size`` (H, W), as the label cache stores it. Returns the new image and one summary
+    padded grid ``pad_size`` (H, W), as the label cache stores it, on the layout ``anchors`` (the cache's, or the
+    teacher's). Returns the new image and one summary
     row per GT (``format_summary`` makes the legend lines).
     """
     _check_image(image)
-    num_anchors = sum(h * w for h, w in feature_sizes(pad_size, strides))
+    num_anchors = anchors.num_anchors(anchors.feature_sizes(pad_size))
     gt_index = assignment.gt_index.detach().cpu()
     if gt_index.numel() != num_anchors:
         raise ValueError(f"assignment has {gt_index.numel()} anchors but the own grid of pad size "
@@ -208,21 +209,21 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
         return canvas.to(torch.uint8), rows
 
     color_table = torch.tensor(colors, dtype=torch.float32)
-    halves = mark_half_sizes(strides)
+    halves = mark_half_sizes(anchors.strides)
     # rejected candidates: faint hollow squares
     rejected = ~cand_pos
-    centres, levels = anchor_centres(assignment.cand_anchor[rejected], pad_size, strides)
+    centres, levels = anchor_centres(assignment.cand_anchor[rejected], pad_size, anchors)
     rej_gt = cand_gt[rejected]
-    for level in reversed(range(len(strides))):
+    for level in reversed(range(anchors.num_levels)):
         sel = levels == level
         _paint_squares(canvas, centres[sel], color_table[rej_gt[sel]], halves[level], hollow=True,
                        alpha=REJECTED_ALPHA)
     # positives: filled squares with a black rim, coarse levels first so fine ones stay on top
     pos = torch.nonzero(gt_index >= 0).flatten()
-    centres, levels = anchor_centres(pos, pad_size, strides)
+    centres, levels = anchor_centres(pos, pad_size, anchors)
     pos_gt = gt_index[pos]
     rim = torch.tensor(RIM, dtype=torch.float32).expand(len(pos), 3)
-    for level in reversed(range(len(strides))):
+    for level in reversed(range(anchors.num_levels)):
         sel = levels == level
         _paint_squares(canvas, centres[sel], rim[sel], halves[level] + 1)
         _paint_squares(canvas, centres[sel], color_table[pos_gt[sel]], halves[level])

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from conftest import GOLDEN
-from lad_pipeline.assign import box_iou, max_iou_assign, paa_assign
+from lad_pipeline.assign import max_iou_assign, paa_assign
 from lad_pipeline.assign.paa import _select_topk
+from lad_pipeline.boxes import box_iou
 from lad_pipeline.errors import LadError
-from lad_pipeline.models.anchors import feature_sizes, grid_anchors, own_grid_index, valid_flags
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, NEGATIVE, HeadOutputs, Targets
 
 NUM_CLASSES = 80
+ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens
 
 
 def golden_outputs(forward: dict, model: str) -> HeadOutputs:
@@ -41,7 +43,7 @@ def batch(golden_forward):
 @pytest.fixture(scope="module")
 def grid(golden_forward):
     sizes = [tuple(golden_forward[f"r50_cls_score_l{l}"].shape[-2:]) for l in range(5)]
-    return sizes, torch.cat(grid_anchors(sizes))
+    return sizes, torch.cat(ANCHORS.grid_anchors(sizes))
 
 
 # --- max-IoU pre-assignment ---------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def test_pre_assignment_matches_mmdetection(batch, grid):
     sizes, anchors = grid
     ref = load("assign_r50.npz")
     for i, (t, pad) in enumerate(zip(targets, pads)):
-        valid = valid_flags(sizes, pad)
+        valid = ANCHORS.valid_flags(sizes, pad)
         assert np.array_equal(valid.numpy(), ref["valid_flags"][i])
         ours = max_iou_assign(anchors, t.boxes, valid, pad)
         # mmdetection's codes: -1 invalid, 0 negative, k >= 1 GT k-1
@@ -64,7 +66,7 @@ def test_tiny_boxes_take_every_anchor_at_their_max_iou(batch, grid):
     """README detail 3: the 4x3 and 3x4 boxes of image 0 each grab 56 anchors, overwriting A/B/C's."""
     targets, pads = batch
     sizes, anchors = grid
-    pre = max_iou_assign(anchors, targets[0].boxes, valid_flags(sizes, pads[0]), pads[0])
+    pre = max_iou_assign(anchors, targets[0].boxes, ANCHORS.valid_flags(sizes, pads[0]), pads[0])
     assert int((pre == 3).sum()) == 56 and int((pre == 5).sum()) == 56
     iou = box_iou(targets[0].boxes, anchors)
     taken = pre == 5
@@ -92,7 +94,7 @@ def test_gt_with_zero_max_iou_grabs_nothing():
 def test_invalid_anchors_and_ignore_regions(grid):
     sizes, anchors = grid
     pad = (128, 160)
-    valid = valid_flags(sizes, pad)
+    valid = ANCHORS.valid_flags(sizes, pad)
     box = torch.tensor([[20.0, 20, 100, 90]])
     plain = max_iou_assign(anchors, box, valid, pad)
     assert torch.all(plain[~valid] == IGNORED) and torch.all(plain[valid] != IGNORED)
@@ -177,10 +179,10 @@ def test_same_positives_alone_and_inside_a_batch(golden_forward, batch):
     targets, pads = batch
     outs = golden_outputs(golden_forward, "r50")
     in_batch = paa_assign(outs, targets, pads)[1]
-    own = feature_sizes(pads[1])
+    own = ANCHORS.feature_sizes(pads[1])
     alone_outs = HeadOutputs(*[[t[1:2, :, :h, :w] for t, (h, w) in zip(level, own)] for level in outs])
     alone = paa_assign(alone_outs, [targets[1]], [pads[1]])[0]
-    index = own_grid_index([tuple(t.shape[-2:]) for t in outs.cls], own)
+    index = ANCHORS.own_grid_index([tuple(t.shape[-2:]) for t in outs.cls], pads[1])
     assert torch.equal(in_batch.gt_index[index], alone.gt_index)
     assert torch.equal(index[alone.cand_anchor], in_batch.cand_anchor)
     assert torch.equal(alone.cand_score, in_batch.cand_score) and torch.equal(alone.cand_pos, in_batch.cand_pos)
@@ -195,7 +197,7 @@ def test_image_without_gts(golden_forward, batch):
     empty = Targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     out = paa_assign(outs, [empty] * 3, pads)
     for a, pad in zip(out, pads):
-        valid = valid_flags([tuple(t.shape[-2:]) for t in outs.cls], pad)
+        valid = ANCHORS.valid_flags([tuple(t.shape[-2:]) for t in outs.cls], pad)
         assert torch.all(a.gt_index[valid] == NEGATIVE) and torch.all(a.gt_index[~valid] == IGNORED)
         assert a.num_pos == 0 and len(a.cand_anchor) == 0
 
@@ -228,8 +230,8 @@ def test_gt_with_one_candidate_gets_no_positive(golden_forward):
     outs = HeadOutputs(*[[t[:1] for t in level] for level in outs])
     box = torch.tensor([[32.0, 32, 96, 96]])  # exactly the level-0 anchor at (64, 64): its only IoU >= 0.99
     target = Targets(box, torch.tensor([3]))
-    pre = max_iou_assign(torch.cat(grid_anchors([tuple(t.shape[-2:]) for t in outs.cls])), box,
-                         valid_flags([tuple(t.shape[-2:]) for t in outs.cls], (160, 224)), (160, 224),
+    pre = max_iou_assign(torch.cat(ANCHORS.grid_anchors([tuple(t.shape[-2:]) for t in outs.cls])), box,
+                         ANCHORS.valid_flags([tuple(t.shape[-2:]) for t in outs.cls], (160, 224)), (160, 224),
                          pos_iou_thr=0.99, neg_iou_thr=0.99)
     assert int((pre == 0).sum()) == 1
     a = paa_assign(outs, [target], [(160, 224)], pos_iou_thr=0.99, neg_iou_thr=0.99)[0]

@@ -21,7 +21,7 @@ from lad_pipeline.teacher import load_teacher, teacher_model_config
 from lad_pipeline.errors import LadError
 from lad_pipeline.losses import lad_loss
 from lad_pipeline.models import build_detector
-from lad_pipeline.models.anchors import feature_sizes
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, ViewKey
 
 CPU = torch.device("cpu")
@@ -87,8 +87,9 @@ def test_cached_and_online_labels_train_the_student_identically(world, cache_pat
     student = build_detector(config.model).train()
     outs = student(images)
     teacher = load_teacher(str(world.teacher), teacher_model_config(str(world.teacher), config), CPU)
-    cached = CachedLabels(LabelCache.open(cache_path), config.loss)
-    online = OnlineTeacher(teacher, config.assign, config.loss)
+    anchors = AnchorLayout.from_config(config.model)
+    cached = CachedLabels(LabelCache.open(cache_path), config.loss, anchors)
+    online = OnlineTeacher(teacher, config.assign, config.loss, anchors)
     inputs = StepInputs(images, pad_shapes, list(batch.targets), keys)
     from_cache = cached.labels(inputs, outs)
     a_cached, t_cached = from_cache.assignments, from_cache.targets
@@ -109,7 +110,7 @@ def test_cached_and_online_labels_train_the_student_identically(world, cache_pat
         assert torch.equal(ac.gt_index, ao.gt_index), f"gt_index of {key} differs"
         assert torch.equal(tc.boxes, to.boxes) and torch.equal(tc.labels, to.labels)
         # independently of to_batch_grid: the own grid holds the view's own assignment, the rest is IGNORED
-        own, rest = own_levels(ac.gt_index, batch_sizes, feature_sizes(pad))
+        own, rest = own_levels(ac.gt_index, batch_sizes, AnchorLayout.from_config(config.model).feature_sizes(pad))
         assert torch.equal(own, LabelCache.open(cache_path).get(key).assignment.gt_index)
         assert (rest == IGNORED).all() and (rest.numel() > 0) == (tuple(pad) != batch_pad)
     assert sum(a.num_pos for a in a_cached) > 0
@@ -141,7 +142,7 @@ def test_cache_for_other_annotations_is_refused(world, cache_path, config, tmp_p
 
 
 @pytest.mark.parametrize("override, field", [
-    ("model.anchor_scale=4.0", "anchor.octave_base_scale"),
+    ("model.octave_base_scale=4.0", "anchor.octave_base_scale"),
     ("model.strides=[4, 8, 16, 32, 64]", "anchor.strides"),
     ("data.size_divisor=64", "anchor.size_divisor"),
 ])

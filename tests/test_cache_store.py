@@ -21,11 +21,13 @@ from lad_pipeline.cache import (
 )
 from lad_pipeline.cache import reader as reader_mod
 from lad_pipeline.errors import LadError
-from lad_pipeline.models.anchors import STRIDES, feature_sizes, grid_anchors
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, NEGATIVE, Assignment, Targets, ViewKey
 
 IGNORE_THR = 0.5
-ANCHOR = {"strides": list(STRIDES), "octave_base_scale": 8, "size_divisor": 32, "ratios": [1.0]}
+ANCHORS = AnchorLayout()
+# as caches record it (older ones wrote the scale as an int): it must keep opening
+ANCHOR = {"strides": [8, 16, 32, 64, 128], "octave_base_scale": 8, "size_divisor": 32, "ratios": [1.0]}
 
 
 def cache_attrs(shard_size: int = 8, **over) -> dict:
@@ -46,7 +48,7 @@ def cache_attrs(shard_size: int = 8, **over) -> dict:
 
 def teacher_ignore(pad, ignore: np.ndarray) -> np.ndarray:
     """An independent IoF > thr over own-grid anchors (loops over ignore boxes, float64)."""
-    anchors = torch.cat(grid_anchors(feature_sizes(pad))).double().numpy()
+    anchors = torch.cat(ANCHORS.grid_anchors(ANCHORS.feature_sizes(pad))).double().numpy()
     area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
     out = np.zeros(len(anchors), bool)
     for x1, y1, x2, y2 in ignore.astype(np.float64):
@@ -66,7 +68,7 @@ def synthetic_view(i: int, seed: int = 0):
     key = ViewKey(1000 + i // 2, (320, 256), bool(i % 2))
     h, w = int(rng.integers(100, 257)), int(rng.integers(100, 321))
     pad = (-(-h // 32) * 32, -(-w // 32) * 32)
-    sizes = feature_sizes(pad)
+    sizes = ANCHORS.feature_sizes(pad)
     num_gt = 0 if i % 7 == 3 else int(rng.integers(1, 6))
     xy = rng.uniform(0, [w * 0.8, h * 0.8], (num_gt, 2))
     wh = rng.uniform(4, [w * 0.5, h * 0.5], (num_gt, 2))
@@ -92,8 +94,8 @@ def synthetic_view(i: int, seed: int = 0):
                             torch.from_numpy(rng.standard_normal(k).astype(np.float32)), torch.from_numpy(pos))
     grid = None
     if i % 4 == 3:  # teacher ran in a batch padded to 320x352: the assignment is on the batch grid
-        grid = feature_sizes((320, 352))
-        index = torch.from_numpy(GridLayout(STRIDES, 8, IGNORE_THR).own_index(grid, pad))
+        grid = ANCHORS.feature_sizes((320, 352))
+        index = torch.from_numpy(GridLayout(ANCHORS, IGNORE_THR).own_index(grid, pad))
         big = torch.full((sum(a * b for a, b in grid),), IGNORED, dtype=torch.int64)
         big[index] = assignment.gt_index
         assignment = assignment._replace(gt_index=big, cand_anchor=index[assignment.cand_anchor])
@@ -141,8 +143,8 @@ def test_round_trip_exact(tmp_path):
         assert_view_equal(cache, i)  # incl. gt_index with -2 off the own grid for batch-grid views
         if grid is not None:  # the own-grid view is the batch one restricted to the own grid
             own = cache.get(key).assignment
-            index = torch.from_numpy(GridLayout(STRIDES, 8, IGNORE_THR).own_index(grid, geometry.pad_size))
-            assert own.gt_index.numel() == sum(h * w for h, w in feature_sizes(geometry.pad_size))
+            index = torch.from_numpy(GridLayout(ANCHORS, IGNORE_THR).own_index(grid, geometry.pad_size))
+            assert own.gt_index.numel() == sum(h * w for h, w in ANCHORS.feature_sizes(geometry.pad_size))
             assert torch.equal(own.gt_index, assignment.gt_index[index])
             assert torch.equal(index[own.cand_anchor], assignment.cand_anchor)
             assert (assignment.gt_index == IGNORED).sum() > (own.gt_index == IGNORED).sum()
@@ -154,7 +156,7 @@ def test_round_trip_exact(tmp_path):
 
 def test_ignore_rebuild_needs_no_fixes(tmp_path):
     """The reader's IoF rule agrees with an independent one, so ignore regions cost no rows."""
-    layout = GridLayout(STRIDES, 8, IGNORE_THR)
+    layout = GridLayout(ANCHORS, IGNORE_THR)
     for i in (1, 6, 11, 16):  # views with one ignore box and no injected entries
         key, geometry, targets, assignment, grid = synthetic_view(i)
         if grid is None and i % 6 != 4:
@@ -218,7 +220,7 @@ def test_reader_refuses_mismatch(tmp_path):
     path = tmp_path / "c.zarr"
     write_store(path, 4)
     LabelCache.open(path, expect={"annotation_fingerprint": cache_attrs()["annotation_fingerprint"],
-                                  "anchor": {"strides": list(STRIDES), "size_divisor": 32}})
+                                  "anchor": {"strides": [8, 16, 32, 64, 128], "size_divisor": 32}})
     with pytest.raises(LadError, match=r"annotation_fingerprint differs: cache has 'sha256:cdcd.*expected 'sha256:99'"):
         LabelCache.open(path, expect={"annotation_fingerprint": "sha256:99"})
     with pytest.raises(LadError, match=r"anchor\.strides differs: cache has \[8, 16, 32, 64, 128\], expected \[8, 16"):

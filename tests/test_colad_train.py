@@ -114,9 +114,9 @@ def test_identical_networks_assign_as_paa_and_one_assignment_trains_both(world, 
     # network 2 a copy of network 1: every decision is a tie, and the labels are PAA's own
     twin = copy.deepcopy(net1)
     inputs.peer_outs = {PEER: twin(inputs.images)}
-    source = CoLearning(twin, config.assign, config.loss)
+    source = CoLearning(twin, config.assign, config.loss, twin.anchors)
     labels = source.labels(inputs, outs1)
-    paa = SelfAssign(config.assign, config.loss).labels(inputs, outs1)
+    paa = SelfAssign(config.assign, config.loss, net1.anchors).labels(inputs, outs1)
     assert sum(a.num_pos for a in paa.assignments) > 0
     for a, b in zip(labels.assignments, paa.assignments):
         assert torch.equal(a.gt_index, b.gt_index)
@@ -125,7 +125,7 @@ def test_identical_networks_assign_as_paa_and_one_assignment_trains_both(world, 
     torch.manual_seed(1)
     net2 = build_detector(config.colad.model).train()
     inputs.peer_outs = {PEER: net2(inputs.images)}
-    source = CoLearning(net2, config.assign, config.loss)
+    source = CoLearning(net2, config.assign, config.loss, net1.anchors)
     labels = source.labels(inputs, outs1)
     won, total = labels.stats["t_ratio"]
     assert 0 <= won <= total and total > 0
@@ -142,7 +142,7 @@ def test_identical_networks_assign_as_paa_and_one_assignment_trains_both(world, 
     assert seen[0][0] is outs1 and seen[1][0] is inputs.peer_outs[PEER]
     for name in ("loss_cls", "loss_bbox", "loss_iou"):
         assert torch.equal(losses[f"{name}_t"], real(inputs.peer_outs[PEER], labels.assignments, labels.targets,
-                                                     **colearning.loss_weights(config.loss))[name])
+                                                     anchors=net2.anchors, **colearning.loss_weights(config.loss))[name])
     # the gradient reaches both networks
     sum(losses.values()).backward()
     for net in (net1, net2):

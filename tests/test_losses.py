@@ -9,12 +9,13 @@ from torchvision.ops import sigmoid_focal_loss
 from conftest import GOLDEN
 from lad_pipeline.assign import paa_assign
 from lad_pipeline.errors import LadError
-from lad_pipeline.losses import aligned_iou, flatten_levels, focal_loss_terms, lad_loss, paa_loss
-from lad_pipeline.models.anchors import feature_sizes, grid_anchors
-from lad_pipeline.models.box_coder import decode
+from lad_pipeline.boxes import aligned_iou, decode
+from lad_pipeline.losses import flatten_levels, focal_loss_terms, lad_loss, paa_loss
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, NEGATIVE, Assignment, HeadOutputs, Targets
 
 EPS32 = 1.1920929e-07
+ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens
 
 
 def golden(forward: dict, model: str) -> HeadOutputs:
@@ -72,7 +73,7 @@ def test_lad_loss_matches_mmdetection(golden_forward):
 def small_case(seed: int = 0, num_images: int = 2):
     """Random outputs on a 64x96 batch and assignments with a few positives, negatives and IGNORED."""
     gen = torch.Generator().manual_seed(seed)
-    sizes = feature_sizes((64, 96))
+    sizes = ANCHORS.feature_sizes((64, 96))
     cls = [torch.randn(num_images, 5, h, w, generator=gen).sub_(3).requires_grad_() for h, w in sizes]
     reg = [(0.5 * torch.randn(num_images, 4, h, w, generator=gen)).requires_grad_() for h, w in sizes]
     iou = [torch.randn(num_images, 1, h, w, generator=gen).requires_grad_() for h, w in sizes]
@@ -93,7 +94,7 @@ def small_case(seed: int = 0, num_images: int = 2):
 def reference_losses(outs, assignments, targets, weighted: bool):
     """The formulas written out in float64, element by element."""
     cls, reg, iou = (flatten_levels([t.detach().double() for t in x]) for x in outs)
-    anchors = torch.cat(grid_anchors([tuple(t.shape[-2:]) for t in outs.cls])).double()
+    anchors = torch.cat(ANCHORS.grid_anchors([tuple(t.shape[-2:]) for t in outs.cls])).double()
     focal, giou_sum, giou_w, iou_w_sum, bce, num_pos = 0.0, 0.0, 0.0, 0.0, 0.0, 0
     for b, (a, t) in enumerate(zip(assignments, targets)):
         for j, g in enumerate(a.gt_index.tolist()):

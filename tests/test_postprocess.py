@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from lad_pipeline.models.anchors import feature_sizes
-from lad_pipeline.postprocess import box_iou, postprocess
+from lad_pipeline.boxes import box_iou
+from lad_pipeline.models.anchors import AnchorLayout
+from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Detections, HeadOutputs
 from conftest import GOLDEN
 
 NUM_CLASSES = 80
+ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_without_voting_is_nms_order(golden):
 
 def _synthetic(num_images: int = 1, pad: tuple[int, int] = (256, 320), cls_logit: float = -20.0, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    sizes = feature_sizes(pad)
+    sizes = ANCHORS.feature_sizes(pad)
     return HeadOutputs(
         [torch.full((num_images, NUM_CLASSES, h, w), cls_logit) + torch.randn(num_images, NUM_CLASSES, h, w, generator=g)
          for h, w in sizes],

@@ -20,7 +20,7 @@ from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.data.transforms import quiet_torchvision_io
 from lad_pipeline.models import build_detector
-from lad_pipeline.models.anchors import STRIDES, feature_sizes, grid_anchors
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Assignment, Detections, Targets, ViewKey
 from lad_pipeline.visualize import anchor_centres, color, draw_assignment, draw_detections, mark_half_sizes, palette
@@ -28,6 +28,7 @@ from lad_pipeline.visualize import anchor_centres, color, draw_assignment, draw_
 from conftest import REPO
 
 SCALE = (320, 256)
+ANCHORS = AnchorLayout()  # the layout of the default model config these tests build
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 3, "name": "bar"}, {"id": 7, "name": "blob"}]
 # image id -> (height, width, [(category id, x, y, w, h), ...])
 IMAGES = {
@@ -82,7 +83,7 @@ def cache_attrs(ann, variants) -> dict:
     return {
         "teacher_sha256": "00" * 32,
         "model": {"backbone": "resnet18", "num_classes": len(CATEGORIES)},
-        "anchor": {"strides": list(STRIDES), "octave_base_scale": 8, "size_divisor": 32},
+        "anchor": {"strides": [8, 16, 32, 64, 128], "octave_base_scale": 8, "size_divisor": 32},
         "transform": {"scales": [list(SCALE)], "size_divisor": 32},
         "annotation_fingerprint": annotation_fingerprint(ann),
         "variants": list(variants),
@@ -208,14 +209,14 @@ def test_draw_detections_threshold_and_colours():
 # -- lad show-labels -----------------------------------------------------------------------------
 def test_anchor_centres_match_grid_anchors():
     pad = (256, 352)
-    anchors = torch.cat(grid_anchors(feature_sizes(pad)))
+    anchors = torch.cat(ANCHORS.grid_anchors(ANCHORS.feature_sizes(pad)))
     index = torch.arange(anchors.shape[0])
-    centres, levels = anchor_centres(index, pad)
+    centres, levels = anchor_centres(index, pad, ANCHORS)
     assert torch.equal(centres.float(), (anchors[:, :2] + anchors[:, 2:]) / 2)
-    sizes = [h * w for h, w in feature_sizes(pad)]
+    sizes = [h * w for h, w in ANCHORS.feature_sizes(pad)]
     assert torch.equal(levels, torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)))
     # marks never reach another anchor centre (centres lie on a multiple-of-8 lattice)
-    assert all(h + 1 < 8 for h in mark_half_sizes(STRIDES))
+    assert all(h + 1 < 8 for h in mark_half_sizes(ANCHORS.strides))
 
 
 @pytest.mark.parametrize("variant", ["identity", "hflip"])
@@ -246,7 +247,7 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
 
     # the pixel at a positive's anchor centre has its GT's colour (the finest positive at a shared centre wins)
     pos = torch.nonzero(gt_index >= 0).flatten()
-    centres, levels = anchor_centres(pos, cached.pad_size)
+    centres, levels = anchor_centres(pos, cached.pad_size, ANCHORS)
     finest = {}
     for p, (x, y), level in zip(pos.tolist(), centres.tolist(), levels.tolist()):
         if (x, y) not in finest or level < finest[(x, y)][0]:
@@ -310,7 +311,7 @@ def test_show_labels_bad_scale_and_cache(world, tmp_path):
 def test_draw_assignment_hand_built():
     """A hand-made assignment: marks land where the flat index says, rejected candidates stay hollow."""
     pad = (64, 96)
-    sizes = feature_sizes(pad)
+    sizes = ANCHORS.feature_sizes(pad)
     num = sum(h * w for h, w in sizes)
     gt_index = torch.full((num,), -1, dtype=torch.int64)
     level1 = sizes[0][0] * sizes[0][1]
@@ -322,16 +323,16 @@ def test_draw_assignment_hand_built():
                             torch.tensor([0.9, 0.8, 0.1]), torch.tensor([True, True, False]))
     targets = Targets(torch.tensor([[2.0, 2.0, 30.0, 30.0], [50.0, 4.0, 90.0, 58.0]]), torch.tensor([1, 0]))
     image = torch.full((3, 60, 90), 100, dtype=torch.uint8)
-    out, rows = draw_assignment(image, targets, assignment, pad, STRIDES, ["cat", "dog"])
+    out, rows = draw_assignment(image, targets, assignment, pad, ANCHORS, ["cat", "dog"])
     assert out.shape == image.shape
     assert tuple(out[:, 16, 24].tolist()) == color(0) and tuple(out[:, 16, 64].tolist()) == color(1)
     assert tuple(out[:, 40, 40].tolist()) == (100, 100, 100)  # hollow: the centre is untouched
-    half = mark_half_sizes(STRIDES)[0]
+    half = mark_half_sizes(ANCHORS.strides)[0]
     ring = out[:, 40, 40 + half].float()
     assert (ring - 100).abs().sum() > 0 and tuple(ring.round().long().tolist()) != color(1)  # faint, blended
     assert [(r.gt, r.name, r.positives, r.candidates) for r in rows] == [(0, "dog", 1, 1), (1, "cat", 1, 2)]
     with pytest.raises(ValueError, match="anchors"):
-        draw_assignment(image, targets, assignment, (96, 96), STRIDES)
+        draw_assignment(image, targets, assignment, (96, 96), ANCHORS)
 
 
 def test_show_bad_device_is_a_usage_error(world):

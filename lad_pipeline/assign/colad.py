@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import LadError
+from ..models.anchors import AnchorLayout
 from ..types import Assignment, HeadOutputs, Targets
 from .paa import (Candidates, _check_finite, _group_rank, assign_from_scores, check_assign_args,
                   find_candidates, score_candidates)
@@ -98,6 +99,7 @@ def colad_assign(
     targets: Sequence[Targets],
     pad_shapes: Sequence[tuple[int, int]],
     *,
+    anchors: AnchorLayout = AnchorLayout(),
     topk: int = 9,
     pos_iou_thr: float = 0.1,
     neg_iou_thr: float = 0.1,
@@ -118,8 +120,8 @@ def colad_assign(
     with torch.no_grad():
         for k, outs in enumerate((outs1, outs2), start=1):
             _for_network(k, _check_finite, outs)
-        cand = find_candidates(outs1, targets, pad_shapes, pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr,
-                               ignore_iof_thr=ignore_iof_thr)
+        cand = find_candidates(outs1, targets, pad_shapes, anchors=anchors, pos_iou_thr=pos_iou_thr,
+                               neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
         loss1, loss2 = (_for_network(k, score_candidates, outs, targets, cand, focal_gamma=focal_gamma,
                                      focal_alpha=focal_alpha, bbox_weight=bbox_weight)
                         for k, outs in enumerate((outs1, outs2), start=1))

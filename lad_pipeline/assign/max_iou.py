@@ -1,9 +1,9 @@
 """PAA's pre-assignment: mmdetection's MaxIoUAssigner(pos 0.1, neg 0.1, min_pos_iou=0, gt_max_assign_all=True,
 match_low_quality=True), vectorised over anchors and GTs.
 
-The IoU is computed exactly as mmdetection's ``bbox_overlaps`` (same operations in the same order, union
-floored at 1e-6): the low-quality rule compares IoUs for equality, so a different formula could change
-which anchors tie for a GT's maximum.
+The IoU is mmdetection's ``bbox_overlaps`` (``boxes.py``: same operations in the same order, union floored
+at 1e-6): the low-quality rule compares IoUs for equality, so a different formula could change which
+anchors tie for a GT's maximum.
 """
 from __future__ import annotations
 
@@ -12,35 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..boxes import box_iof, box_iou
 from ..types import IGNORED, NEGATIVE
-
-_EPS = 1e-6
-
-
-def box_area(boxes: Tensor) -> Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = _EPS) -> Tensor:
-    """Pairwise IoU ``[N, M]`` of x1y1x2y2 boxes, mmdetection's ``bbox_overlaps(mode='iou')``.
-
-    Same arithmetic per pair as mmdetection, one coordinate at a time (contiguous ``[N, M]`` passes).
-    """
-    b1, b2 = boxes1[:, None, :], boxes2[None, :, :]
-    iw = (torch.min(b1[..., 2], b2[..., 2]) - torch.max(b1[..., 0], b2[..., 0])).clamp_(min=0)
-    ih = (torch.min(b1[..., 3], b2[..., 3]) - torch.max(b1[..., 1], b2[..., 1])).clamp_(min=0)
-    overlap = iw.mul_(ih)
-    union = (box_area(boxes1)[:, None] + box_area(boxes2)[None, :]).sub_(overlap)
-    return overlap.div_(torch.max(union, union.new_tensor([eps])))
-
-
-def box_iof(boxes: Tensor, regions: Tensor, eps: float = _EPS) -> Tensor:
-    """Pairwise intersection over the area of ``boxes`` (not of ``regions``): ``[N, K]``."""
-    lt = torch.max(boxes[:, None, :2], regions[None, :, :2])
-    rb = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    area = box_area(boxes)[:, None]
-    return wh[..., 0] * wh[..., 1] / torch.max(area, area.new_tensor([eps]))
 
 
 def degenerate_boxes(boxes: Tensor, pad_shape: Sequence[int]) -> Tensor:

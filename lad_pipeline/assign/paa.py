@@ -20,10 +20,10 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..boxes import aligned_iou, decode
 from ..errors import LadError
-from ..losses import aligned_iou, focal_loss_terms
-from ..models.anchors import grid_anchors, valid_flags
-from ..models.box_coder import decode
+from ..losses import focal_loss_terms
+from ..models.anchors import AnchorLayout
 from ..types import IGNORED, NEGATIVE, Assignment, HeadOutputs, Targets
 from .gmm import fit_gmm, fit_gmm_sklearn, split_positives
 from .max_iou import max_iou_assign
@@ -36,6 +36,7 @@ def paa_assign(
     targets: Sequence[Targets],
     pad_shapes: Sequence[tuple[int, int]],
     *,
+    anchors: AnchorLayout = AnchorLayout(),
     topk: int = 9,
     pos_iou_thr: float = 0.1,
     neg_iou_thr: float = 0.1,
@@ -47,14 +48,15 @@ def paa_assign(
 ) -> list[Assignment]:
     """PAA labels of every image of a batch from its head outputs (the batch's padded feature maps).
 
-    ``pad_shapes[i]`` is image i's own padded (H, W): anchors beyond it are IGNORED. Returns one
+    ``pad_shapes[i]`` is image i's own padded (H, W): anchors beyond it are IGNORED. ``anchors`` is the
+    layout of the model that produced ``outs`` (default: mmdetection's PAA layout). Returns one
     Assignment per image over the batch's flattened anchors.
     """
     check_assign_args(outs, targets, pad_shapes, gmm)
     with torch.no_grad():
         _check_finite(outs)
-        cand = find_candidates(outs, targets, pad_shapes, pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr,
-                               ignore_iof_thr=ignore_iof_thr)
+        cand = find_candidates(outs, targets, pad_shapes, anchors=anchors, pos_iou_thr=pos_iou_thr,
+                               neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
         score = score_candidates(outs, targets, cand, focal_gamma=focal_gamma, focal_alpha=focal_alpha,
                                  bbox_weight=bbox_weight)
         return assign_from_scores(cand, score, topk=topk, gmm=gmm)
@@ -89,19 +91,20 @@ def find_candidates(
     targets: Sequence[Targets],
     pad_shapes: Sequence[tuple[int, int]],
     *,
+    anchors: AnchorLayout,
     pos_iou_thr: float,
     neg_iou_thr: float,
     ignore_iof_thr: float,
 ) -> Candidates:
-    """Max-IoU pre-assignment of the batch's anchors (only the feature-map sizes of ``outs`` are used)."""
+    """Max-IoU pre-assignment of the batch's ``anchors`` (only the feature-map sizes of ``outs`` are used)."""
     dev = outs.cls[0].device
     sizes = [tuple(t.shape[-2:]) for t in outs.cls]
-    level_anchors = grid_anchors(sizes, device=dev)
-    anchors = torch.cat(level_anchors)
+    level_anchors = anchors.grid_anchors(sizes, device=dev)
+    priors = torch.cat(level_anchors)
     level_start = torch.tensor([0] + [len(a) for a in level_anchors], device=dev).cumsum(0)
 
     pre = torch.stack([
-        max_iou_assign(anchors, t.boxes, valid_flags(sizes, pad, device=dev), pad, t.ignore,
+        max_iou_assign(priors, t.boxes, anchors.valid_flags(sizes, pad, device=dev), pad, t.ignore,
                        pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
         for t, pad in zip(targets, pad_shapes)
     ])  # [B, A]
@@ -114,7 +117,7 @@ def find_candidates(
 
     boxes = torch.cat([t.boxes for t in targets]).to(device=dev, dtype=torch.float32)
     labels = torch.cat([t.labels for t in targets]).to(dev)
-    return Candidates(img, anchor, gt_local, gid, level, gt_index, anchors, level_start, boxes, labels, len(sizes))
+    return Candidates(img, anchor, gt_local, gid, level, gt_index, priors, level_start, boxes, labels, len(sizes))
 
 
 def score_candidates(

@@ -10,6 +10,7 @@ from lad_pipeline.cache.schema import (
     SCHEMA_VERSION,
     ViewGeometry,
     ViewRecord,
+    anchor_attrs,
     annotation_fingerprint,
     make_view_record,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LabelCache",
     "ViewGeometry",
     "ViewRecord",
+    "anchor_attrs",
     "annotation_fingerprint",
     "cache_info",
     "format_info",

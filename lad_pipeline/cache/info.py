@@ -187,7 +187,7 @@ def _index_problems(root: zarr.Group, scan: ShardScan) -> list[str]:
 
 def format_info(info: dict[str, Any]) -> str:
     """Human-readable text of ``cache_info``'s result."""
-    c, s = info.get("counts") or {}, info.get("stats") or {}
+    c, s, a = info.get("counts") or {}, info.get("stats") or {}, info.get("anchor") or {}
     ppg, cpv = s.get("positives_per_gt", {}), s.get("candidates_per_view", {})
     lines = [
         f"label cache      {info['path']}",
@@ -196,6 +196,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"created          {info['created']}  finalized {info.get('finalized_at') or '-'}",
         f"teacher sha256   {info['teacher_sha256']}",
         f"annotations      {info['annotation_fingerprint']}",
+        f"anchors          strides {a.get('strides', '-')}  octave_base_scale {a.get('octave_base_scale', '-')}  "
+        f"size_divisor {a.get('size_divisor', '-')}",
         f"variants         {', '.join(info['variants'] or [])}  scales {info['scales']}",
         f"shards           {info['committed_shards']} committed / {info['num_shards']} "
         f"(shard size {info['shard_size']}, {info['compression']})",

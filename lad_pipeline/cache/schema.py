@@ -15,6 +15,7 @@ import numpy as np
 
 from lad_pipeline.cache.layout import GridLayout
 from lad_pipeline.errors import LadError
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, Assignment, Targets, ViewKey
 
 FORMAT = "lad-label-cache"
@@ -315,6 +316,12 @@ def first_difference(a: Any, b: Any, name: str) -> Optional[tuple[str, Any, Any]
                 return d
         return None
     return None if a == b else (name, a, b)
+
+
+def anchor_attrs(anchors: AnchorLayout, size_divisor: int) -> dict[str, Any]:
+    """The ``anchor`` root attribute: what must agree between the teacher's cache and a student's anchors
+    (the layout, and the size divisor that fixes each view's own padded grid)."""
+    return {**anchors.to_attrs(), "size_divisor": int(size_divisor)}
 
 
 def validate_attrs(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -12,22 +12,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-from ..cache import CacheWriter, LabelCache, ViewGeometry, annotation_fingerprint
+from ..cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
 from ..checkpoint import file_sha256, read_checkpoint
 from ..config import Config, ModelConfig
 from ..data import CocoViews, make_loader, normalize_and_pad
 from ..errors import LadError
+from ..models.anchors import AnchorLayout
 from ..runtime import distributed as dist
-from ..teacher import teacher_assign
 from ..runtime.progress import Progress
-from ..teacher import load_teacher, teacher_model_config
+from ..teacher import load_teacher, teacher_assign, teacher_model_config
 
 log = logging.getLogger("lad")
-
-
-def anchor_layout(model: ModelConfig, size_divisor: int) -> dict:
-    """What must agree between the teacher's cache and a student's anchors."""
-    return {"strides": list(model.strides), "octave_base_scale": model.anchor_scale, "size_divisor": size_divisor}
 
 
 def transform_attrs(config: Config) -> dict:
@@ -36,13 +31,13 @@ def transform_attrs(config: Config) -> dict:
             "padding": "own", "color": "rgb"}
 
 
-def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_ckpt: str, ann_file: str,
-                variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int) -> dict:
+def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher_ckpt: str,
+                ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int) -> dict:
     return {
         "teacher_sha256": file_sha256(teacher_ckpt),
         "teacher_checkpoint": str(teacher_ckpt),
         "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign)},
-        "anchor": anchor_layout(teacher_model, config.data.size_divisor),
+        "anchor": anchor_attrs(teacher_anchors, config.data.size_divisor),
         "transform": transform_attrs(config),
         "annotation_fingerprint": annotation_fingerprint(ann_file),
         "annotation_file": str(ann_file),
@@ -74,7 +69,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
-    attrs = cache_attrs(config, teacher_cfg, teacher_ckpt, ann, variants, scales, shard_size)
+    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, teacher_ckpt, ann, variants, scales, shard_size)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None

@@ -55,8 +55,7 @@ class Predictor:
         outs = self.model(inputs)
         dets = postprocess(outs, view_sizes, scale_factors, nms_pre=test.nms_pre,
                            score_thr=test.score_thr if score_thr is None else score_thr, nms_iou=test.nms_iou,
-                           max_per_img=test.max_per_img, score_voting=test.score_voting,
-                           strides=self.config.model.strides, anchor_scale=self.config.model.anchor_scale)
+                           max_per_img=test.max_per_img, score_voting=test.score_voting, anchors=self.model.anchors)
         return [Detections(*(t.cpu() for t in d)) for d in dets]
 
     def predict(self, images: Sequence[Tensor], score_thr: Optional[float] = None) -> list[Detections]:

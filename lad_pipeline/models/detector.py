@@ -1,10 +1,16 @@
-"""The PAA detector: ResNet body, FPN, PAA head. Input: normalised, padded images. Output: HeadOutputs."""
+"""The PAA detector: ResNet body, FPN, PAA head. Input: normalised, padded images. Output: HeadOutputs.
+
+The detector owns its anchor layout (``detector.anchors``): whatever assigns, trains or decodes on its
+outputs is handed that layout.
+"""
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..errors import LadError
 from ..types import HeadOutputs
+from .anchors import AnchorLayout
 from .backbone import ResNetBody
 from .fpn import FPN
 from .head import PAAHead
@@ -14,22 +20,33 @@ class PAADetector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.anchors = AnchorLayout.from_config(config)
+        _check_level_strides(self.anchors)
         self.backbone = ResNetBody(config.backbone, config.frozen_stages, config.norm_eval)
-        # start_level=1: C3..C5 feed the pyramid; two extra levels make P6, P7
+        # start_level=1: C3..C5 feed the pyramid; levels past P5 are extra stride-2 convs (P6, P7 by default)
         in_channels = self.backbone.out_channels[1:]
-        num_extra = len(config.strides) - len(in_channels)
+        num_extra = self.anchors.num_levels - len(in_channels)
         self.neck = FPN(in_channels, config.fpn_channels, num_extra)
         self.bbox_head = PAAHead(
             config.num_classes,
             config.fpn_channels,
             config.head_channels,
             config.stacked_convs,
-            len(config.strides),
+            self.anchors.num_levels,
             config.prior_prob,
         )
 
     def forward(self, images: Tensor) -> HeadOutputs:
         return self.bbox_head(self.neck(self.backbone(images)[1:]))
+
+
+def _check_level_strides(anchors: AnchorLayout) -> None:
+    """The strides must be the network's: P3 (from C3, stride 8) first, each further level twice the last."""
+    levels = anchors.num_levels
+    expected = [8 * 2**i for i in range(max(levels, 3))]
+    if list(anchors.strides) != expected:
+        raise LadError(f"config key model.strides is {list(anchors.strides)} but the pyramid's levels have strides "
+                       f"{expected} (P3 from C3 at stride 8, each further level twice the last); give those")
 
 
 def build_detector(config: ModelConfig) -> PAADetector:

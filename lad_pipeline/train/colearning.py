@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 from ..assign import colad_assign
 from ..config import AssignConfig, LossConfig
+from ..errors import LadError
 from ..losses import lad_loss
+from ..models.anchors import AnchorLayout
 from ..types import HeadOutputs
 from .label_sources import Labels, LabelSource, StepInputs, loss_weights
 
@@ -25,8 +27,12 @@ PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
 class CoLearning(LabelSource):
     """Labels chosen jointly by the student (network 1) and ``network2``; the loss trains both."""
 
-    def __init__(self, network2: nn.Module, assign: AssignConfig, loss: LossConfig) -> None:
-        super().__init__(loss)
+    def __init__(self, network2: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout) -> None:
+        super().__init__(loss, anchors)
+        differs = anchors.differences(network2.anchors)
+        if differs:  # one assignment trains both: both networks must share their anchors
+            raise LadError(f"CoLAD needs one anchor layout for both networks: colad.model differs from model in "
+                           f"{', '.join(differs)}")
         self.network2 = network2
         self.config = assign
 
@@ -36,13 +42,14 @@ class CoLearning(LabelSource):
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         outs2 = batch.peer_outs[PEER]
         detached = [HeadOutputs(*[[t.detach() for t in level] for level in o]) for o in (outs, outs2)]
-        assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, **asdict(self.config))
+        assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, anchors=self.anchors,
+                                          **asdict(self.config))
         return Labels(assignments, batch.targets, aux=outs2,
                       stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
-        weights = loss_weights(self.loss_config)
+        weights = {**loss_weights(self.loss_config), "anchors": self.anchors}
         losses = lad_loss(outs, labels.assignments, labels.targets, **weights)
         peer = lad_loss(labels.aux, labels.assignments, labels.targets, **weights)
         return {**losses, **{f"{name}_t": value for name, value in peer.items()}}

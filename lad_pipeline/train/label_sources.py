@@ -23,7 +23,7 @@ from ..assign import paa_assign
 from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..losses import lad_loss, paa_loss
-from ..models.anchors import feature_sizes, own_grid_index
+from ..models.anchors import AnchorLayout
 from ..teacher import teacher_assign
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 
@@ -34,15 +34,15 @@ def grid_sizes(outs: HeadOutputs) -> list[tuple[int, int]]:
     return [(int(t.shape[-2]), int(t.shape[-1])) for t in outs.cls]
 
 
-def to_batch_grid(own: Assignment, own_sizes: Sequence[tuple[int, int]],
-                  batch_sizes: Sequence[tuple[int, int]]) -> Assignment:
-    """Move an assignment from an image's own padded grid onto a larger batch grid.
+def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequence[tuple[int, int]],
+                  anchors: AnchorLayout) -> Assignment:
+    """Move an assignment from the own grid of an image padded to ``pad_shape`` onto a larger batch grid.
 
     Batch anchors beyond the image's own grid are IGNORED, as mmdetection marks them invalid.
     """
-    if list(own_sizes) == list(batch_sizes):
+    if anchors.feature_sizes(pad_shape) == [tuple(s) for s in batch_sizes]:
         return own
-    index = own_grid_index(batch_sizes, own_sizes).to(own.gt_index.device)
+    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device)
     gt = torch.full((sum(h * w for h, w in batch_sizes),), IGNORED, dtype=torch.int64, device=index.device)
     gt[index] = own.gt_index
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
@@ -82,10 +82,15 @@ class Labels(NamedTuple):
 
 
 class LabelSource:
-    """Gives the labels of each batch and the loss that trains the student on them."""
+    """Gives the labels of each batch and the loss that trains the student on them.
 
-    def __init__(self, loss: LossConfig) -> None:
+    ``anchors`` is the student's layout (``AnchorLayout.from_config(config.model)``): labels are made on it
+    and the loss decodes the student's boxes with it.
+    """
+
+    def __init__(self, loss: LossConfig, anchors: AnchorLayout) -> None:
         self.loss_config = loss
+        self.anchors = anchors
 
     def peers(self) -> dict[str, nn.Module]:
         """Networks trained together with the student (CoLAD's network 2): the loop optimises, wraps in DDP
@@ -97,31 +102,34 @@ class LabelSource:
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's LADHead loss: the labels come from a teacher."""
-        return lad_loss(outs, labels.assignments, labels.targets, **loss_weights(self.loss_config))
+        return lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors,
+                        **loss_weights(self.loss_config))
 
 
 class SelfAssign(LabelSource):
     """Plain PAA: the student's own (detached) outputs choose its positives."""
 
-    def __init__(self, assign: AssignConfig, loss: LossConfig) -> None:
-        super().__init__(loss)
+    def __init__(self, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout) -> None:
+        super().__init__(loss, anchors)
         self.config = assign
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         detached = HeadOutputs(*[[t.detach() for t in level] for level in outs])
-        return Labels(paa_assign(detached, batch.targets, batch.pad_shapes, **asdict(self.config)), batch.targets)
+        assignments = paa_assign(detached, batch.targets, batch.pad_shapes, anchors=self.anchors, **asdict(self.config))
+        return Labels(assignments, batch.targets)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's PAAHead loss (IoU-weighted box term)."""
-        return paa_loss(outs, labels.assignments, labels.targets, **loss_weights(self.loss_config))
+        return paa_loss(outs, labels.assignments, labels.targets, anchors=self.anchors,
+                        **loss_weights(self.loss_config))
 
 
 class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
-    def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig,
+    def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
                  batch_padding: bool = False) -> None:
-        super().__init__(loss)
+        super().__init__(loss, anchors)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -133,12 +141,12 @@ class OnlineTeacher(LabelSource):
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 outs = self.teacher(images.float())
-            return paa_assign(outs, targets, pad_shapes, **asdict(self.config))
+            return paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, **asdict(self.config))
         out = []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
             own = teacher_assign(self.teacher, image[:, :h, :w], target, (h, w), self.config)
-            out.append(to_batch_grid(own, feature_sizes((h, w)), batch_sizes))
+            out.append(to_batch_grid(own, (h, w), batch_sizes, self.teacher.anchors))
         return out
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
@@ -152,8 +160,9 @@ class CachedLabels(LabelSource):
     ``fallback`` is a factory, so the teacher is loaded only when the first miss comes.
     """
 
-    def __init__(self, cache, loss: LossConfig, fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
-        super().__init__(loss)
+    def __init__(self, cache, loss: LossConfig, anchors: AnchorLayout,
+                 fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
+        super().__init__(loss, anchors)
         self.cache = cache
         self.fallback_factory = fallback
         self.fallback: Optional[OnlineTeacher] = None
@@ -174,7 +183,7 @@ class CachedLabels(LabelSource):
                                f"gives {tuple(pad_shapes[i])}: the cache was made with other transforms")
             own = view.assignment
             own = own._replace(**{f: getattr(own, f).to(images.device) for f in own._fields})
-            assignments[i] = to_batch_grid(own, feature_sizes(pad_shapes[i]), batch_sizes)
+            assignments[i] = to_batch_grid(own, pad_shapes[i], batch_sizes, self.cache.layout.anchors)
             targets[i] = view.targets.to(images.device)  # the GT indices refer to the cached targets
         if missing:
             if self.fallback_factory is None:

@@ -9,16 +9,16 @@ from typing import Optional
 
 import torch
 
-from ..cache import LabelCache, annotation_fingerprint
+from ..cache import LabelCache, anchor_attrs, annotation_fingerprint
 from ..checkpoint import file_sha256, load_init_weights, read_checkpoint
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
 from ..models import build_detector
-from ..cache.stage import anchor_layout
-from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
+from ..models.anchors import AnchorLayout
 from ..teacher import load_teacher, teacher_model_config
 from .colearning import CoLearning
+from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
 from .loop import RunPaths, Trainer
 
 log = logging.getLogger("lad")
@@ -52,7 +52,9 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
-    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, config.loss), resume=resume).fit()
+    anchors = AnchorLayout.from_config(config.model)  # the layout the Trainer's detector is built with
+    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, config.loss, anchors),
+                   resume=resume).fit()
 
 
 def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
@@ -69,7 +71,7 @@ def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: 
         if config.colad.model.init_from and not resuming:
             kind = load_init_weights(network2, config.colad.model.init_from)
             log.info("initialised network 2's %s from %s", kind, config.colad.model.init_from)
-        return CoLearning(network2, config.assign, config.loss)
+        return CoLearning(network2, config.assign, config.loss, AnchorLayout.from_config(config.model))
 
     return Trainer(config, Path(out), dataset, source, resume=resume).fit()
 
@@ -77,7 +79,7 @@ def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: 
 def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:
     """Open a label cache, refusing one made for other annotations or another anchor layout."""
     expect = {"annotation_fingerprint": annotation_fingerprint(dataset.ann_file),
-              "anchor": anchor_layout(config.model, config.data.size_divisor)}
+              "anchor": anchor_attrs(AnchorLayout.from_config(config.model), config.data.size_divisor)}
     return LabelCache.open(cache, expect=expect)
 
 
@@ -100,19 +102,27 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
             raise LadError(f"teacher {teacher_ckpt} is not the teacher that made {cache} "
                            f"(teacher_sha256 differs: cache {str(cached_sha)[:12]}..., given "
                            f"{file_sha256(teacher_ckpt)[:12]}...)")
+    if teacher_ckpt and (label_cache is None or fallback):  # its positives must name the student's anchors
+        differ = AnchorLayout.from_config(teacher_model_config(teacher_ckpt, config)).differences(
+            AnchorLayout.from_config(config.model))
+        if differ:
+            raise LadError(f"teacher {teacher_ckpt} has other anchors than the student (teacher vs student "
+                           f"model.{'; model.'.join(differ)}): LAD needs one anchor layout")
+
+    anchors = AnchorLayout.from_config(config.model)
 
     def source(device: torch.device) -> LabelSource:
         def online() -> OnlineTeacher:
             contents = read_checkpoint(teacher_ckpt)
             model_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
             return OnlineTeacher(load_teacher(teacher_ckpt, model_cfg, device, contents=contents), config.assign,
-                                 config.loss, config.train.teacher_batch_padding)
+                                 config.loss, anchors, config.train.teacher_batch_padding)
 
         if label_cache is None:
             if not teacher_ckpt:
                 raise LadError("train-student needs --cache, --teacher, or both")
             return online()
-        return CachedLabels(label_cache, config.loss, online if (teacher_ckpt and fallback) else None)
+        return CachedLabels(label_cache, config.loss, anchors, online if (teacher_ckpt and fallback) else None)
 
     extra = {"cache": cache, "teacher": teacher_ckpt}
     return Trainer(config, Path(out), dataset, source, resume=resume, summary_extra=extra).fit()
