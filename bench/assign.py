@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import device, machine, wall_time, write_result  # noqa: E402
 from lad_pipeline.assign import fit_gmm, fit_gmm_sklearn, paa_assign, split_positives  # noqa: E402
 from lad_pipeline.checkpoint import load_checkpoint  # noqa: E402
+from lad_pipeline.config import AssignConfig  # noqa: E402
 from lad_pipeline.config import load_config  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.types import Targets  # noqa: E402
@@ -90,13 +91,13 @@ def paired_medians(first, second, repeats: int, rounds: int = 3) -> tuple[float,
 
 def run(outs, num_gt: int, repeats: int) -> dict:
     targets = [coco_like_boxes(num_gt, seed=num_gt).to(outs.cls[0].device)]
-    ours = paa_assign(outs, targets, [PAD], gmm="torch")[0]
-    ref = paa_assign(outs, targets, [PAD], gmm="sklearn")[0]
+    ours = paa_assign(outs, targets, [PAD], config=AssignConfig(gmm="torch"))[0]
+    ref = paa_assign(outs, targets, [PAD], config=AssignConfig(gmm="sklearn"))[0]
     x, mask = candidate_sets(ours)
     fit = fit_gmm(x, mask)
     pos_ours, pos_ref = ours.gt_index >= 0, ref.gt_index >= 0
-    assign = paired_medians(lambda: paa_assign(outs, targets, [PAD], gmm="torch"),
-                            lambda: paa_assign(outs, targets, [PAD], gmm="sklearn"), repeats)
+    assign = paired_medians(lambda: paa_assign(outs, targets, [PAD], config=AssignConfig(gmm="torch")),
+                            lambda: paa_assign(outs, targets, [PAD], config=AssignConfig(gmm="sklearn")), repeats)
     split = paired_medians(lambda: split_positives(fit_gmm(x, mask), mask),
                            lambda: split_positives(fit_gmm_sklearn(x, mask), mask), repeats)
     return {

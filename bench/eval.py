@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from common import device, machine, timeit, write_result
+from lad_pipeline.config import TestConfig
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import HeadOutputs
@@ -98,7 +99,7 @@ def main() -> None:
     pairs = candidate_pairs(outs)
     with torch.inference_mode():
         post = timeit(lambda: postprocess(outs, [IMG_SHAPE]), repeats=args.repeats)
-        post_no_vote = timeit(lambda: postprocess(outs, [IMG_SHAPE], score_voting=False), repeats=args.repeats)
+        post_no_vote = timeit(lambda: postprocess(outs, [IMG_SHAPE], config=TestConfig(score_voting=False)), repeats=args.repeats)
         kept = len(postprocess(outs, [IMG_SHAPE])[0].scores)
     fwd = forward_seconds(max(1, args.repeats // 2))
 

@@ -57,13 +57,12 @@ class AssignConfig:
     neg_iou_thr: float = 0.1
     ignore_iof_thr: float = -1.0  # > 0 makes anchors inside crowd boxes IGNORED; mmdetection's PAA disables it
     gmm: str = "torch"  # "torch" (batched) or "sklearn" (mmdetection's per-GT loop)
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
-    bbox_weight: float = 1.3
 
 
 @dataclass
 class LossConfig:
+    """The training losses' settings; PAA scores candidates with the same focal and GIoU terms."""
+
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     bbox_weight: float = 1.3
@@ -199,9 +198,16 @@ def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = ()) -> Con
     return _build(Config, data, "")
 
 
+MOVED_TO_LOSS = ("focal_gamma", "focal_alpha", "bbox_weight")  # once also keys of [assign]
+
+
 def rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
     """A config dict embedded in a checkpoint written before a key was renamed, under the new names."""
     data = _deep_copy(data)
+    assign = data.get("assign")
+    if isinstance(assign, dict):  # the PAA score's weights now come from [loss], their one home
+        for key in MOVED_TO_LOSS:
+            assign.pop(key, None)
     teacher = data.get("teacher")
     for section in (data.get("model"), teacher.get("model") if isinstance(teacher, dict) else None):
         if isinstance(section, dict):

@@ -14,7 +14,7 @@ graph, so ``backward`` works.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from .boxes import aligned_iou, decode
+from .config import LossConfig
 from .errors import LadError
 from .models.anchors import AnchorLayout
 from .types import IGNORED, Assignment, HeadOutputs, Targets
@@ -55,16 +56,14 @@ def paa_loss(
     targets: Sequence[Targets],
     *,
     anchors: AnchorLayout = AnchorLayout(),
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    bbox_weight: float = 1.3,
-    iou_weight: float = 0.5,
+    config: Optional[LossConfig] = None,
 ) -> dict[str, Tensor]:
     """mmdetection's ``PAAHead.loss_by_feat`` given the assignment: ``{"loss_cls", "loss_bbox", "loss_iou"}``.
 
-    ``anchors``: the layout of the model whose outputs these are (default: mmdetection's PAA layout).
+    ``anchors``: the layout of the model whose outputs these are; ``config``: weights and focal settings
+    (defaults: mmdetection's PAA).
     """
-    return _loss(outs, assignments, targets, anchors, focal_gamma, focal_alpha, bbox_weight, iou_weight, iou_weighted=True)
+    return _loss(outs, assignments, targets, anchors, config or LossConfig(), iou_weighted=True)
 
 
 def lad_loss(
@@ -73,14 +72,10 @@ def lad_loss(
     targets: Sequence[Targets],
     *,
     anchors: AnchorLayout = AnchorLayout(),
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    bbox_weight: float = 1.3,
-    iou_weight: float = 0.5,
+    config: Optional[LossConfig] = None,
 ) -> dict[str, Tensor]:
     """mmdetection's ``LADHead.loss_by_feat``: as ``paa_loss`` but the GIoU loss is a plain mean over positives."""
-    return _loss(outs, assignments, targets, anchors, focal_gamma, focal_alpha, bbox_weight, iou_weight,
-                 iou_weighted=False)
+    return _loss(outs, assignments, targets, anchors, config or LossConfig(), iou_weighted=False)
 
 
 def _loss(
@@ -88,10 +83,7 @@ def _loss(
     assignments: Sequence[Assignment],
     targets: Sequence[Targets],
     anchors: AnchorLayout,
-    focal_gamma: float,
-    focal_alpha: float,
-    bbox_weight: float,
-    iou_weight: float,
+    config: LossConfig,
     iou_weighted: bool,
 ) -> dict[str, Tensor]:
     cls = flatten_levels(outs.cls).float()
@@ -114,7 +106,7 @@ def _loss(
 
     onehot = torch.zeros_like(cls)
     onehot[img, anchor, labels] = 1.0
-    loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
+    loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=config.focal_alpha, gamma=config.focal_gamma, reduction="sum")
     loss_cls = loss_cls / (max(num_pos, num_images) + FLOAT32_EPS)
 
     if num_pos == 0:
@@ -133,6 +125,6 @@ def _loss(
     bce = F.binary_cross_entropy_with_logits(iou_logit[img, anchor], iou_target, reduction="sum")
     return {
         "loss_cls": loss_cls,
-        "loss_bbox": bbox_weight * loss_bbox,
-        "loss_iou": iou_weight * (bce / (num_pos + FLOAT32_EPS)),
+        "loss_bbox": config.bbox_weight * loss_bbox,
+        "loss_iou": config.iou_weight * (bce / (num_pos + FLOAT32_EPS)),
     }

@@ -13,6 +13,7 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from .boxes import box_iou, decode
+from .config import TestConfig
 from .models.anchors import AnchorLayout
 from .types import Detections, HeadOutputs
 
@@ -26,22 +27,20 @@ def postprocess(
     img_shapes: Sequence[tuple[int, int]],
     scale_factors: Optional[Sequence[tuple[float, float]]] = None,
     *,
-    nms_pre: int = 1000,
-    score_thr: float = 0.05,
-    nms_iou: float = 0.6,
-    max_per_img: int = 100,
-    score_voting: bool = True,
     anchors: AnchorLayout = AnchorLayout(),
+    config: Optional[TestConfig] = None,
 ) -> list[Detections]:
     """Detections of every image of a batch of PAA head outputs.
 
     ``img_shapes``: each image's unpadded (H, W) in network-input pixels; boxes are clipped to it.
     ``scale_factors``: each image's (w, h) resize factor; when given, boxes are divided by it
     before NMS, so they come out in original-image pixels (mmdetection's ``rescale=True``).
-    ``anchors``: the layout of the model that produced ``outs`` (default: mmdetection's PAA layout).
+    ``anchors``: the layout of the model that produced ``outs``; ``config``: nms_pre, score_thr, nms_iou,
+    max_per_img, score_voting (defaults: mmdetection's PAA test settings).
     Output order is mmdetection's: by class ascending, then NMS order (score voting on), or
     NMS order (score voting off).
     """
+    config = config or TestConfig()
     cls_levels, reg_levels, iou_levels = outs
     num_images = cls_levels[0].shape[0]
     if len(img_shapes) != num_images:
@@ -56,12 +55,13 @@ def postprocess(
     for i in range(num_images):
         boxes, scores = _image_candidates(
             [c[i] for c in cls_levels], [r[i] for r in reg_levels], [u[i] for u in iou_levels],
-            priors, img_shapes[i], nms_pre,
+            priors, img_shapes[i], config.nms_pre,
         )
         if scale_factors is not None:
             w, h = scale_factors[i]
             boxes = boxes / boxes.new_tensor([w, h, w, h])
-        results.append(_nms_and_vote(boxes, scores, score_thr, nms_iou, max_per_img, score_voting))
+        results.append(_nms_and_vote(boxes, scores, config.score_thr, config.nms_iou, config.max_per_img,
+                                     config.score_voting))
     return results
 
 

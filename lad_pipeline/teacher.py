@@ -1,7 +1,6 @@
 """The frozen teacher: loading it from our checkpoint or an mmdetection one, and its assignment of one view."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Mapping
 
 import torch
@@ -9,7 +8,7 @@ from torch import Tensor
 
 from .assign import paa_assign
 from .checkpoint import checkpoint_config, load_checkpoint
-from .config import AssignConfig, Config, ModelConfig, config_from_dict
+from .config import AssignConfig, Config, LossConfig, ModelConfig, config_from_dict
 from .errors import LadError
 from .models import PAADetector, build_detector
 from .types import Assignment, HeadOutputs, Targets
@@ -46,7 +45,7 @@ def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.devic
 
 @torch.no_grad()
 def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
-                   assign: AssignConfig, amp: bool = False) -> Assignment:
+                   assign: AssignConfig, loss: LossConfig, amp: bool = False) -> Assignment:
     """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own, on the
     teacher's anchors (``teacher.anchors``).
 
@@ -56,4 +55,4 @@ def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_sha
     with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
         outs = teacher(image[None] if amp else image[None].float())
     outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
-    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, **asdict(assign))[0]
+    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, config=assign, loss=loss)[0]

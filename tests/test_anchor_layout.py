@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -208,7 +208,7 @@ def test_every_stage_uses_the_models_layout(tmp_path_factory, anchor_calls, deco
         image, pads = normalize_and_pad([view.image])
         with torch.no_grad():
             outs = model(image)
-        direct = paa_assign(outs, [view.targets], pads, anchors=EXPECTED, **asdict(config.assign))[0]
+        direct = paa_assign(outs, [view.targets], pads, anchors=EXPECTED, config=config.assign, loss=config.loss)[0]
         cached = cache.get(key).assignment
         for name in direct._fields:
             assert torch.equal(getattr(cached, name), getattr(direct, name)), (key, name)
@@ -245,7 +245,7 @@ def test_every_stage_uses_the_models_layout(tmp_path_factory, anchor_calls, deco
         outs = net.eval()(inputs)
 
     def detections(layout: AnchorLayout) -> list[dict]:
-        dets = postprocess(outs, [view.view_size], [view.scale_factor], anchors=layout, **asdict(cfg.test))
+        dets = postprocess(outs, [view.view_size], [view.scale_factor], anchors=layout, config=cfg.test)
         return detections_to_coco(dets, [key.image_id], dataset.label_to_cat)
 
     got = [r for r in results if r["image_id"] == key.image_id]

@@ -7,6 +7,7 @@ from conftest import GOLDEN
 from lad_pipeline.assign import max_iou_assign, paa_assign
 from lad_pipeline.assign.paa import _select_topk
 from lad_pipeline.boxes import box_iou
+from lad_pipeline.config import AssignConfig
 from lad_pipeline.errors import LadError
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import IGNORED, NEGATIVE, HeadOutputs, Targets
@@ -125,7 +126,7 @@ def box_iou_of(anchors, regions):
 def test_paa_assign_matches_mmdetection(golden_forward, batch, model, gmm):
     targets, pads = batch
     ref = load(f"assign_{model}.npz")
-    out = paa_assign(golden_outputs(golden_forward, model), targets, pads, gmm=gmm)
+    out = paa_assign(golden_outputs(golden_forward, model), targets, pads, config=AssignConfig(gmm=gmm))
     gt_index = torch.stack([a.gt_index for a in out]).numpy()
     labels = np.full(gt_index.shape, NUM_CLASSES)
     for i, t in enumerate(targets):
@@ -234,7 +235,7 @@ def test_gt_with_one_candidate_gets_no_positive(golden_forward):
                          ANCHORS.valid_flags([tuple(t.shape[-2:]) for t in outs.cls], (160, 224)), (160, 224),
                          pos_iou_thr=0.99, neg_iou_thr=0.99)
     assert int((pre == 0).sum()) == 1
-    a = paa_assign(outs, [target], [(160, 224)], pos_iou_thr=0.99, neg_iou_thr=0.99)[0]
+    a = paa_assign(outs, [target], [(160, 224)], config=AssignConfig(pos_iou_thr=0.99, neg_iou_thr=0.99))[0]
     assert a.num_pos == 0 and len(a.cand_anchor) == 0
     assert int(a.gt_index[pre == 0]) == NEGATIVE
     # at the default thresholds the same GT has plenty of candidates and positives
@@ -278,7 +279,7 @@ def test_huge_outputs(golden_forward, batch):
     assert all(torch.equal(a.gt_index[a.cand_anchor[a.cand_pos]], a.cand_gt[a.cand_pos]) for a in out)
     # logits x 1e10 and x 1e37: scores are then just proportional to the logits, so the split is the same;
     # at ~1e37 the float32 squares of the GMM overflow (sklearn would return NaN; both backends fall back)
-    scaled = [paa_assign(HeadOutputs([t * s for t in outs.cls], outs.reg, outs.iou), targets, pads, gmm=gmm)
+    scaled = [paa_assign(HeadOutputs([t * s for t in outs.cls], outs.reg, outs.iou), targets, pads, config=AssignConfig(gmm=gmm))
               for s, gmm in ((1e10, "torch"), (1e37, "torch"), (1e37, "sklearn"))]
     assert float(scaled[1][0].cand_score.min()) > 1e36
     for other in scaled[1:]:
@@ -294,7 +295,7 @@ def test_bad_arguments(golden_forward, batch):
     targets, pads = batch
     outs = golden_outputs(golden_forward, "small")
     with pytest.raises(LadError, match="assign.gmm"):
-        paa_assign(outs, targets, pads, gmm="cuda")
+        paa_assign(outs, targets, pads, config=AssignConfig(gmm="cuda"))
     with pytest.raises(LadError, match="3 images"):
         paa_assign(outs, targets[:2], pads)
     wrong = Targets(targets[1].boxes, torch.tensor([1, 2, 80, 60]))

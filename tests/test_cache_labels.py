@@ -32,7 +32,7 @@ def test_store_holds_every_view_as_the_teacher_assigns_it(store, world):
     for key in list(cache.keys())[:6]:
         view = dataset.load_view(key)
         image, (pad,) = normalize_and_pad([view.image])
-        expected = teacher_assign(teacher, image[0], view.targets, pad, config.assign)
+        expected = teacher_assign(teacher, image[0], view.targets, pad, config.assign, config.loss)
         cached = cache.get(key)
         assert cached.pad_size == pad and tuple(cached.view_size) == tuple(view.view_size)
         for name in expected._fields:

@@ -9,11 +9,11 @@ import torch
 from lad_pipeline.assign import colad_assign, paa_assign
 from lad_pipeline.assign.colad import choose_losses, colad_reassign
 from lad_pipeline.assign.paa import Candidates, find_candidates, score_candidates
+from lad_pipeline.config import AssignConfig, LossConfig
 from lad_pipeline.errors import LadError
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import NEGATIVE, HeadOutputs, Targets
 from test_assign import golden_outputs, golden_pads, golden_targets
-
-KNOBS = dict(focal_gamma=2.0, focal_alpha=0.25, bbox_weight=1.3)
 
 
 # --- hand-built candidates --------------------------------------------------------------------------------
@@ -203,10 +203,10 @@ def test_identical_networks_give_paa(golden, model, gmm):
     targets, pads, r50, small = golden
     outs = r50 if model == "r50" else small
     for tg in (targets, random_targets(pads, seed=1)):
-        out, stats = colad_assign(outs, outs, tg, pads, gmm=gmm)
-        assert_same(out, paa_assign(outs, tg, pads, gmm=gmm))
+        out, stats = colad_assign(outs, outs, tg, pads, config=AssignConfig(gmm=gmm))
+        assert_same(out, paa_assign(outs, tg, pads, config=AssignConfig(gmm=gmm)))
         # every pair of >= 2 candidates is a tie that network 2 takes; single candidates stay with network 1
-        cand = find_candidates(outs, tg, pads, pos_iou_thr=0.1, neg_iou_thr=0.1, ignore_iof_thr=-1.0)
+        cand = find_candidates(outs, tg, pads, AnchorLayout(), AssignConfig())
         _, counts = (cand.gid * cand.num_levels + cand.level).unique(return_counts=True)
         assert (stats.t_won, stats.t_total) == (int((counts > 1).sum()), len(counts))
         assert stats.s_mean == stats.t_mean and stats.s_std == stats.t_std
@@ -216,8 +216,8 @@ def test_matches_per_gt_loop_on_real_outputs(golden):
     targets, pads, r50, small = golden
     targets = random_targets(pads, seed=2)
     out, stats = colad_assign(r50, small, targets, pads)
-    cand = find_candidates(r50, targets, pads, pos_iou_thr=0.1, neg_iou_thr=0.1, ignore_iof_thr=-1.0)
-    loss1, loss2 = (score_candidates(o, targets, cand, **KNOBS) for o in (r50, small))
+    cand = find_candidates(r50, targets, pads, AnchorLayout(), AssignConfig())
+    loss1, loss2 = (score_candidates(o, targets, cand, LossConfig()) for o in (r50, small))
     pools, per_image = reference_reassign(cand, loss1, loss2, topk=9)
     ours = {(i, g): list(zip(a.cand_anchor[a.cand_gt == g].tolist(), a.cand_score[a.cand_gt == g].tolist()))
             for i, a in enumerate(out) for g in a.cand_gt.unique().tolist()}
@@ -247,7 +247,7 @@ def test_swapping_with_ties(golden):
     out, stats = colad_assign(r50, mixed, targets, pads)
     back, swapped = colad_assign(mixed, r50, targets, pads)
     assert_same(out, back)  # tied pairs have identical losses whichever network wins
-    cand = find_candidates(r50, targets, pads, pos_iou_thr=0.1, neg_iou_thr=0.1, ignore_iof_thr=-1.0)
+    cand = find_candidates(r50, targets, pads, AnchorLayout(), AssignConfig())
     tied = (cand.level == 1) | (cand.level == 2)
     _, counts = (cand.gid * cand.num_levels + cand.level)[tied].unique(return_counts=True)
     multi, single = int((counts > 1).sum()), int((counts == 1).sum())

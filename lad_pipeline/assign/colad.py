@@ -16,11 +16,12 @@ we differ and why.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..models.anchors import AnchorLayout
 from ..types import Assignment, HeadOutputs, Targets
@@ -100,14 +101,8 @@ def colad_assign(
     pad_shapes: Sequence[tuple[int, int]],
     *,
     anchors: AnchorLayout = AnchorLayout(),
-    topk: int = 9,
-    pos_iou_thr: float = 0.1,
-    neg_iou_thr: float = 0.1,
-    ignore_iof_thr: float = -1.0,
-    gmm: str = "torch",
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    bbox_weight: float = 1.3,
+    config: Optional[AssignConfig] = None,
+    loss: Optional[LossConfig] = None,
 ) -> tuple[list[Assignment], CoLADStats]:
     """The CoLAD assignment of a batch from both networks' head outputs on that same batch.
 
@@ -115,17 +110,16 @@ def colad_assign(
     Returns one Assignment per image (``cand_score``: the kept losses the GMM split) and the statistics.
     Two identical outputs give exactly ``paa_assign``'s result.
     """
-    check_assign_args(outs1, targets, pad_shapes, gmm)
+    config, loss = config or AssignConfig(), loss or LossConfig()
+    check_assign_args(outs1, targets, pad_shapes, config.gmm)
     _check_same_layout(outs1, outs2)
     with torch.no_grad():
         for k, outs in enumerate((outs1, outs2), start=1):
             _for_network(k, _check_finite, outs)
-        cand = find_candidates(outs1, targets, pad_shapes, anchors=anchors, pos_iou_thr=pos_iou_thr,
-                               neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
-        loss1, loss2 = (_for_network(k, score_candidates, outs, targets, cand, focal_gamma=focal_gamma,
-                                     focal_alpha=focal_alpha, bbox_weight=bbox_weight)
+        cand = find_candidates(outs1, targets, pad_shapes, anchors, config)
+        loss1, loss2 = (_for_network(k, score_candidates, outs, targets, cand, loss)
                         for k, outs in enumerate((outs1, outs2), start=1))
-        return colad_reassign(cand, loss1, loss2, topk=topk, gmm=gmm)
+        return colad_reassign(cand, loss1, loss2, topk=config.topk, gmm=config.gmm)
 
 
 def colad_reassign(

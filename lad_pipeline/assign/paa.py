@@ -15,12 +15,13 @@ internals (which tied anchor enters the top-k, which one ends the positive prefi
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..boxes import aligned_iou, decode
+from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..losses import focal_loss_terms
 from ..models.anchors import AnchorLayout
@@ -37,29 +38,23 @@ def paa_assign(
     pad_shapes: Sequence[tuple[int, int]],
     *,
     anchors: AnchorLayout = AnchorLayout(),
-    topk: int = 9,
-    pos_iou_thr: float = 0.1,
-    neg_iou_thr: float = 0.1,
-    ignore_iof_thr: float = -1.0,
-    gmm: str = "torch",
-    focal_gamma: float = 2.0,
-    focal_alpha: float = 0.25,
-    bbox_weight: float = 1.3,
+    config: Optional[AssignConfig] = None,
+    loss: Optional[LossConfig] = None,
 ) -> list[Assignment]:
     """PAA labels of every image of a batch from its head outputs (the batch's padded feature maps).
 
     ``pad_shapes[i]`` is image i's own padded (H, W): anchors beyond it are IGNORED. ``anchors`` is the
-    layout of the model that produced ``outs`` (default: mmdetection's PAA layout). Returns one
-    Assignment per image over the batch's flattened anchors.
+    layout of the model that produced ``outs``; ``config`` the assignment's settings and ``loss`` the focal
+    and GIoU terms that score candidates (defaults: mmdetection's PAA). Returns one Assignment per image
+    over the batch's flattened anchors.
     """
-    check_assign_args(outs, targets, pad_shapes, gmm)
+    config, loss = config or AssignConfig(), loss or LossConfig()
+    check_assign_args(outs, targets, pad_shapes, config.gmm)
     with torch.no_grad():
         _check_finite(outs)
-        cand = find_candidates(outs, targets, pad_shapes, anchors=anchors, pos_iou_thr=pos_iou_thr,
-                               neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
-        score = score_candidates(outs, targets, cand, focal_gamma=focal_gamma, focal_alpha=focal_alpha,
-                                 bbox_weight=bbox_weight)
-        return assign_from_scores(cand, score, topk=topk, gmm=gmm)
+        cand = find_candidates(outs, targets, pad_shapes, anchors, config)
+        score = score_candidates(outs, targets, cand, loss)
+        return assign_from_scores(cand, score, topk=config.topk, gmm=config.gmm)
 
 
 class Candidates(NamedTuple):
@@ -90,11 +85,8 @@ def find_candidates(
     outs: HeadOutputs,
     targets: Sequence[Targets],
     pad_shapes: Sequence[tuple[int, int]],
-    *,
     anchors: AnchorLayout,
-    pos_iou_thr: float,
-    neg_iou_thr: float,
-    ignore_iof_thr: float,
+    config: AssignConfig,
 ) -> Candidates:
     """Max-IoU pre-assignment of the batch's ``anchors`` (only the feature-map sizes of ``outs`` are used)."""
     dev = outs.cls[0].device
@@ -105,7 +97,8 @@ def find_candidates(
 
     pre = torch.stack([
         max_iou_assign(priors, t.boxes, anchors.valid_flags(sizes, pad, device=dev), pad, t.ignore,
-                       pos_iou_thr=pos_iou_thr, neg_iou_thr=neg_iou_thr, ignore_iof_thr=ignore_iof_thr)
+                       pos_iou_thr=config.pos_iou_thr, neg_iou_thr=config.neg_iou_thr,
+                       ignore_iof_thr=config.ignore_iof_thr)
         for t, pad in zip(targets, pad_shapes)
     ])  # [B, A]
     gt_index = torch.full_like(pre, NEGATIVE).masked_fill_(pre == IGNORED, IGNORED)
@@ -120,20 +113,12 @@ def find_candidates(
     return Candidates(img, anchor, gt_local, gid, level, gt_index, priors, level_start, boxes, labels, len(sizes))
 
 
-def score_candidates(
-    outs: HeadOutputs,
-    targets: Sequence[Targets],
-    cand: Candidates,
-    *,
-    focal_gamma: float,
-    focal_alpha: float,
-    bbox_weight: float,
-) -> Tensor:
+def score_candidates(outs: HeadOutputs, targets: Sequence[Targets], cand: Candidates, loss: LossConfig) -> Tensor:
     """PAA score of every candidate under ``outs`` (float32); LadError where labels or scores are bad."""
     _check_labels(targets, outs.cls[0].shape[1])
     score = _paa_scores(outs, cand.img, cand.anchor, cand.level, cand.level_start, cand.anchors,
                         cand.boxes[cand.gid], cand.labels[cand.gid],
-                        focal_gamma=focal_gamma, focal_alpha=focal_alpha, bbox_weight=bbox_weight)
+                        focal_gamma=loss.focal_gamma, focal_alpha=loss.focal_alpha, bbox_weight=loss.bbox_weight)
     bad = ~torch.isfinite(score)
     if bool(bad.any()):
         raise LadError(f"PAA scores of image {int(cand.img[bad][0])} in the batch are not finite: its head outputs "

@@ -36,7 +36,7 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
     return {
         "teacher_sha256": file_sha256(teacher_ckpt),
         "teacher_checkpoint": str(teacher_ckpt),
-        "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign)},
+        "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign), "loss": asdict(config.loss)},
         "anchor": anchor_attrs(teacher_anchors, config.data.size_divisor),
         "transform": transform_attrs(config),
         "annotation_fingerprint": annotation_fingerprint(ann_file),
@@ -95,7 +95,8 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
             image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
             pad = (int(image.shape[-2]), int(image.shape[-1]))
-            assignment = teacher_assign(teacher, image[0], batch.targets[0].to(device), pad, config.assign, amp=amp)
+            assignment = teacher_assign(teacher, image[0], batch.targets[0].to(device), pad, config.assign, config.loss,
+                                        amp=amp)
             geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
             records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment)))
         consumed += 1

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -53,9 +54,9 @@ class Predictor:
         data, test = self.config.data, self.config.test
         inputs, _ = normalize_and_pad(images, data.mean, data.std, data.size_divisor, self.device)
         outs = self.model(inputs)
-        dets = postprocess(outs, view_sizes, scale_factors, nms_pre=test.nms_pre,
-                           score_thr=test.score_thr if score_thr is None else score_thr, nms_iou=test.nms_iou,
-                           max_per_img=test.max_per_img, score_voting=test.score_voting, anchors=self.model.anchors)
+        if score_thr is not None:
+            test = replace(test, score_thr=score_thr)
+        dets = postprocess(outs, view_sizes, scale_factors, anchors=self.model.anchors, config=test)
         return [Detections(*(t.cpu() for t in d)) for d in dets]
 
     def predict(self, images: Sequence[Tensor], score_thr: Optional[float] = None) -> list[Detections]:

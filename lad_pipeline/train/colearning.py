@@ -9,8 +9,6 @@ we differ from the authors' code.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from torch import Tensor, nn
 
 from ..assign import colad_assign
@@ -19,7 +17,7 @@ from ..errors import LadError
 from ..losses import lad_loss
 from ..models.anchors import AnchorLayout
 from ..types import HeadOutputs
-from .label_sources import Labels, LabelSource, StepInputs, loss_weights
+from .label_sources import Labels, LabelSource, StepInputs
 
 PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
 
@@ -43,13 +41,12 @@ class CoLearning(LabelSource):
         outs2 = batch.peer_outs[PEER]
         detached = [HeadOutputs(*[[t.detach() for t in level] for level in o]) for o in (outs, outs2)]
         assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, anchors=self.anchors,
-                                          **asdict(self.config))
+                                          config=self.config, loss=self.loss_config)
         return Labels(assignments, batch.targets, aux=outs2,
                       stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
-        weights = {**loss_weights(self.loss_config), "anchors": self.anchors}
-        losses = lad_loss(outs, labels.assignments, labels.targets, **weights)
-        peer = lad_loss(labels.aux, labels.assignments, labels.targets, **weights)
+        losses = lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
+        peer = lad_loss(labels.aux, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
         return {**losses, **{f"{name}_t": value for name, value in peer.items()}}

@@ -13,7 +13,7 @@ label whatever the view was batched with.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -102,8 +102,7 @@ class LabelSource:
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's LADHead loss: the labels come from a teacher."""
-        return lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors,
-                        **loss_weights(self.loss_config))
+        return lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
 
 
 class SelfAssign(LabelSource):
@@ -115,13 +114,13 @@ class SelfAssign(LabelSource):
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         detached = HeadOutputs(*[[t.detach() for t in level] for level in outs])
-        assignments = paa_assign(detached, batch.targets, batch.pad_shapes, anchors=self.anchors, **asdict(self.config))
+        assignments = paa_assign(detached, batch.targets, batch.pad_shapes, anchors=self.anchors, config=self.config,
+                                 loss=self.loss_config)
         return Labels(assignments, batch.targets)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """mmdetection's PAAHead loss (IoU-weighted box term)."""
-        return paa_loss(outs, labels.assignments, labels.targets, anchors=self.anchors,
-                        **loss_weights(self.loss_config))
+        return paa_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
 
 
 class OnlineTeacher(LabelSource):
@@ -141,11 +140,12 @@ class OnlineTeacher(LabelSource):
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 outs = self.teacher(images.float())
-            return paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, **asdict(self.config))
+            return paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, config=self.config,
+                              loss=self.loss_config)
         out = []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
-            own = teacher_assign(self.teacher, image[:, :h, :w], target, (h, w), self.config)
+            own = teacher_assign(self.teacher, image[:, :h, :w], target, (h, w), self.config, self.loss_config)
             out.append(to_batch_grid(own, (h, w), batch_sizes, self.teacher.anchors))
         return out
 
@@ -198,7 +198,3 @@ class CachedLabels(LabelSource):
                 assignments[i] = a
         return Labels(assignments, targets, hits=len(keys) - len(missing), misses=len(missing))
 
-
-def loss_weights(loss: LossConfig) -> dict[str, float]:
-    return {"focal_gamma": loss.focal_gamma, "focal_alpha": loss.focal_alpha, "bbox_weight": loss.bbox_weight,
-            "iou_weight": loss.iou_weight}
