@@ -189,14 +189,14 @@ def test_every_stage_uses_the_models_layout(tmp_path_factory, anchor_calls, deco
     teacher = Path(train_teacher(config, str(root / "teacher"), **data)["final"])
     consumers, layouts = used(anchor_calls, decoded_anchors, {PAA, LOSSES})
     assert layouts == {EXPECTED}
-    assert {f"{PAA}.paa_assign", f"{LOSSES}._loss"} <= consumers
+    assert {f"{PAA}.find_candidates", f"{LOSSES}._loss"} <= consumers
 
     # cache-labels: the teacher's anchors, recorded in the store
     store = root / "labels.zarr"
     attrs = cache_labels(config, str(teacher), str(store), variants=("identity",), **data)
     consumers, layouts = used(anchor_calls, decoded_anchors, {PAA})
     assert layouts == {EXPECTED}
-    assert f"{PAA}.paa_assign" in consumers
+    assert f"{PAA}.find_candidates" in consumers
     assert attrs["anchor"] == {"strides": [8, 16, 32, 64], "octave_base_scale": 4.0, "size_divisor": 32}
     # ... and the stored labels are the teacher's assignment on those anchors, not on 8-stride-wide ones
     cache = LabelCache.open(store)
@@ -226,7 +226,7 @@ def test_every_stage_uses_the_models_layout(tmp_path_factory, anchor_calls, deco
     assert summary["hits"] > 0 and summary["misses"] > 0
     consumers, layouts = used(anchor_calls, decoded_anchors, {PAA, LOSSES})
     assert layouts == {EXPECTED}
-    assert {f"{LOSSES}._loss", "lad_pipeline.train.label_sources.to_batch_grid", f"{PAA}.paa_assign"} <= consumers
+    assert {f"{LOSSES}._loss", "lad_pipeline.train.label_sources.to_batch_grid", f"{PAA}.find_candidates"} <= consumers
 
     # eval: detections decoded on the model's anchors
     val_ann, val_images = world.ann.parent.parent / "val" / "annotations.json", world.ann.parent.parent / "val" / "images"
