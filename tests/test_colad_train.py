@@ -142,7 +142,7 @@ def test_identical_networks_assign_as_paa_and_one_assignment_trains_both(world, 
     assert seen[0][0] is outs1 and seen[1][0] is inputs.peer_outs[PEER]
     for name in ("loss_cls", "loss_bbox", "loss_iou"):
         assert torch.equal(losses[f"{name}_t"], real(inputs.peer_outs[PEER], labels.assignments, labels.targets,
-                                                     anchors=net2.anchors, **colearning.loss_weights(config.loss))[name])
+                                                     anchors=net2.anchors, config=config.loss)[name])
     # the gradient reaches both networks
     sum(losses.values()).backward()
     for net in (net1, net2):
