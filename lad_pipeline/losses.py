@@ -23,7 +23,6 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .boxes import aligned_iou, decode
 from .config import LossConfig
-from .errors import LadError
 from .models.anchors import AnchorLayout
 from .types import IGNORED, Assignment, HeadOutputs, Targets
 
@@ -91,10 +90,10 @@ def _loss(
     iou_logit = flatten_levels(outs.iou).float()[..., 0]
     num_images, num_anchors, num_classes = cls.shape
     if len(assignments) != num_images or len(targets) != num_images:
-        raise LadError(f"{num_images} images of head outputs but {len(assignments)} assignments and {len(targets)} targets")
+        raise ValueError(f"{num_images} images of head outputs but {len(assignments)} assignments and {len(targets)} targets")
     for i, a in enumerate(assignments):
         if a.gt_index.shape[0] != num_anchors:
-            raise LadError(f"the assignment of image {i} covers {a.gt_index.shape[0]} anchors but the head outputs "
+            raise ValueError(f"the assignment of image {i} covers {a.gt_index.shape[0]} anchors but the head outputs "
                            f"have {num_anchors}: it was made for another batch layout")
     gt_index = torch.stack([a.gt_index for a in assignments]).to(cls.device)
     trained = gt_index != IGNORED

@@ -296,7 +296,7 @@ def test_bad_arguments(golden_forward, batch):
     outs = golden_outputs(golden_forward, "small")
     with pytest.raises(LadError, match="assign.gmm"):
         paa_assign(outs, targets, pads, config=AssignConfig(gmm="cuda"))
-    with pytest.raises(LadError, match="3 images"):
+    with pytest.raises(ValueError, match="3 images"):
         paa_assign(outs, targets[:2], pads)
     wrong = Targets(targets[1].boxes, torch.tensor([1, 2, 80, 60]))
     with pytest.raises(LadError, match=r"labels of image 1 .*0\.\.79"):
