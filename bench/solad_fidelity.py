@@ -36,11 +36,12 @@ sys.path.insert(0, str(REPO / "tests"))  # the golden weight recipe
 
 from common import write_result  # noqa: E402
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, kd_loss, kd_targets_dense  # noqa: E402
+from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.soft_record import (DEFAULT_FLOOR, DEFAULT_MAX_CONFIDENT, DEFAULT_TOP_K,  # noqa: E402
                                       encode_soft, rebuild_soft)
 from lad_pipeline.types import HeadOutputs, Targets  # noqa: E402
 
-STRIDES, BASE_SCALE = (8, 16, 32, 64, 128), 8.0
+LAYOUT = AnchorLayout()  # mmdetection's PAA: strides 8-128, base scale 8
 TERMS = ("loss_kd_cls", "loss_kd_iou", "loss_kd_bbox")
 KNOBS = [(0.2, 1, 250), (0.1, 2, 500), (0.05, 2, 1000), (DEFAULT_FLOOR, DEFAULT_TOP_K, DEFAULT_MAX_CONFIDENT),
          (0.01, 2, 3000), (0.005, 4, 8000)]
@@ -142,15 +143,15 @@ def compressed_size(record) -> int:
 
 
 def evaluate(case: Case, knobs, min_iou: float) -> list[dict]:
-    dense = kd_targets_dense(case.teacher, case.targets, case.view_sizes, strides=STRIDES,
-                             octave_base_scale=BASE_SCALE, min_iou=min_iou, pad_shapes=case.pad_shapes)
+    dense = kd_targets_dense(case.teacher, case.targets, case.view_sizes, anchors=LAYOUT,
+                             min_iou=min_iou, pad_shapes=case.pad_shapes)
     floor, top_k, max_confident = knobs
-    records = [encode_soft(case.teacher, t, vs, strides=STRIDES, octave_base_scale=BASE_SCALE, min_iou=min_iou,
-                           image=i, pad_shape=p, floor=floor, top_k=top_k, max_confident=max_confident)
+    records = [encode_soft(case.teacher, t, vs, anchors=LAYOUT, min_iou=min_iou, image=i, pad_shape=p,
+                           floor=floor, top_k=top_k, max_confident=max_confident)
                for i, (t, vs, p) in enumerate(zip(case.targets, case.view_sizes, case.pad_shapes))]
     grid = [tuple(t.shape[-2:]) for t in case.teacher.cls]
-    sparse = rebuild_soft(records, case.view_sizes, case.pad_shapes, strides=STRIDES, octave_base_scale=BASE_SCALE,
-                          min_iou=min_iou, grid_sizes=grid)
+    sparse = rebuild_soft(records, case.view_sizes, case.pad_shapes, anchors=LAYOUT, min_iou=min_iou,
+                          grid_sizes=grid)
     rows = []
     for student_name, student in case.students.items():
         ref, g_ref, n = losses_and_grad(student, dense, min_iou)

@@ -58,7 +58,8 @@ def train_teacher_command(config_path, ann, images, out, resume, amp, overrides)
 @click.option("--no-fallback", is_flag=True, help="A view missing from the cache is an error, not an online teacher run.")
 @run_options
 def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, overrides) -> None:
-    """Train a student from the teacher's labels: cached, with the online teacher as fallback."""
+    """Train a student from its teacher (LAD, or SoLAD / KD by the config's distill.method): labels cached, with
+    the online teacher as fallback, or all online."""
     from lad_pipeline.train.recipes import train_student
 
     config = _config(config_path, overrides, resume, out, amp)

@@ -70,6 +70,37 @@ class LossConfig:
 
 
 @dataclass
+class DistillConfig:
+    """What the student learns from its teacher (``lad train-student``; docs/solad.md).
+
+    ``method``: ``lad`` the teacher's label assignment (LAD losses), ``solad`` LAD plus the soft-label KD
+    losses, ``kd`` the KD losses alone. The KD knobs (term weights, focal ``gamma``, ``min_iou`` of the box-KD
+    anchors) default to the SoLAD recipe; the KD recipe sets ``cls_weight = 10`` and ``min_iou = 0.1``.
+    ``cls_on_padding``: the class term also covers batch-padding anchors, as the authors' code does; it needs
+    the online teacher on the batch tensor (``train.teacher_batch_padding``).
+    """
+
+    method: str = "lad"
+    cls_weight: float = 2.0
+    iou_weight: float = 10.0
+    bbox_weight: float = 1.3
+    gamma: float = 0.5
+    min_iou: float = 0.5
+    cls_on_padding: bool = False
+
+    def __post_init__(self) -> None:
+        methods = ("lad", "solad", "kd")
+        if self.method not in methods:
+            raise LadError(f"config key distill.method: {self.method!r} is not one of {', '.join(methods)}")
+        for name in ("cls_weight", "iou_weight", "bbox_weight", "gamma"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise LadError(f"config key distill.{name}: {value!r} is not allowed (a finite number >= 0)")
+        if not 0 <= self.min_iou < 1:
+            raise LadError(f"config key distill.min_iou: {self.min_iou!r} is not allowed (0 <= min_iou < 1)")
+
+
+@dataclass
 class TestConfig:
     nms_pre: int = 1000
     score_thr: float = 0.05
@@ -120,6 +151,7 @@ class Config:
     colad: CoLADConfig = field(default_factory=CoLADConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     test: TestConfig = field(default_factory=TestConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

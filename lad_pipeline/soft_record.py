@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .boxes import DELTA_STDS as STDS
+from .boxes import decode
 from .kd import KDTargets, box_kd_selection
 from .losses import flatten_levels
-from .models.anchors import feature_sizes, grid_anchors, own_grid_index
-from .models.box_coder import STDS, decode
+from .models.anchors import AnchorLayout
 from .types import HeadOutputs, Targets
 
 # Knob defaults: the record of a COCO-size view stays well under 16 KB (docs/cache-format.md).
@@ -61,7 +62,7 @@ class SoftRecord(NamedTuple):
         return sum(a.nbytes for a in self)
 
 
-def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]], strides: Sequence[int]):
+def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]], anchors: AnchorLayout):
     """Flattened outputs of one image restricted to its own padded grid, and that grid's level sizes."""
     sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in outs.cls]
     cls = flatten_levels([t[image : image + 1] for t in outs.cls])[0]
@@ -69,10 +70,10 @@ def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]],
     iou = flatten_levels([t[image : image + 1] for t in outs.iou])[0, :, 0]
     if pad_shape is None:
         return cls, reg, iou, sizes
-    own = feature_sizes(pad_shape, strides)
+    own = anchors.feature_sizes(pad_shape)
     if own == sizes:
         return cls, reg, iou, sizes
-    index = own_grid_index(sizes, own).to(cls.device)
+    index = anchors.own_grid_index(sizes, pad_shape).to(cls.device)
     return cls[index], reg[index], iou[index], own
 
 
@@ -82,8 +83,7 @@ def encode_soft(
     targets: Targets,
     view_size: Sequence[int],
     *,
-    strides: Sequence[int],
-    octave_base_scale: float,
+    anchors: AnchorLayout,
     min_iou: float,
     image: int = 0,
     pad_shape: Optional[Sequence[int]] = None,
@@ -99,14 +99,15 @@ def encode_soft(
     computed on a larger batch grid (``None``: the outputs' grid is the view's own). ``min_iou`` selects the
     box-KD anchors (it must not exceed the ``min_iou`` of the losses the record will serve).
     """
-    cls, reg, iou, sizes = _own_grid(teacher_outs, image, pad_shape, strides)
+    cls, reg, iou, sizes = _own_grid(teacher_outs, image, pad_shape, anchors)
+    layout = anchors
     cls, reg, iou = cls.float(), reg.float(), iou.float()
     num_classes = cls.shape[1]
     if num_classes > 256:
         raise ValueError(f"soft records store class ids as uint8; {num_classes} classes do not fit")
     if not 1 <= top_k <= num_classes:
         raise ValueError(f"top_k must be in 1..{num_classes}, got {top_k}")
-    anchors = torch.cat(grid_anchors(sizes, strides, octave_base_scale, device=cls.device))
+    anchors = layout.anchors(sizes, device=cls.device)
     boxes = decode(anchors, reg, max_shape=view_size, stds=stds)
     selected, weight = box_kd_selection(boxes, targets.boxes.to(cls.device), min_iou,
                                         None if use_teacher_boxes else anchors)
@@ -150,8 +151,7 @@ def rebuild_soft(
     view_sizes: Sequence[Sequence[int]],
     pad_shapes: Sequence[Sequence[int]],
     *,
-    strides: Sequence[int],
-    octave_base_scale: float,
+    anchors: AnchorLayout,
     min_iou: float,
     grid_sizes: Optional[Sequence[Sequence[int]]] = None,
     device: torch.device | str = "cpu",
@@ -165,7 +165,8 @@ def rebuild_soft(
     """
     if not (len(records) == len(view_sizes) == len(pad_shapes)):
         raise ValueError(f"{len(records)} records, {len(view_sizes)} view sizes, {len(pad_shapes)} pad shapes")
-    own_sizes = [feature_sizes(p, strides) for p in pad_shapes]
+    layout = anchors
+    own_sizes = [layout.feature_sizes(p) for p in pad_shapes]
     if grid_sizes is None:
         if any(s != own_sizes[0] for s in own_sizes):
             raise ValueError("views of different padded sizes need the batch grid_sizes")
@@ -173,7 +174,7 @@ def rebuild_soft(
     grid_sizes = [(int(h), int(w)) for h, w in grid_sizes]
     num_classes = records[0].prior_logit.shape[1] if records else 0
     num_grid = sum(h * w for h, w in grid_sizes)
-    anchors = torch.cat(grid_anchors(grid_sizes, strides, octave_base_scale, device=device))
+    anchors = layout.anchors(grid_sizes, device=device)
     cls_prob = torch.zeros(len(records), num_grid, num_classes, device=device)
     cls_mask = torch.zeros(len(records), num_grid, dtype=torch.bool, device=device)
     rows: dict[str, list[Tensor]] = {k: [] for k in ("image", "anchor", "limit", "box", "iou", "weight")}
@@ -182,7 +183,7 @@ def rebuild_soft(
         return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
 
     for i, (rec, view_size, own) in enumerate(zip(records, view_sizes, own_sizes)):
-        to_grid = own_grid_index(grid_sizes, own).to(device)
+        to_grid = layout.own_grid_index(grid_sizes, pad_shapes[i]).to(device)
         level = torch.cat([torch.full((h * w,), n, device=device) for n, (h, w) in enumerate(own)])
         prob = tensor(rec.prior_logit).sigmoid()[level]
         stored = tensor(rec.anchor, torch.int64)

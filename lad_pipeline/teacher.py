@@ -44,15 +44,21 @@ def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.devic
 
 
 @torch.no_grad()
-def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
-                   assign: AssignConfig, loss: LossConfig, amp: bool = False) -> Assignment:
-    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own, on the
-    teacher's anchors (``teacher.anchors``).
+def teacher_outputs(teacher: PAADetector, image: Tensor, amp: bool = False) -> HeadOutputs:
+    """The teacher's outputs (float32, batch of one) on one view ``image [3, Hp, Wp]`` padded on its own.
 
     fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
     """
     amp = amp and image.device.type == "cuda"
     with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
         outs = teacher(image[None] if amp else image[None].float())
-    outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
+    return HeadOutputs(*[[t.float() for t in level] for level in outs])
+
+
+@torch.no_grad()
+def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
+                   assign: AssignConfig, loss: LossConfig, amp: bool = False) -> Assignment:
+    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own, on the
+    teacher's anchors (``teacher.anchors``); ``amp`` as in ``teacher_outputs``."""
+    outs = teacher_outputs(teacher, image, amp)
     return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, config=assign, loss=loss)[0]

@@ -11,8 +11,7 @@ from conftest import REPO
 from toy_world import assert_one_line_error, cache_args, lad, start_lad, tiny_config
 from lad_pipeline.cache import LabelCache, cache_info
 from lad_pipeline.data import CocoViews, normalize_and_pad
-from lad_pipeline.train.label_sources import teacher_assign
-from lad_pipeline.teacher import load_teacher
+from lad_pipeline.teacher import load_teacher, teacher_assign
 
 
 @pytest.fixture(scope="module")

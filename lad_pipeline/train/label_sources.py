@@ -5,6 +5,8 @@
 * ``CachedLabels``: the teacher's assignment read back from a label cache; with a fallback, views the
   cache does not hold go to the online teacher.
 
+SoLAD and KD (soft labels) are the teacher sources with the KD losses added: ``soft_labels.py``.
+
 A source returns ``Labels``: the assignments on the batch grid of the student's outputs, the targets they
 index, and how many views came from a cache (hits) or from an online teacher (misses). The teacher runs on
 each view padded on its own, as ``lad cache-labels`` does, so a cached label and an online one are the same
@@ -24,7 +26,7 @@ from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..losses import lad_loss, paa_loss
 from ..models.anchors import AnchorLayout
-from ..teacher import teacher_assign
+from ..teacher import teacher_outputs
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 
 log = logging.getLogger("lad")
@@ -48,17 +50,43 @@ def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequ
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
 
 
+def outputs_on_grid(views: Sequence[HeadOutputs], batch_sizes: Sequence[tuple[int, int]]) -> HeadOutputs:
+    """Stack one-image outputs, each on its view's own grid, into a batch on ``batch_sizes``: a view's own
+    grid is the top-left corner of each level (as ``to_batch_grid`` places assignments), zeros elsewhere."""
+    def stack(levels: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        out = []
+        for n, (h, w) in enumerate(batch_sizes):
+            first = levels[0][n]
+            level = first.new_zeros(len(levels), first.shape[1], h, w)
+            for i, view in enumerate(levels):
+                level[i, :, : view[n].shape[-2], : view[n].shape[-1]] = view[n][0]
+            out.append(level)
+        return out
+
+    return HeadOutputs(*[stack([getattr(v, part) for v in views]) for part in HeadOutputs._fields])
+
+
+class TeacherRun(NamedTuple):
+    """What an online teacher gave for some views: assignments on the batch grid, and its outputs on the
+    batch grid (``None`` unless asked for)."""
+
+    assignments: list[Assignment]
+    outs: Optional[HeadOutputs]
+
+
 @dataclass
 class StepInputs:
     """One training batch as the student sees it: normalised images padded to the batch shape, each image's
     own padded (H, W), its targets and its view key; ``peer_outs``: the outputs of the networks a source
-    trains along with the student (``LabelSource.peers``), on the same images."""
+    trains along with the student (``LabelSource.peers``), on the same images; ``view_sizes``: each
+    image's unpadded (H, W) (the KD losses clip boxes to it)."""
 
     images: Tensor
     pad_shapes: list[tuple[int, int]]
     targets: list[Targets]
     keys: list[ViewKey]
     peer_outs: dict[str, HeadOutputs] = field(default_factory=dict)
+    view_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Labels(NamedTuple):
@@ -135,23 +163,40 @@ class OnlineTeacher(LabelSource):
         self.config = assign
         self.batch_padding = batch_padding
 
-    def assign_views(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
-                     batch_sizes: list[tuple[int, int]]) -> list[Assignment]:
+    def run(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
+            batch_sizes: list[tuple[int, int]], *, assign: bool = True, outputs: bool = False) -> TeacherRun:
+        """The teacher on ``images``: its assignments on the batch grid (``assign``) and its outputs
+        (``outputs``: each view's own grid at the top left of the batch grid, zeros beyond)."""
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
             with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 outs = self.teacher(images.float())
-            return paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, config=self.config,
-                              loss=self.loss_config)
-        out = []
+            assignments = (paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, config=self.config,
+                                      loss=self.loss_config) if assign else [])
+            return TeacherRun(assignments, outs if outputs else None)
+        assignments, views = [], []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
-            own = teacher_assign(self.teacher, image[:, :h, :w], target, (h, w), self.config, self.loss_config)
-            out.append(to_batch_grid(own, (h, w), batch_sizes, self.teacher.anchors))
-        return out
+            own = teacher_outputs(self.teacher, image[:, :h, :w])
+            if assign:
+                a = paa_assign(own, [target], [(h, w)], anchors=self.teacher.anchors, config=self.config,
+                               loss=self.loss_config)[0]
+                assignments.append(to_batch_grid(a, (h, w), batch_sizes, self.teacher.anchors))
+            views.append(own)
+        return TeacherRun(assignments, outputs_on_grid(views, batch_sizes) if outputs else None)
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
-        assignments = self.assign_views(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs))
+        assignments = self.run(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs)).assignments
         return Labels(assignments, batch.targets, misses=len(batch.keys))
+
+
+class Lookup(NamedTuple):
+    """A batch looked up in a label cache: per view its ``CachedView`` and batch-grid assignment (``None``
+    for a miss), the targets to train on, and the indices of the misses."""
+
+    views: list
+    assignments: list[Optional[Assignment]]
+    targets: list[Targets]
+    missing: list[int]
 
 
 class CachedLabels(LabelSource):
@@ -167,34 +212,45 @@ class CachedLabels(LabelSource):
         self.fallback_factory = fallback
         self.fallback: Optional[OnlineTeacher] = None
 
-    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
-        images, pad_shapes, keys = batch.images, batch.pad_shapes, batch.keys
-        batch_sizes = grid_sizes(outs)
-        assignments: list[Optional[Assignment]] = [None] * len(keys)
-        targets = list(batch.targets)
-        missing = []
-        for i, key in enumerate(keys):
+    def lookup(self, batch: StepInputs, batch_sizes: list[tuple[int, int]]) -> Lookup:
+        """The cached views of the batch; their assignments on the batch grid and their targets (the cached
+        targets, which the GT indices refer to; the batch's own for misses)."""
+        found = Lookup([None] * len(batch.keys), [None] * len(batch.keys), list(batch.targets), [])
+        for i, key in enumerate(batch.keys):
             view = self.cache.get(key)
             if view is None:
-                missing.append(i)
+                found.missing.append(i)
                 continue
-            if tuple(view.pad_size) != tuple(pad_shapes[i]):
+            if tuple(view.pad_size) != tuple(batch.pad_shapes[i]):
                 raise LadError(f"cached view {key} has padded size {tuple(view.pad_size)} but the data pipeline "
-                               f"gives {tuple(pad_shapes[i])}: the cache was made with other transforms")
+                               f"gives {tuple(batch.pad_shapes[i])}: the cache was made with other transforms")
+            device = batch.images.device
             own = view.assignment
-            own = own._replace(**{f: getattr(own, f).to(images.device) for f in own._fields})
-            assignments[i] = to_batch_grid(own, pad_shapes[i], batch_sizes, self.cache.layout.anchors)
-            targets[i] = view.targets.to(images.device)  # the GT indices refer to the cached targets
+            own = own._replace(**{f: getattr(own, f).to(device) for f in own._fields})
+            found.views[i] = view
+            found.assignments[i] = to_batch_grid(own, batch.pad_shapes[i], batch_sizes, self.cache.layout.anchors)
+            found.targets[i] = view.targets.to(device)  # the GT indices refer to the cached targets
+        return found
+
+    def online(self, first_miss: ViewKey) -> OnlineTeacher:
+        """The fallback teacher, loaded at the first miss; LadError naming the view when there is none."""
+        if self.fallback_factory is None:
+            raise LadError(f"view {first_miss} is not in the label cache and the online fallback is off "
+                           f"(--no-fallback, or no --teacher given): cache it with the right --variants/--scales")
+        if self.fallback is None:
+            log.info("first cache miss (%s): loading the teacher for online fallback", first_miss)
+            self.fallback = self.fallback_factory()
+        return self.fallback
+
+    def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
+        batch_sizes = grid_sizes(outs)
+        found = self.lookup(batch, batch_sizes)
+        missing = found.missing
         if missing:
-            if self.fallback_factory is None:
-                raise LadError(f"view {keys[missing[0]]} is not in the label cache and the online fallback is off "
-                               f"(--no-fallback, or no --teacher given): cache it with the right --variants/--scales")
-            if self.fallback is None:
-                log.info("first cache miss (%s): loading the teacher for online fallback", keys[missing[0]])
-                self.fallback = self.fallback_factory()
-            sub = self.fallback.assign_views(images[missing], [pad_shapes[i] for i in missing],
-                                             [targets[i] for i in missing], batch_sizes)
-            for i, a in zip(missing, sub):
-                assignments[i] = a
-        return Labels(assignments, targets, hits=len(keys) - len(missing), misses=len(missing))
+            run = self.online(batch.keys[missing[0]]).run(
+                batch.images[missing], [batch.pad_shapes[i] for i in missing], [found.targets[i] for i in missing],
+                batch_sizes)
+            for i, a in zip(missing, run.assignments):
+                found.assignments[i] = a
+        return Labels(found.assignments, found.targets, hits=len(batch.keys) - len(missing), misses=len(missing))
 

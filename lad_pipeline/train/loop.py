@@ -269,7 +269,8 @@ class Trainer:
             all_outs = {name: forward(images) for name, forward in self.forwards.items()}
         all_outs = {name: HeadOutputs(*[[t.float() for t in level] for level in o]) for name, o in all_outs.items()}
         outs = all_outs.pop("model")
-        labels = self.source.labels(StepInputs(images, pad_shapes, targets, list(batch.keys), all_outs), outs)
+        inputs = StepInputs(images, pad_shapes, targets, list(batch.keys), all_outs, list(batch.view_sizes))
+        labels = self.source.labels(inputs, outs)
         losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
         if not torch.isfinite(loss):

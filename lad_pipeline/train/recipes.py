@@ -20,6 +20,7 @@ from ..teacher import load_teacher, teacher_model_config
 from .colearning import CoLearning
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
 from .loop import RunPaths, Trainer
+from .soft_labels import SOFT_METHODS, SoftCachedLabels, SoftOnlineTeacher, check_soft_setup
 
 log = logging.getLogger("lad")
 
@@ -47,9 +48,17 @@ def train_dataset(config: Config) -> CocoViews:
     return dataset
 
 
+def needs_no_teacher(config: Config, command: str) -> None:
+    """Refuse a ``[distill]`` method other than LAD in a command that has no teacher to distil from."""
+    if config.distill.method != "lad":
+        raise LadError(f"config key distill.method = {config.distill.method} distils a teacher: lad {command} "
+                       f"does not use one; train with lad train-student --teacher/--cache")
+
+
 def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
                   resume: bool = False) -> dict:
     """Plain PAA: the model assigns its own labels (``lad train-teacher``)."""
+    needs_no_teacher(config, "train-teacher")
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
     anchors = AnchorLayout.from_config(config.model)  # the layout the Trainer's detector is built with
@@ -61,6 +70,7 @@ def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: 
                 resume: bool = False) -> dict:
     """CoLAD (``lad train-colad``): ``[model]`` and ``[colad.model]`` trained together, each (GT, level)
     assigned by the network whose candidate losses separate better."""
+    needs_no_teacher(config, "train-colad")
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
     dataset.check_num_classes(config.colad.model.num_classes, "network 2 (colad.model)")
@@ -86,9 +96,11 @@ def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache
 def train_student(config: Config, out: str, *, cache: Optional[str] = None, teacher: Optional[str] = None,
                   fallback: bool = True, ann: Optional[str] = None, images: Optional[str] = None,
                   resume: bool = False) -> dict:
-    """LAD (``lad train-student``): labels from the cache, misses from the online teacher.
+    """LAD, SoLAD or KD (``lad train-student``, ``distill.method``): labels from the cache, misses from the
+    online teacher.
 
-    Without a cache the teacher runs online for every view (mmdetection's LAD).
+    Without a cache the teacher runs online for every view (mmdetection's LAD; SoLAD and KD with the exact
+    dense soft targets). SoLAD and KD from a cache need one made with ``lad cache-labels --soft``.
     """
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
@@ -96,6 +108,10 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     if teacher_ckpt and not Path(teacher_ckpt).is_file():
         raise LadError(f"teacher checkpoint {teacher_ckpt} not found")
     label_cache = open_cache_for(config, cache, dataset) if cache else None
+    distill = config.distill
+    soft = distill.method in SOFT_METHODS
+    check_soft_setup(distill, cache=cache or None, cache_attrs=label_cache.attrs if label_cache else None,
+                     teacher_batch_padding=config.train.teacher_batch_padding)
     if label_cache is not None and teacher_ckpt and fallback:
         cached_sha = label_cache.attrs.get("teacher_sha256")
         if cached_sha != file_sha256(teacher_ckpt):
@@ -112,17 +128,26 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     anchors = AnchorLayout.from_config(config.model)
 
     def source(device: torch.device) -> LabelSource:
-        def online() -> OnlineTeacher:
+        def teacher_model():
             contents = read_checkpoint(teacher_ckpt)
             model_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
-            return OnlineTeacher(load_teacher(teacher_ckpt, model_cfg, device, contents=contents), config.assign,
-                                 config.loss, anchors, config.train.teacher_batch_padding)
+            return load_teacher(teacher_ckpt, model_cfg, device, contents=contents)
+
+        def online() -> OnlineTeacher:
+            return OnlineTeacher(teacher_model(), config.assign, config.loss, anchors,
+                                 config.train.teacher_batch_padding)
 
         if label_cache is None:
             if not teacher_ckpt:
                 raise LadError("train-student needs --cache, --teacher, or both")
+            if soft:
+                return SoftOnlineTeacher(teacher_model(), config.assign, config.loss, anchors, distill,
+                                         config.train.teacher_batch_padding)
             return online()
-        return CachedLabels(label_cache, config.loss, anchors, online if (teacher_ckpt and fallback) else None)
+        misses = online if (teacher_ckpt and fallback) else None
+        if soft:
+            return SoftCachedLabels(label_cache, config.loss, anchors, distill, misses)
+        return CachedLabels(label_cache, config.loss, anchors, misses)
 
     extra = {"cache": cache, "teacher": teacher_ckpt}
     return Trainer(config, Path(out), dataset, source, resume=resume, summary_extra=extra).fit()

@@ -1,0 +1,191 @@
+"""Seconds per SoLAD training step, cached against online, next to a cached LAD step, in one run.
+
+    python bench/solad.py [--scale 320] [--batch 2] [--iters 5] [--warmup 2] [--images 14] [--data toy]
+
+(a) cached LAD: ``CachedLabels`` (the assignment from the label cache);
+(b) cached SoLAD: ``SoftCachedLabels``, the same assignment plus each view's sparse soft record rebuilt into KD
+    targets on the batch grid, LAD + KD losses;
+(c) online SoLAD: ``SoftOnlineTeacher``, the R-101 teacher runs on every view of every step and gives the
+    assignment and the exact dense KD targets.
+
+The store is written first by ``lad cache-labels --soft`` for both flips of every image, so that every timed
+view is a hit. Every mode times the product's own ``Trainer.step`` (normalise and pad on the device, forward,
+labels, loss, backward, SGD update) on the same preloaded batches; the modes take turns, one step each per
+round, and each reports its median. Goal: b / a <= 1.10 (the soft part of a cached step is cheap). Also
+reported: the bytes of a view's soft record (raw arrays) and of the whole store on disk. Views are coco128
+images (``LAD_COCO128``, default ../shared/data/coco128), else the toy digits; random weights (nothing to
+download). Last line: ``headline: solad_cached_over_online``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from itertools import cycle
+from pathlib import Path
+
+import torch
+
+from common import machine, subset_dataset, timeit, toy_dataset, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
+from lad_pipeline.config import Config, load_config  # noqa: E402
+from lad_pipeline.data import CocoViews, make_loader  # noqa: E402
+from lad_pipeline.models import build_detector  # noqa: E402
+from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
+from lad_pipeline.teacher import load_teacher  # noqa: E402
+from lad_pipeline.train.label_sources import CachedLabels  # noqa: E402
+from lad_pipeline.train.loop import Trainer  # noqa: E402
+from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
+from lad_pipeline.train.soft_labels import SoftCachedLabels, SoftOnlineTeacher  # noqa: E402
+
+MODES = (("a", "cached LAD", "CachedLabels"), ("b", "cached SoLAD", "SoftCachedLabels"),
+         ("c", "online SoLAD", "SoftOnlineTeacher R-101"))
+
+
+def overrides(args, num_classes: int) -> list[str]:
+    return [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
+            f"model.num_classes={num_classes}", "train.max_iters=1000000", "train.log_every=1000000",
+            "train.checkpoint_every=1000000"]
+
+
+def configs(args, num_classes: int) -> tuple[Config, Config, Config]:
+    """The student for LAD and for SoLAD (the SoLAD recipe's [distill]), and the teacher."""
+    common = overrides(args, num_classes)
+    lad = load_config(REPO / "configs" / "paa_r50_fpn_1x_coco.toml", common)
+    solad = load_config(REPO / "configs" / "paa_r50_fpn_1x_coco.toml",
+                        [*common, *(f"distill.{k}={v}" for k, v in distill_recipe().items())])
+    teacher = load_config(REPO / "configs" / "paa_r101_fpn_1x_coco.toml", common)
+    return lad, solad, teacher
+
+
+def distill_recipe() -> dict:
+    recipe = load_config(REPO / "configs" / "solad_r50_paa_r101_fpn_coco_1x.toml").distill
+    return {"method": f'"{recipe.method}"', "cls_weight": recipe.cls_weight, "iou_weight": recipe.iou_weight,
+            "bbox_weight": recipe.bbox_weight, "gamma": recipe.gamma, "min_iou": recipe.min_iou}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short), e.g. 320 -> 320x240")
+    parser.add_argument("--batch", type=int, default=2, help="views per step")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
+    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
+    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.manual_seed(0)
+
+    coco128 = Path(os.environ.get("LAD_COCO128", REPO.parent / "shared" / "data" / "coco128"))
+    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
+    work = Path(tempfile.mkdtemp(prefix="lad-bench-solad-"))
+    if use_coco:
+        ann, image_dir, num_classes = subset_dataset(coco128, work, args.images)
+        data_name = f"coco128 ({args.images} images)"
+    else:
+        ann, image_dir, num_classes = toy_dataset(work, args.images)
+        data_name = f"toy digits ({args.images} images)"
+    lad_cfg, solad_cfg, teacher_cfg = configs(args, num_classes)
+
+    # the teacher: a PAA R-101 (random weights) saved as our checkpoint, its config embedded
+    teacher_ckpt = work / "teacher_r101.pth"
+    save_checkpoint(teacher_ckpt, build_detector(teacher_cfg.model).eval(), teacher_cfg.to_dict())
+
+    # stage one, with soft labels: both flips of every image (every view the timed steps can draw)
+    store = work / "labels.zarr"
+    command = [sys.executable, "-m", "cli", "cache-labels", "--teacher", str(teacher_ckpt),
+               "--config", str(REPO / "configs" / "paa_r50_fpn_1x_coco.toml"), "--ann", str(ann),
+               "--images", str(image_dir), "--out", str(store), "--variants", "identity,hflip", "--soft"]
+    for item in overrides(args, num_classes):
+        command += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"lad cache-labels --soft failed: {done.stderr.strip()}")
+
+    dataset = CocoViews(ann, image_dir, scales=solad_cfg.data.scales, flip_prob=solad_cfg.data.flip_prob,
+                        seed=solad_cfg.train.seed)
+    cache = open_cache_for(solad_cfg, str(store), dataset)
+    cache.load_all()
+    record_bytes = sorted(cache.get(k).soft.nbytes for k in cache.keys())
+    store_bytes = folder_bytes(store)
+    keys = dataset.train_keys(0)
+    n_batches = args.warmup + args.iters
+    batches = list(make_loader(dataset, keys[:n_batches * args.batch], args.batch, 0))
+    batches = [b for b in batches if len(b) == args.batch][:n_batches]
+    pads = sorted({(v[0], v[1]) for b in batches for v in b.view_sizes})
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    anchors = AnchorLayout.from_config(solad_cfg.model)
+    teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
+    sources = {
+        "a": lambda d: CachedLabels(cache, lad_cfg.loss, anchors),
+        "b": lambda d: SoftCachedLabels(cache, solad_cfg.loss, anchors, solad_cfg.distill),
+        "c": lambda d: SoftOnlineTeacher(teacher, solad_cfg.assign, solad_cfg.loss, anchors, solad_cfg.distill,
+                                         solad_cfg.train.teacher_batch_padding),
+    }
+    # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
+    # machine's slow and fast moments fall on every mode alike
+    trainers = {mode: Trainer(lad_cfg if mode == "a" else solad_cfg, work / f"run-{mode}", dataset, sources[mode])
+                for mode, _, _ in MODES}
+    feeds = {mode: cycle(batches) for mode in trainers}
+
+    def step(mode: str):
+        trainer = trainers[mode]
+        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
+
+    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for n in range(args.warmup + args.iters):
+        for mode in trainers:
+            seconds = timeit(step(mode), repeats=1, warmup=0)
+            if n >= args.warmup:
+                times[mode].append(seconds)
+    results = {}
+    for mode, name, what in MODES:
+        trainers[mode].close()
+        median = statistics.median(times[mode])
+        results[mode] = {"name": name, "label_source": what, "s_per_iter": median,
+                         "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].counts}
+    for mode in "ab":
+        assert results[mode]["misses"] == 0, f"({mode}) a cached view was missing: the timed steps ran the teacher"
+
+    a, b, c = (results[m]["s_per_iter"] for m in "abc")
+    ratios = {"solad_cached_over_lad_cached": b / a, "solad_cached_over_online": b / c}
+    record = {"p50": record_bytes[len(record_bytes) // 2], "max": record_bytes[-1],
+              "mean": sum(record_bytes) / len(record_bytes), "store_bytes_per_view": store_bytes / len(record_bytes)}
+    print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale} "
+          f"(views {', '.join(f'{w}x{h}' for h, w in pads)}), batch {args.batch}; PAA R-50 student, "
+          f"PAA R-101 teacher; median of {args.iters} iterations after {args.warmup} warm-up")
+    print(f"soft record per view: p50 {record['p50']} B, max {record['max']} B raw; whole store on disk "
+          f"{record['store_bytes_per_view']:.0f} B per view ({len(record_bytes)} views, hard and soft parts)")
+    print(f"{'mode':<18}{'label source':<28}{'s/iter':>9}{'views/s':>9}{'vs (a)':>9}")
+    for mode, name, what in MODES:
+        r = results[mode]
+        print(f"({mode}) {name:<14}{what:<28}{r['s_per_iter']:>9.3f}{r['views_per_s']:>9.2f}"
+              f"{r['s_per_iter'] / a:>8.2f}x")
+    write_result("solad", {
+        "machine": machine(), "data": data_name, "scale": [args.scale, args.scale], "batch": args.batch,
+        "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": "PAA R-101",
+        "soft_record_bytes": record, "modes": results, "ratios": ratios,
+        "headline": {"solad_cached_over_online": ratios["solad_cached_over_online"]},
+    })
+    print(f"b/a solad_cached_over_lad_cached = {ratios['solad_cached_over_lad_cached']:.3f} (goal <= 1.10)")
+    print(f"headline: solad_cached_over_online = {ratios['solad_cached_over_online']:.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
