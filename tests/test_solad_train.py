@@ -35,7 +35,7 @@ from lad_pipeline.losses import lad_loss
 from lad_pipeline.models import build_detector
 from lad_pipeline.soft_record import encode_soft
 from lad_pipeline.teacher import load_teacher, teacher_model_config, teacher_outputs
-from lad_pipeline.train.label_sources import OnlineTeacher, StepInputs, loss_weights
+from lad_pipeline.train.label_sources import OnlineTeacher, StepInputs
 from lad_pipeline.train.recipes import train_student, train_teacher
 from lad_pipeline.train.soft_labels import SoftCachedLabels, SoftOnlineTeacher, check_soft_setup
 from lad_pipeline.types import ViewKey
@@ -183,7 +183,7 @@ def test_loss_assembly_per_method(dataset, teacher):
         assert torch.equal(labels.aux.box_anchor, reference.box_anchor)
         torch.testing.assert_close(labels.aux.weight, reference.weight, rtol=1e-4, atol=1e-6)
 
-    expected_lad = lad_loss(outs, hard.assignments, hard.targets, anchors=anchors, **loss_weights(config.loss))
+    expected_lad = lad_loss(outs, hard.assignments, hard.targets, anchors=anchors, config=config.loss)
     expected_kd = kd_loss(outs, reference, **{k: getattr(config.distill, k) for k in SOLAD_SETTINGS})
     assert set(losses["solad"]) == LAD_KEYS | KD_KEYS and set(losses["kd"]) == KD_KEYS
     for name in LAD_KEYS:
