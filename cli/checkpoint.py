@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from lad_pipeline.checkpoint import FORMAT, file_sha256, load_checkpoint, read_checkpoint, resolve_config
+from lad_pipeline.checkpoint import (FORMAT, file_sha256, first_non_finite, load_checkpoint, read_checkpoint,
+                                     resolve_config)
+from lad_pipeline.errors import LadError
 from lad_pipeline.models import build_detector
 
 
@@ -17,7 +19,7 @@ def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: b
     config = resolve_config(checkpoint, config_path, overrides)
     model_cfg = config.teacher.model if teacher else config.model
     model = build_detector(model_cfg)
-    load_checkpoint(model, checkpoint)
+    load_checkpoint(model, checkpoint, require_finite=False)  # reported below instead
     raw = read_checkpoint(checkpoint)
     kind = "lad" if raw.get("format") == FORMAT else "mmdetection" if "state_dict" in raw else "state dict"
     params = sum(p.numel() for p in model.parameters())
@@ -28,3 +30,8 @@ def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: b
     if "iteration" in raw:
         click.echo(f"iteration    {raw['iteration']}")
     click.echo("loads        all keys, no mismatches")
+    bad = first_non_finite(model.state_dict())
+    click.echo(f"finite       {'no, first: ' + bad if bad else 'yes'}")
+    if bad:
+        raise LadError(f"checkpoint {checkpoint} holds non-finite weights, first in tensor {bad}: eval, show, "
+                       f"cache-labels, init_from and teacher use refuse it")
