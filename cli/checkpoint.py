@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from lad_pipeline.checkpoint import checkpoint_format, export_network, file_sha256, load_detector, networks_in
+from lad_pipeline.checkpoint import (checkpoint_format, export_network, file_sha256, first_non_finite, load_detector,
+                                     networks_in)
+from lad_pipeline.errors import LadError
 
 
 @click.command("checkpoint-info")
@@ -13,21 +15,28 @@ from lad_pipeline.checkpoint import checkpoint_format, export_network, file_sha2
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.num_classes=10.")
 def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
     """Load CHECKPOINT (ours or mmdetection's) into its detector and summarise it."""
-    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher, network=1)
+    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher, network=1,
+                                            require_finite=False)  # reported below instead
     click.echo(f"checkpoint   {checkpoint}")
     click.echo(f"format       {checkpoint_format(contents)}")
     click.echo(f"sha256       {file_sha256(checkpoint)}")
-    held = networks_in(contents)
-    if len(held) == 1:
+    networks = [model]
+    if len(networks_in(contents)) == 1:
         click.echo(f"model        {_describe(model, config.teacher.model if teacher else config.model)}")
     else:  # CoLAD: both networks are loaded, so both are checked
-        network2, config2, _ = load_detector(checkpoint, config_path, overrides, network=2)
+        network2, config2, _ = load_detector(checkpoint, config_path, overrides, network=2, require_finite=False)
+        networks.append(network2)
         click.echo(f"network 1    {_describe(model, config.model)}")
         click.echo(f"network 2    {_describe(network2, config2.model)}")
         click.echo(f"inference    network {config.colad.inference_network} (colad.inference_network)")
     if "iteration" in contents:
         click.echo(f"iteration    {contents['iteration']}")
     click.echo("loads        all keys, no mismatches")
+    bad = next(filter(None, (first_non_finite(net.state_dict()) for net in networks)), None)
+    click.echo(f"finite       {'no, first: ' + bad if bad else 'yes'}")
+    if bad:
+        raise LadError(f"checkpoint {checkpoint} holds non-finite weights, first in tensor {bad}: eval, show, "
+                       f"cache-labels, init_from and teacher use refuse it")
 
 
 def _describe(model, model_cfg) -> str:

@@ -1,6 +1,7 @@
 """``lad eval``: COCO box metrics of a checkpoint or of a results JSON file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
     """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
     if (checkpoint is None) == (detections is None):
         raise click.UsageError("give exactly one of --checkpoint and --detections")
+    if out is not None:  # before the work, not after it
+        _check_writable(Path(out))
     if detections is not None:
         if ann is None:
             raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
@@ -75,13 +78,25 @@ def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> st
     return "\n".join([header, *rows])
 
 
-def _write_json_atomic(path: Path, record: dict) -> None:
-    # Written aside, then renamed: an interrupted run never leaves a truncated metrics file.
+def _check_writable(path: Path) -> None:
+    probe = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise LadError(f"cannot write metrics to {path}: {exc.strerror or exc}") from None
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    # Written aside, then renamed: an interrupted run never leaves a truncated metrics file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise LadError(f"cannot write metrics to {path}: {exc.strerror or exc}") from None
 

@@ -6,6 +6,7 @@ an mmdetection model-zoo checkpoint maps onto it key for key.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -108,21 +109,38 @@ def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str
     return "; ".join(parts)
 
 
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load every key or nothing: a partial load is never silent."""
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``"name (n of m values NaN or inf)"`` for the first floating-point tensor that is not all finite, or None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                return f"{key} ({bad} of {value.numel()} values NaN or inf)"
+    return None
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                           require_finite: bool = True) -> None:
+    """Load every key or nothing: a partial load is never silent, and neither are NaN or inf weights."""
     report = _mismatch_report(model, state)
     if report:
         raise LadError(f"{source} does not fit this model: {report}")
+    bad = first_non_finite(state) if require_finite else None
+    if bad is not None:
+        raise LadError(f"{source} holds non-finite weights, first in tensor {bad}: it cannot be used; "
+                       f"take an earlier checkpoint")
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> None:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None,
+                    require_finite: bool = True) -> None:
     """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error.
 
-    ``contents``: the file already read by ``read_checkpoint`` (it is not read again).
+    ``contents``: the file already read by ``read_checkpoint`` (it is not read again). Weights that are NaN
+    or inf anywhere are refused (``require_finite``) naming the first such tensor.
     """
     state = extract_state_dict(read_checkpoint(path) if contents is None else contents, path)
-    load_state_dict_strict(model, state, f"checkpoint {path}")
+    load_state_dict_strict(model, state, f"checkpoint {path}", require_finite=require_finite)
 
 
 def checkpoint_config(path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -150,14 +168,64 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any], **extra: Any) -> None:
-    """Write atomically (aside, then rename): a crash never leaves a file that reads as complete."""
+    """Write atomically: aside, flushed to disk, then renamed over ``path``.
+
+    A crash or a full disk never leaves a file at ``path`` that reads as complete, and never harms the one
+    already there; a failure is a LadError naming the path and the cause, with the partial file removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "lad_version": __version__, "config": dict(config), "model": model.state_dict()}
     payload.update(extra)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a file object, not a path: torch then reports a failed write as the OSError it is
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # an interrupt too: never leave the partial file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = _root_cause(exc)
+        if isinstance(cause, OSError):
+            raise LadError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from None
+        if isinstance(cause, KeyboardInterrupt) and cause is not exc:
+            raise KeyboardInterrupt(*cause.args) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError or interrupt behind ``exc`` when torch's zip writer, having met it, failed in its own words
+    (``RuntimeError: [enforce fail at inline_container.cc ...]``); else ``exc``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, KeyboardInterrupt)):
+            return seen
+        seen = seen.__context__ or seen.__cause__
+    return exc
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems cannot open a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: str | os.PathLike) -> None:
+    """Delete the ``.NAME.PID.partial`` files that a process killed while saving into ``folder`` left behind."""
+    for stale in Path(folder).glob(".*.partial"):
+        stale.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -189,7 +257,10 @@ def resolve_config(checkpoint: str | os.PathLike | None, config_path: str | os.P
     embedded = checkpoint_config(checkpoint, contents=contents) if checkpoint else None
     if embedded is None:
         raise LadError(f"checkpoint {checkpoint} has no embedded config (an mmdetection file?): pass --config")
-    return config_from_dict(embedded, overrides)
+    try:
+        return config_from_dict(embedded, overrides)
+    except LadError as exc:
+        raise LadError(f"checkpoint {checkpoint}, its embedded config or --set: {exc}") from None
 
 
 def networks_in(contents: Mapping[str, Any]) -> list[int]:
@@ -200,13 +271,15 @@ def networks_in(contents: Mapping[str, Any]) -> list[int]:
 
 def load_detector(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None,
                   overrides: tuple[str, ...] | list[str] = (), *, teacher: bool = False, network: int | None = None,
-                  device: torch.device | str | None = None) -> tuple["PAADetector", "Config", dict[str, Any]]:
+                  device: torch.device | str | None = None,
+                  require_finite: bool = True) -> tuple["PAADetector", "Config", dict[str, Any]]:
     """Build the detector a checkpoint holds and load it, reading the file once.
 
     The architecture comes from ``config_path`` (``[teacher.model]`` with ``teacher=True``) or from the
     config embedded in our checkpoints. A CoLAD checkpoint holds two networks: ``network`` picks one (default:
     ``colad.inference_network``), and the returned config describes that one as its ``[model]``. Returns the
     model in eval mode on ``device``, the config, and the checkpoint's contents (iteration, format, ...).
+    Non-finite weights are refused unless ``require_finite`` is off (``lad checkpoint-info`` reports them).
     """
     from dataclasses import replace
 
@@ -224,9 +297,10 @@ def load_detector(checkpoint: str | os.PathLike, config_path: str | os.PathLike 
         config = replace(config, model=config.colad.model)
     model = build_detector(config.teacher.model if teacher else config.model)
     if network == 2:
-        load_state_dict_strict(model, contents["peers"]["colad"], f"network 2 of checkpoint {checkpoint}")
+        load_state_dict_strict(model, contents["peers"]["colad"], f"network 2 of checkpoint {checkpoint}",
+                               require_finite=require_finite)
     else:
-        load_checkpoint(model, checkpoint, contents=contents)
+        load_checkpoint(model, checkpoint, contents=contents, require_finite=require_finite)
     model.eval()
     if device is not None:
         model.to(device)

@@ -4,12 +4,15 @@ Defaults are mmdetection's PAA 1x values, so a config file only states what diff
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,17 +91,6 @@ class DistillConfig:
     min_iou: float = 0.5
     cls_on_padding: bool = False
 
-    def __post_init__(self) -> None:
-        methods = ("lad", "solad", "kd")
-        if self.method not in methods:
-            raise LadError(f"config key distill.method: {self.method!r} is not one of {', '.join(methods)}")
-        for name in ("cls_weight", "iou_weight", "bbox_weight", "gamma"):
-            value = getattr(self, name)
-            if not 0 <= value < float("inf"):
-                raise LadError(f"config key distill.{name}: {value!r} is not allowed (a finite number >= 0)")
-        if not 0 <= self.min_iou < 1:
-            raise LadError(f"config key distill.min_iou: {self.min_iou!r} is not allowed (0 <= min_iou < 1)")
-
 
 @dataclass
 class TestConfig:
@@ -160,6 +152,132 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# -- allowed values ------------------------------------------------------------------------------------------
+# Every key's range, one line per key, checked (after its type) wherever a config is built: config files,
+# `--set` overrides, a run's saved config.toml and the config embedded in a checkpoint. A bad value therefore
+# stops a command before it builds a model or creates a run directory.
+
+
+@dataclass(frozen=True)
+class Allowed:
+    test: Callable[[Any], bool]
+    text: str  # completes "it must be ..."
+
+
+def at_least(low: float) -> Allowed:
+    return Allowed(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Allowed:
+    return Allowed(lambda v: v > low, f"> {low}")
+
+
+def between(low: float, high: float) -> Allowed:
+    return Allowed(lambda v: low <= v <= high, f"between {low} and {high}")
+
+
+def one_of(*choices: Any) -> Allowed:
+    return Allowed(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+ANY = Allowed(lambda v: True, "anything")
+PATH = Allowed(lambda v: True, "a path (checked when it is used)")
+SCALES = Allowed(lambda v: len(v) > 0 and all(len(s) == 2 and min(s) > 0 for s in v),
+                 "a non-empty list of [long, short] pairs of positive integers")
+RGB = Allowed(lambda v: len(v) == 3, "three numbers (R, G, B)")
+POSITIVE_RGB = Allowed(lambda v: len(v) == 3 and min(v) > 0, "three positive numbers (R, G, B)")
+# the FPN's levels are C3-C5 (strides 8, 16, 32) and then stride-2 convolutions, one per extra level
+STRIDES = Allowed(lambda v: len(v) >= 3 and v == [8 * 2**i for i in range(len(v))],
+                  "8, 16, 32 and then doubling, e.g. [8, 16, 32, 64, 128]")
+EPOCH_STEPS = Allowed(lambda v: all(e >= 1 for e in v) and v == sorted(v), "epochs >= 1 in ascending order")
+GROUPS_OF_32 = Allowed(lambda v: v >= 32 and v % 32 == 0,
+                       "a positive multiple of 32 (the head's GroupNorm has 32 groups)")
+
+ALLOWED: dict[type, dict[str, Allowed]] = {
+    ModelConfig: {
+        "backbone": one_of(*BACKBONES),
+        "num_classes": at_least(1),
+        "fpn_channels": at_least(1),
+        "head_channels": GROUPS_OF_32,
+        "stacked_convs": at_least(1),
+        "strides": STRIDES,
+        "octave_base_scale": above(0),
+        "prior_prob": Allowed(lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
+        "frozen_stages": between(-1, 4),
+        "norm_eval": ANY,
+        "init_from": PATH,
+    },
+    TeacherConfig: {
+        "checkpoint": PATH,
+        "model": ANY,  # a table: its keys are ModelConfig's
+    },
+    AssignConfig: {
+        "topk": at_least(1),
+        "pos_iou_thr": between(0, 1),
+        "neg_iou_thr": between(0, 1),
+        "ignore_iof_thr": Allowed(lambda v: v <= 1, "<= 1 (0 or less disables it)"),
+        "gmm": one_of("torch", "sklearn"),
+    },
+    LossConfig: {
+        "focal_gamma": at_least(0),
+        "focal_alpha": between(0, 1),
+        "bbox_weight": at_least(0),
+        "iou_weight": at_least(0),
+    },
+    CoLADConfig: {
+        "model": ANY,  # a table: its keys are ModelConfig's
+        "inference_network": one_of(1, 2),
+    },
+    DistillConfig: {
+        "method": one_of("lad", "solad", "kd"),
+        "cls_weight": at_least(0),
+        "iou_weight": at_least(0),
+        "bbox_weight": at_least(0),
+        "gamma": at_least(0),
+        "min_iou": Allowed(lambda v: 0 <= v < 1, ">= 0 and < 1"),
+        "cls_on_padding": ANY,
+    },
+    TestConfig: {
+        "nms_pre": at_least(-1),  # -1 or 0: every anchor
+        "score_thr": between(0, 1),
+        "nms_iou": between(0, 1),
+        "max_per_img": at_least(1),
+        "score_voting": ANY,
+    },
+    DataConfig: {
+        "ann": PATH,
+        "images": PATH,
+        "val_ann": PATH,
+        "val_images": PATH,
+        "scales": SCALES,
+        "flip_prob": between(0, 1),
+        "mean": RGB,
+        "std": POSITIVE_RGB,
+        "size_divisor": at_least(1),
+        "skip_bad_images": ANY,
+        "num_workers": at_least(0),
+    },
+    TrainConfig: {
+        "epochs": at_least(1),  # also with max_iters: the lr steps are fractions of the epochs
+        "max_iters": at_least(0),  # 0: train.epochs decides
+        "batch_size": at_least(1),
+        "lr": above(0),
+        "base_batch_size": at_least(1),
+        "momentum": Allowed(lambda v: 0 <= v < 1, ">= 0 and < 1"),
+        "weight_decay": at_least(0),
+        "warmup_iters": at_least(0),
+        "warmup_ratio": between(0, 1),
+        "lr_steps": EPOCH_STEPS,
+        "seed": Allowed(lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
+        "amp": ANY,
+        "grad_clip": at_least(0),  # 0: no clipping
+        "checkpoint_every": at_least(1),
+        "log_every": at_least(1),
+        "teacher_batch_padding": ANY,
+    },
+}
+
+
 def _check_value(name: str, value: Any, hint: Any) -> Any:
     """Validate ``value`` against a field's type hint; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -176,6 +294,8 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
         raise LadError(f"config key {name}: expected a number, got {value!r}")
     if not isinstance(value, hint):
         raise LadError(f"config key {name}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise LadError(f"config key {name} is {value!r}; it must be a finite number")
     return value
 
 
@@ -186,6 +306,7 @@ RENAMED = {(ModelConfig, "anchor_scale"): "octave_base_scale"}
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    rules = ALLOWED.get(cls, {})
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -201,7 +322,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(hint, value, name + ".")
         else:
             kwargs[key] = _check_value(name, value, hint)
+            if key in rules and not rules[key].test(kwargs[key]):
+                raise LadError(f"config key {name} is {_show(kwargs[key])}; it must be {rules[key].text}")
     return cls(**kwargs)
+
+
+def _show(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else _toml_value(value)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -300,4 +427,13 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_toml(config.to_dict()))
+    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(dump_toml(config.to_dict()))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise

@@ -229,9 +229,20 @@ class CocoViews(Dataset):
             raise BadImageError(str(exc)) from None
         expected = self.image_size(key.image_id)
         if tuple(image.shape[-2:]) != expected:
-            raise BadImageError(f"image {path} is {image.shape[-1]}x{image.shape[-2]} pixels but "
-                                f"{self.ann_file} says {expected[1]}x{expected[0]}")
-        return make_view(image, self.original_targets(key.image_id), key)
+            raise BadImageError(self._size_mismatch(path, tuple(image.shape[-2:]), expected))
+        try:
+            return make_view(image, self.original_targets(key.image_id), key)
+        except LadError as exc:
+            raise BadImageError(f"{path}: {exc}") from None
+
+    def _size_mismatch(self, path: Path, size: tuple[int, int], expected: tuple[int, int]) -> str:
+        message = (f"image {path} is {size[1]}x{size[0]} pixels but {self.ann_file} says "
+                   f"{expected[1]}x{expected[0]}")
+        stored = tuple(read_image(path, exif_orientation=False).shape[-2:])
+        if stored != size and stored == expected:
+            message += (" (its size before its EXIF orientation tag turns it upright: the annotations were made on "
+                        "the unrotated pixels; remove the tag or annotate the upright image)")
+        return message
 
     def __getitem__(self, key: Union[ViewKey, int]) -> Optional[View]:
         """``dataset[ViewKey]``; an int ``n`` means the unflipped view of the n-th image at the first scale."""

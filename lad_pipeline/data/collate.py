@@ -2,6 +2,10 @@
 
 Sending uint8 images (a quarter of float32's bytes) and padding on the device is what mmdetection's
 ``DetDataPreprocessor`` does too; ``normalize_and_pad`` reproduces it (BGR->RGB is already done: views are RGB).
+
+A user error (LadError) raised while a DataLoader worker loads a view travels back to the main process as a
+value and is raised there as it was raised, whatever ``num_workers``: torch's own relay would fold the
+worker's traceback into the message.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import LadError
 from ..types import Targets, ViewKey
 from .transforms import View
 
@@ -57,6 +62,66 @@ def collate_views(views: Sequence[Optional[View]]) -> Batch:
                  skipped=len(views) - len(kept))
 
 
+class LoadFailure:
+    """A LadError raised while loading a view, carried as a value out of a DataLoader worker."""
+
+    def __init__(self, error: LadError) -> None:
+        self.kind, self.message = type(error), str(error)
+
+    def error(self) -> LadError:
+        try:
+            return self.kind(self.message)
+        except Exception:  # a subclass with another constructor: the message is what matters
+            return LadError(self.message)
+
+
+class _ReportingDataset(Dataset):
+    """``dataset[key]``, with a LadError returned as a LoadFailure instead of raised."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except LadError as exc:
+            return LoadFailure(exc)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+def _collate(items: Sequence[Union[View, LoadFailure, None]]) -> Union[Batch, LoadFailure]:
+    failure = next((item for item in items if isinstance(item, LoadFailure)), None)
+    return failure if failure is not None else collate_views(items)  # type: ignore[arg-type]
+
+
+def worker_death(exc: BaseException) -> Optional[str]:
+    """One line for torch's error when a DataLoader worker process dies (killed, out of memory), else None."""
+    text = str(exc).strip()
+    if not isinstance(exc, RuntimeError) or not text.startswith("DataLoader worker"):
+        return None
+    first = text.splitlines()[0].rstrip(". ")
+    return (f"a data-loading worker process died ({first}); if memory ran out, lower data.num_workers "
+            f"or the batch size")
+
+
+class ViewLoader(DataLoader):
+    """A DataLoader of Batches whose errors reach the caller as LadErrors of one line."""
+
+    def __iter__(self):
+        try:
+            for batch in super().__iter__():
+                if isinstance(batch, LoadFailure):
+                    raise batch.error()
+                yield batch
+        except RuntimeError as exc:
+            message = worker_death(exc)
+            if message is None:
+                raise
+            raise LadError(message) from None
+
+
 def _round_up(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
@@ -95,6 +160,9 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
                 generator: Optional[torch.Generator] = None) -> DataLoader:
     """A DataLoader over explicit ViewKeys (or a sampler yielding them) that collates into ``Batch``.
 
+    A LadError of the dataset (a missing or corrupt image) is raised by the iteration as it was raised, in
+    the main process, also when workers load the views.
+
     ``shuffle`` permutes the given keys with a generator seeded by ``seed`` (training order normally comes
     from ``train_keys`` already). Memory is pinned when CUDA is available unless ``pin_memory`` says otherwise.
     ``generator`` seeds the workers (default: a draw from the global torch RNG, which it then advances).
@@ -106,6 +174,6 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
         sampler = [keys[i] for i in order]
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_views,
+    return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_collate,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=persistent_workers and num_workers > 0, generator=generator)

@@ -7,8 +7,9 @@ Differences from mmdetection, all within rounding:
 * mmcv resizes with OpenCV's INTER_LINEAR, whose uint8 path uses 11-bit fixed-point weights; we use
   torchvision's bilinear resize of the uint8 image with ``antialias=False`` (no cv2 here). Both sample at
   half-pixel centres without antialiasing; pixel values may differ by 1.
-* Images are decoded by torchvision (libjpeg / libpng) as stored, ignoring EXIF orientation, so that
-  pixels match the annotation's width and height (OpenCV would rotate them).
+* Images are decoded by torchvision (libjpeg / libpng) and turned upright by their EXIF orientation tag, as
+  mmdetection's ``LoadImageFromFile`` (mmcv / OpenCV ``IMREAD_COLOR``) and detectron2's ``read_image`` do:
+  annotations of such a file are in the upright frame, the one viewers and annotation tools show.
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ def keep_ratio_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int,
     return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
-def read_image(path: Path) -> Tensor:
+def read_image(path: Path, exif_orientation: bool = True) -> Tensor:
     """Decode a JPEG or PNG file into uint8 ``[3, H, W]`` RGB (grayscale, palette, alpha and CMYK
-    converted by the decoder; 16-bit PNG reduced to 8 bits). Raises LadError naming the file."""
+    converted by the decoder; 16-bit PNG reduced to 8 bits), turned upright by its EXIF orientation tag
+    unless ``exif_orientation`` is False. Raises LadError naming the file."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -80,7 +82,7 @@ def read_image(path: Path) -> Tensor:
     try:
         with quiet_torchvision_io():
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                 apply_exif_orientation=False)
+                                 apply_exif_orientation=exif_orientation)
     except (RuntimeError, ValueError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LadError(f"cannot decode image {path}: {reason}") from None
@@ -125,7 +127,8 @@ def make_view(image: Tensor, targets: Targets, key: ViewKey) -> View:
     orig = (int(image.shape[-2]), int(image.shape[-1]))
     size = keep_ratio_size(orig, key.scale)
     if min(size) < 1:
-        raise LadError(f"image {key.image_id} of size {orig} resizes to {size} at scale {key.scale}")
+        raise LadError(f"image {key.image_id} ({orig[1]}x{orig[0]} pixels) resizes to {size[1]}x{size[0]} at scale "
+                       f"{key.scale}: too thin to use")
     image = resize_image(image, size)
     # mmdetection scales boxes by the realised per-axis factors, not by the nominal keep-ratio factor
     w_scale, h_scale = size[1] / orig[1], size[0] / orig[0]

@@ -67,9 +67,11 @@ def evaluate_coco(ann_file: str | Path, results: list[dict] | str | Path) -> dic
     """
     ann_file = Path(ann_file)
     gt = load_coco_annotations(ann_file)
+    source = "results"
     if isinstance(results, (str, Path)):
+        source = f"results file {results}"
         results = _read_json(Path(results), "results file")
-    results = validate_results(results, gt, ann_file.name)
+    results = validate_results(results, gt, ann_file.name, source)
     with _captured_stdout():
         if results:
             dt = gt.loadRes(results)
@@ -107,10 +109,23 @@ def load_coco_annotations(ann_file: Path) -> COCO:
     return gt
 
 
-def validate_results(results: Any, gt: COCO, ann_name: str) -> list[dict]:
-    """Fresh, checked copies of the result dicts (pycocotools writes into the dicts it loads)."""
+def validate_results(results: Any, gt: COCO, ann_name: str, source: str = "results") -> list[dict]:
+    """Fresh, checked copies of the result dicts (pycocotools writes into the dicts it loads).
+
+    ``source`` names the results in errors (e.g. ``results file PATH``).
+    """
     if not isinstance(results, list):
-        raise LadError(f"results must be a JSON list of detections, got {type(results).__name__}")
+        kind = {dict: "an object", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+                type(None): "null"}.get(type(results), type(results).__name__)
+        raise LadError(f"{source} holds {kind}; expected a JSON list of detections, each an object with "
+                       f"{', '.join(RESULT_KEYS)} (the COCO results format)")
+    try:
+        return _checked_results(results, gt, ann_name)
+    except LadError as exc:
+        raise LadError(f"{source}: {exc}") from None
+
+
+def _checked_results(results: list, gt: COCO, ann_name: str) -> list[dict]:
     image_ids, cat_ids = set(gt.getImgIds()), set(gt.getCatIds())
     clean = []
     for n, r in enumerate(results):

@@ -1,7 +1,10 @@
 """The one training loop. PAA, online LAD and cached LAD differ only in their LabelSource (labels and loss)."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import random
 import signal
 import threading
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import load_init_weights, read_checkpoint, save_checkpoint
+from ..checkpoint import (first_non_finite, load_init_weights, read_checkpoint, remove_partial_files,
+                          save_checkpoint)
 from ..config import Config, save_config
 from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
@@ -146,12 +150,16 @@ class Trainer:
         self.resume = resume
         self.summary_extra = summary_extra or {}
         self._log_handler: Optional[logging.Handler] = None
-        self._prepare_run_dir()
+        self._lock: Optional[int] = None
+        # Everything that can refuse the input (the run directory, init_from, the teacher, the batch size, the
+        # state to resume) is checked before the run directory is created or changed.
+        self._check_run_dir()
         seed_everything(config.train.seed)
         self.model = build_detector(config.model).to(self.device)
+        notes = []  # logged once train.log exists
         if config.model.init_from and not self._has_checkpoint():
             kind = load_init_weights(self.model, config.model.init_from)
-            log.info("initialised the %s from %s", kind, config.model.init_from)
+            notes.append(f"initialised the {kind} from {config.model.init_from}")
         self.source = source_factory(self.device)
         # networks trained along with the student (CoLAD's network 2): same optimizer, DDP and checkpoints
         self.peers = {name: net.to(self.device) for name, net in self.source.peers().items()}
@@ -176,32 +184,72 @@ class Trainer:
         self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
         if self._has_checkpoint():
             self._load_state(self.paths.latest)
+            notes.append(f"resumed from {self.paths.latest} at iteration {self.iteration}")
+        self._create_run_dir()
+        for note in notes:
+            log.info(note)
         self.metrics = MetricsLog(self.paths.metrics, enabled=self.main)
 
     # -- run directory and state ------------------------------------------------------------------
     def _has_checkpoint(self) -> bool:
         return self.resume and self.paths.latest.exists()
 
-    def _prepare_run_dir(self) -> None:
+    def _check_run_dir(self) -> None:
+        root = self.paths.root
+        if not self.main:
+            return
+        try:
+            used = root.exists() and any(root.iterdir())
+        except OSError as exc:
+            raise LadError(f"cannot use run directory {root}: {exc.strerror or exc}") from None
+        if used and not self.resume:
+            raise LadError(f"run directory {root} is not empty: pass --resume to continue it, or choose another --out")
+
+    def _create_run_dir(self) -> None:
         if self.main:
-            if self.paths.root.exists() and any(self.paths.root.iterdir()) and not self.resume:
-                raise LadError(f"run directory {self.paths.root} is not empty: pass --resume to continue it, "
-                               f"or choose another --out")
-            self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.paths.config)
-            self._log_handler = add_file_log(self.paths.log)
+            try:
+                self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+                self._lock_run_dir()
+                remove_partial_files(self.paths.checkpoints)  # of a process killed while saving
+                save_config(self.config, self.paths.config)
+                self._log_handler = add_file_log(self.paths.log)
+            except OSError as exc:
+                self.close()
+                where = exc.filename or self.paths.root
+                raise LadError(f"cannot write run directory {self.paths.root} ({where}): "
+                               f"{exc.strerror or exc}") from None
         dist.barrier()
+
+    def _lock_run_dir(self) -> None:
+        """One training process per run directory: a second one (same --out) is refused, not interleaved.
+
+        An flock: the kernel releases it when the holder exits, however it exits (kill -9 included).
+        """
+        fd = os.open(self.paths.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LadError(f"run directory {self.paths.root} is in use by another lad process; wait for it "
+                               f"to end or choose another --out") from None
+            return  # a file system without locks: run unlocked
+        self._lock = fd
 
     def _log_to_file(self, message: str) -> None:
         if self._log_handler is not None:
             self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 
     def close(self) -> None:
-        """Stop mirroring the ``lad`` log into this run's train.log (``fit`` does it when it ends)."""
+        """Stop mirroring the ``lad`` log into this run's train.log and release the run directory (``fit`` does
+        it when it ends)."""
         if self._log_handler is not None:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def _state(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
@@ -212,9 +260,22 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         if self.main:
-            save_checkpoint(path, self.model, self.config.to_dict(), **self._state())
+            bad = first_non_finite(self.model.state_dict())
+            if bad is not None:  # a step can overflow the weights while its loss was still finite
+                raise NonFiniteLoss(f"the weights became non-finite at iteration {self.iteration} (tensor {bad}); "
+                                    f"not saved: {self._last_good()}")
+            try:
+                save_checkpoint(path, self.model, self.config.to_dict(), **self._state())
+            except LadError as exc:
+                raise LadError(f"{exc}; {self._last_good()}, continue with --resume once it can be written") from None
         if path == self.paths.latest:
             self.saved_iteration = self.iteration
+
+    def _write_metrics(self, record: dict) -> None:
+        try:
+            self.metrics.write(record)
+        except OSError as exc:
+            raise LadError(f"cannot write {self.paths.metrics}: {exc.strerror or exc}; {self._last_good()}") from None
 
     def _load_state(self, path: Path) -> None:
         state = read_checkpoint(path)
@@ -232,7 +293,6 @@ class Trainer:
         self.iteration = self.saved_iteration = int(state["iteration"])
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
         _set_rng_state(state["rng"])
-        log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # -- data -------------------------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
@@ -325,9 +385,9 @@ class Trainer:
                         self.iteration += 1
                         progress.update(1, loss=record["loss"], lr=record["lr"])
                         if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
-                            self.metrics.write({"iter": self.iteration,
-                                                "epoch": self.iteration / self.iters_per_epoch,
-                                                **record, **self.counts})
+                            self._write_metrics({"iter": self.iteration,
+                                                 "epoch": self.iteration / self.iters_per_epoch,
+                                                 **record, **self.counts})
                         if self.iteration % train.checkpoint_every == 0:
                             self.save(self.paths.latest)
         except KeyboardInterrupt:
@@ -346,7 +406,7 @@ class Trainer:
         self.save(self.paths.final)
         summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.counts,
                    **self.summary_extra}
-        self.metrics.write({"summary": summary})
+        self._write_metrics({"summary": summary})
         if self.main:
             log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
                      self.counts["hits"], self.counts["misses"], self.paths.final)
