@@ -112,10 +112,10 @@ def test_anchor_scale_was_renamed(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.strides=[4, 8, 16, 32, 64]", r"model.strides is \[4, 8, 16, 32, 64\] but the pyramid's levels have "
-                                         r"strides \[8, 16, 32, 64, 128\]"),
+    ("model.strides=[4, 8, 16, 32, 64]", r"model.strides is \[4, 8, 16, 32, 64\]; it must be 8, 16, 32 and then "
+                                         r"doubling"),
     ("model.strides=[8, 16]", "model.strides is"),
-    ("model.octave_base_scale=0", "model.octave_base_scale must be a positive number"),
+    ("model.octave_base_scale=0", "model.octave_base_scale is 0"),
 ])
 def test_layouts_the_network_cannot_have_are_refused(override, message):
     with pytest.raises(LadError, match=message):

@@ -123,7 +123,7 @@ def test_distill_defaults_are_lad_with_the_solad_recipe_knobs():
     ("method", '"soft"', "lad, solad, kd"),
     ("gamma", "-0.5", ">= 0"),
     ("cls_weight", "inf", "finite"),
-    ("min_iou", "1.0", "0 <= min_iou < 1"),
+    ("min_iou", "1.0", ">= 0 and < 1"),
 ])
 def test_distill_values_are_checked_naming_key_value_and_allowed(key, value, allowed):
     with pytest.raises(LadError) as info:
