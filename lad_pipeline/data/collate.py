@@ -155,25 +155,18 @@ def normalize_and_pad(images: Sequence[Tensor], mean: Sequence[float] = MEAN, st
 
 
 def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Sampler], batch_size: int,
-                num_workers: int = 0, *, shuffle: bool = False, seed: int = 0, pin_memory: Optional[bool] = None,
-                drop_last: bool = False, persistent_workers: bool = False,
+                num_workers: int = 0, *, pin_memory: Optional[bool] = None,
                 generator: Optional[torch.Generator] = None) -> DataLoader:
     """A DataLoader over explicit ViewKeys (or a sampler yielding them) that collates into ``Batch``.
 
     A LadError of the dataset (a missing or corrupt image) is raised by the iteration as it was raised, in
     the main process, also when workers load the views.
 
-    ``shuffle`` permutes the given keys with a generator seeded by ``seed`` (training order normally comes
-    from ``train_keys`` already). Memory is pinned when CUDA is available unless ``pin_memory`` says otherwise.
-    ``generator`` seeds the workers (default: a draw from the global torch RNG, which it then advances).
+    The order is the keys' (training order comes from ``train_keys`` / ``ViewSampler``). Memory is pinned
+    when CUDA is available unless ``pin_memory`` says otherwise. ``generator`` seeds the workers (default: a
+    draw from the global torch RNG, which it then advances).
     """
-    sampler: Union[Sequence[ViewKey], Sampler] = keys_or_sampler
-    if shuffle:
-        keys = list(keys_or_sampler)
-        order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
-        sampler = [keys[i] for i in order]
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_collate,
-                      num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=persistent_workers and num_workers > 0, generator=generator)
+    return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=keys_or_sampler,
+                      collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory, generator=generator)
