@@ -9,6 +9,7 @@ worker's traceback into the message.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -169,4 +170,19 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=keys_or_sampler,
-                      collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory, generator=generator)
+                      collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                      worker_init_fn=_quiet_on_parent_exit if num_workers > 0 else None)
+
+
+def _quiet_on_parent_exit(worker_id: int) -> None:
+    """In a worker: when the main process stops (Ctrl-C, SIGTERM, an error) while the worker hands it a
+    batch, the thread that passes the batch's shared memory sees its connection reset. That is the expected
+    end of the worker, not an error to print over the command's one line."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not None and issubclass(args.exc_type, (ConnectionError, EOFError)):
+            return
+        default(args)
+
+    threading.excepthook = hook
