@@ -15,19 +15,14 @@ the toy digits; random weights. Last line: ``headline: colad_over_two_paa``.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 from itertools import cycle
 from pathlib import Path
 
-import torch
 
-from common import machine, subset_dataset, timeit, toy_dataset, write_result
+from common import machine, step_bench_args, step_bench_data, timeit, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,26 +39,8 @@ MODES = (("a", "CoLAD R-18 + R-50"), ("b", "PAA R-18 alone"), ("c", "PAA R-50 al
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short)")
-    parser.add_argument("--batch", type=int, default=2, help="views per step")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
-    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
-    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.manual_seed(0)
-
-    coco128 = Path(os.environ.get("LAD_COCO128", REPO.parent / "shared" / "data" / "coco128"))
-    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
-    work = Path(tempfile.mkdtemp(prefix="lad-bench-colad-"))
-    if use_coco:
-        ann, image_dir, num_classes = subset_dataset(coco128, work, args.images)
-        data_name = f"coco128 ({args.images} images)"
-    else:
-        ann, image_dir, num_classes = toy_dataset(work, args.images)
-        data_name = f"toy digits ({args.images} images)"
+    args = step_bench_args(__doc__)
+    work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-colad-")
     common = [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
               f"model.num_classes={num_classes}", f"colad.model.num_classes={num_classes}", "train.max_iters=1000000",
               "train.log_every=1000000", "train.checkpoint_every=1000000"]

@@ -1,8 +1,12 @@
 """Shared helpers of the benchmarks: timing, device choice, result files, small datasets."""
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
 import platform
+import tempfile
 import statistics
 import time
 from pathlib import Path
@@ -63,3 +67,31 @@ def toy_dataset(out: Path, n_images: int) -> tuple[Path, Path, int]:
 
     root = make_toy_dataset(out / "toy", n_images, 0, seed=0)
     return root / "train" / "annotations.json", root / "train" / "images", 10
+
+
+def step_bench_args(doc: str) -> argparse.Namespace:
+    """The options of the training-step benchmarks (bench/train.py, colad.py, solad.py); quiet logging, seed 0."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short), e.g. 320 -> 320x240")
+    parser.add_argument("--batch", type=int, default=2, help="views per step")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
+    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
+    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.manual_seed(0)
+    return args
+
+
+def step_bench_data(args: argparse.Namespace, prefix: str) -> tuple[Path, tuple[Path, Path, int], str]:
+    """A work folder and the benchmark's dataset in it: coco128 (``LAD_COCO128``, default
+    ../shared/data/coco128) when present or asked for, else the toy digits. Returns (work, (annotations,
+    images, classes), a name for the report)."""
+    repo = Path(__file__).resolve().parents[1]
+    coco128 = Path(os.environ.get("LAD_COCO128", repo.parent / "shared" / "data" / "coco128"))
+    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if use_coco:
+        return work, subset_dataset(coco128, work, args.images), f"coco128 ({args.images} images)"
+    return work, toy_dataset(work, args.images), f"toy digits ({args.images} images)"

@@ -17,20 +17,16 @@ only through PAA's candidate counts. Last two lines: ``cached_over_floor`` and t
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from itertools import cycle
 from pathlib import Path
 
 import torch
 
-from common import machine, subset_dataset, timeit, toy_dataset, write_result
+from common import machine, step_bench_args, step_bench_data, timeit, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -72,26 +68,8 @@ def configs(args, num_classes: int) -> tuple[Config, Config]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=320, help="view scale (long = short), e.g. 320 -> 320x240")
-    parser.add_argument("--batch", type=int, default=2, help="views per step")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per mode (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per mode first")
-    parser.add_argument("--images", type=int, default=14, help="images of the dataset subset")
-    parser.add_argument("--data", choices=("auto", "coco128", "toy"), default="auto")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.manual_seed(0)
-
-    coco128 = Path(os.environ.get("LAD_COCO128", REPO.parent / "shared" / "data" / "coco128"))
-    use_coco = args.data == "coco128" or (args.data == "auto" and (coco128 / "annotations.json").is_file())
-    work = Path(tempfile.mkdtemp(prefix="lad-bench-train-"))
-    if use_coco:
-        ann, image_dir, num_classes = subset_dataset(coco128, work, args.images)
-        data_name = f"coco128 ({args.images} images)"
-    else:
-        ann, image_dir, num_classes = toy_dataset(work, args.images)
-        data_name = f"toy digits ({args.images} images)"
+    args = step_bench_args(__doc__)
+    work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-train-")
     student_cfg, teacher_cfg = configs(args, num_classes)
 
     # the teacher: a PAA R-101 (random weights) saved as our checkpoint, its config embedded
