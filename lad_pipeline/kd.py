@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .assign.max_iou import box_iou
-from .losses import aligned_iou, flatten_levels
-from .models.anchors import grid_anchors, valid_flags
-from .models.box_coder import STDS, decode
+from .boxes import DELTA_STDS as STDS
+from .boxes import aligned_iou, box_iou, decode
+from .losses import flatten_levels
+from .models.anchors import AnchorLayout
 from .types import HeadOutputs, Targets
 
 FOCAL_SMOOTH = 1e-6  # added to (t - s)^2 before the power, as the source does
@@ -114,8 +114,7 @@ def kd_targets_dense(
     targets: Sequence[Targets],
     img_shapes: Sequence[Sequence[int]],
     *,
-    strides: Sequence[int],
-    octave_base_scale: float,
+    anchors: AnchorLayout,
     min_iou: float,
     pad_shapes: Optional[Sequence[Sequence[int]]] = None,
     cls_on_padding: bool = False,
@@ -135,11 +134,11 @@ def kd_targets_dense(
     if len(targets) != num_images or len(img_shapes) != num_images:
         raise ValueError(f"{num_images} images of teacher outputs, {len(targets)} targets, {len(img_shapes)} shapes")
     sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in teacher_outs.cls]
-    anchors = torch.cat(grid_anchors(sizes, strides, octave_base_scale, device=cls.device))
+    layout, anchors = anchors, anchors.anchors(sizes, device=cls.device)
     if pad_shapes is None:
         valid = torch.ones(num_images, num_anchors, dtype=torch.bool, device=cls.device)
     else:
-        valid = torch.stack([valid_flags(sizes, p, strides, device=cls.device) for p in pad_shapes])
+        valid = torch.stack([layout.valid_flags(sizes, p, device=cls.device) for p in pad_shapes])
 
     rows: dict[str, list[Tensor]] = {k: [] for k in ("image", "anchor", "limit", "box", "iou", "weight")}
     for i in range(num_images):

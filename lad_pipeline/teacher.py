@@ -52,8 +52,16 @@ def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_sha
 
     fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
     """
+    return teacher_assign_with_outputs(teacher, image, target, pad_shape, assign, amp)[0]
+
+
+@torch.no_grad()
+def teacher_assign_with_outputs(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
+                                assign: AssignConfig, amp: bool = False) -> tuple[Assignment, HeadOutputs]:
+    """``teacher_assign`` and the head outputs (fp32, batch of one, the view's own grid) it was made from:
+    one forward pass serves the assignment and the soft labels."""
     amp = amp and image.device.type == "cuda"
     with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
         outs = teacher(image[None] if amp else image[None].float())
     outs = HeadOutputs(*[[t.float() for t in level] for level in outs])
-    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, **asdict(assign))[0]
+    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, **asdict(assign))[0], outs
