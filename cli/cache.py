@@ -44,7 +44,9 @@ def _soft_options(command):
         click.option("--soft-max-confident", type=click.IntRange(min=0), default=d.max_confident,
                      show_default=True, help="At most this many confident anchors besides the box-KD ones."),
         click.option("--soft-bg-rank", type=click.IntRange(0, 8), default=d.bg_rank, show_default=True,
-                     help="Per-anchor background codes (bytes per anchor); 0: a per-level, per-class mean only."),
+                     help="Per-anchor background codes per anchor; 0: a per-level, per-class mean only."),
+        click.option("--soft-bg-bits", type=click.Choice(["4", "8"]), default=str(d.bg_bits), show_default=True,
+                     help="Bits of each background code."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -70,7 +72,7 @@ def _soft_options(command):
 def cache_labels_command(teacher: str, config_path: str | None, ann: str | None, images: str | None, out: str,
                          variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool,
                          resume: bool, overwrite: bool, soft: bool, soft_min_iou: float, soft_floor: float,
-                         soft_top_k: int, soft_max_confident: int, soft_bg_rank: int,
+                         soft_top_k: int, soft_max_confident: int, soft_bg_rank: int, soft_bg_bits: str,
                          overrides: tuple[str, ...]) -> None:
     """Run the teacher once over every view and store its PAA assignment (stage one); with --soft also
     its soft labels for SoLAD/KD (docs/cache-format.md, "Soft labels")."""
@@ -81,7 +83,8 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    knobs = SoftKnobs(soft_floor, soft_top_k, soft_max_confident, soft_min_iou, soft_bg_rank) if soft else None
+    knobs = (SoftKnobs(soft_floor, soft_top_k, soft_max_confident, soft_min_iou, soft_bg_rank, int(soft_bg_bits))
+             if soft else None)
     config = resolve_config(teacher, config_path, overrides)
     attrs = cache_labels(config, teacher, out, ann=ann, images=images,
                          variants=[v.strip() for v in variants.split(",") if v.strip()], scales=parse_scales(scales),

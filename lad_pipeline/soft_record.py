@@ -38,8 +38,9 @@ from .types import HeadOutputs, Targets
 
 FP16_MAX = 65504.0  # stored fp16 values are clamped to its range (never inf)
 LOGIT_CLAMP = 30.0  # background offsets and fitted logits stay within +-30 (probabilities 1e-13 .. 1 - 1e-13)
-CODE_LEVELS = 255  # per-anchor codes are uint8: 0 .. 255
+CODE_BITS = (4, 8)  # per-anchor codes: two per byte, or one
 NEWTON_STEPS = 60  # of the per-(level, class) offset solve; converges in < 15 from the mean-prior start
+IMPUTE_ROUNDS = 3  # fits of the background directions, the stored entries imputed from the previous one
 
 
 class SoftKnobs(NamedTuple):
@@ -48,7 +49,8 @@ class SoftKnobs(NamedTuple):
     ``floor``: anchors whose top teacher probability reaches it are stored (top-``top_k`` classes);
     ``max_confident``: at most that many of them besides the box-KD anchors (the most confident);
     ``min_iou``: box-KD selection threshold (encode at the lowest one a consumer needs: SoLAD 0.5, KD 0.1);
-    ``bg_rank``: principal directions of the background model (0: a per-level, per-class mean only).
+    ``bg_rank``: principal directions of the background model (0: a per-level, per-class mean only);
+    ``bg_bits``: bits of each per-anchor code (4 or 8).
     """
 
     floor: float = 0.02
@@ -56,6 +58,7 @@ class SoftKnobs(NamedTuple):
     max_confident: int = 1000
     min_iou: float = 0.5
     bg_rank: int = 1
+    bg_bits: int = 8
 
     def validate(self, num_classes: Optional[int] = None) -> "SoftKnobs":
         """The knobs, or a LadError naming the bad one."""
@@ -67,6 +70,7 @@ class SoftKnobs(NamedTuple):
              "a non-negative integer"),
             ("min_iou", 0.0 <= self.min_iou < 1.0, "in [0, 1)"),
             ("bg_rank", isinstance(self.bg_rank, int) and 0 <= self.bg_rank <= 8, "an integer in 0..8"),
+            ("bg_bits", self.bg_bits in CODE_BITS, "4 or 8"),
         )
         for name, ok, what in checks:
             if not ok:
@@ -76,7 +80,7 @@ class SoftKnobs(NamedTuple):
     def to_attrs(self) -> dict[str, Any]:
         """JSON-ready dict, as a label cache records it (``attrs["soft"]``)."""
         return {"floor": float(self.floor), "top_k": int(self.top_k), "max_confident": int(self.max_confident),
-                "min_iou": float(self.min_iou), "bg_rank": int(self.bg_rank)}
+                "min_iou": float(self.min_iou), "bg_rank": int(self.bg_rank), "bg_bits": int(self.bg_bits)}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "SoftKnobs":
@@ -85,7 +89,7 @@ class SoftKnobs(NamedTuple):
         if missing:
             raise LadError(f"soft-label attributes lack {', '.join(missing)}; rebuild the label cache")
         return cls(float(attrs["floor"]), int(attrs["top_k"]), int(attrs["max_confident"]),
-                   float(attrs["min_iou"]), int(attrs["bg_rank"]))
+                   float(attrs["min_iou"]), int(attrs["bg_rank"]), int(attrs["bg_bits"]))
 
 
 class SoftRecord(NamedTuple):
@@ -98,7 +102,8 @@ class SoftRecord(NamedTuple):
     box_iou_logit ``[K] float16`` teacher IoU logit; box_weight ``[K] float16`` largest IoU of the teacher
     box with a GT; bg_logit ``[L, C] float32`` background offsets; bg_axis ``[L*r, C] float16`` principal
     directions (level-major); bg_range ``[L*r, 2] float32`` (low, step) of each direction's codes;
-    bg_code ``[A, r] uint8`` per-anchor codes (``[0, 0]`` when r is 0).
+    bg_code ``[ceil(A*r*b/8)] uint8`` the per-anchor codes of ``b`` bits (anchor-major, then direction),
+    one a byte (b = 8) or two, the first in the low nibble (b = 4).
     """
 
     anchor: np.ndarray
@@ -128,9 +133,13 @@ class SoftRecord(NamedTuple):
     def bg_rank(self) -> int:
         return int(self.bg_axis.shape[0] // max(1, self.bg_logit.shape[0]))
 
+    def bg_bits(self, num_anchors: int) -> int:
+        """Bits per code, from the code bytes of a view of ``num_anchors`` own-grid anchors (8 if no codes)."""
+        return code_bits(int(self.bg_code.shape[0]), num_anchors * self.bg_rank)
+
 
 # Which per-view row count each array's leading dimension follows (the label cache stores them as CSR rows):
-# "anchor" N, "box" K, "level" L, "axis" L*r, "code" A (0 when r is 0).
+# "anchor" N, "box" K, "level" L, "axis" L*r, "code" ceil(A*r*b/8).
 FIELD_ROWS = {"anchor": "anchor", "cls_class": "anchor", "cls_logit": "anchor",
               "box_delta": "box", "box_iou_logit": "box", "box_weight": "box",
               "bg_logit": "level", "bg_axis": "axis", "bg_range": "axis", "bg_code": "code"}
@@ -145,7 +154,7 @@ def field_tail(name: str, knobs: SoftKnobs, num_classes: int) -> tuple[int, ...]
     """Trailing shape of a record array for a store's knobs and class count."""
     return {"anchor": (), "cls_class": (knobs.top_k,), "cls_logit": (knobs.top_k,), "box_delta": (4,),
             "box_iou_logit": (), "box_weight": (), "bg_logit": (num_classes,), "bg_axis": (num_classes,),
-            "bg_range": (2,), "bg_code": (knobs.bg_rank,)}[name]
+            "bg_range": (2,), "bg_code": ()}[name]
 
 
 def row_counts(record: SoftRecord) -> dict[str, int]:
@@ -154,10 +163,38 @@ def row_counts(record: SoftRecord) -> dict[str, int]:
             "axis": int(record.bg_axis.shape[0]), "code": int(record.bg_code.shape[0])}
 
 
-def expected_rows(anchors: AnchorLayout, pad_shape: Sequence[int], bg_rank: int) -> dict[str, int]:
-    """The fixed row counts of a view padded to ``pad_shape`` (levels, directions, codes)."""
+def expected_rows(anchors: AnchorLayout, pad_shape: Sequence[int], bg_rank: int, bg_bits: int) -> dict[str, int]:
+    """The fixed row counts of a view padded to ``pad_shape`` (levels, directions, code bytes)."""
     num = anchors.num_anchors(anchors.feature_sizes(pad_shape))
-    return {"level": anchors.num_levels, "axis": anchors.num_levels * bg_rank, "code": num if bg_rank else 0}
+    return {"level": anchors.num_levels, "axis": anchors.num_levels * bg_rank,
+            "code": -(-num * bg_rank * bg_bits // 8)}
+
+
+def code_bits(num_bytes: int, num_codes: int) -> int:
+    """Bits per code of ``num_codes`` codes packed in ``num_bytes`` (8 or 4; 8 when there are none)."""
+    if num_bytes == num_codes:
+        return 8
+    if num_bytes == -(-num_codes // 2):
+        return 4
+    raise ValueError(f"{num_bytes} code bytes cannot hold {num_codes} codes of 4 or 8 bits")
+
+
+def pack_codes(codes: Tensor, bits: int) -> np.ndarray:
+    """``codes`` (uint8 values < 2**bits, any shape) flattened and packed into bytes."""
+    flat = codes.reshape(-1).to(torch.uint8).cpu().numpy()
+    if bits == 8:
+        return np.ascontiguousarray(flat)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return np.ascontiguousarray(flat[0::2] | (flat[1::2] << 4))
+
+
+def unpack_codes(data: np.ndarray, num_codes: int) -> np.ndarray:
+    """The ``num_codes`` codes packed by ``pack_codes`` (uint8)."""
+    data = np.asarray(data, np.uint8)
+    if code_bits(data.shape[0], num_codes) == 8:
+        return data
+    return np.stack([data & 0x0F, data >> 4], axis=1).reshape(-1)[:num_codes]
 
 
 def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]], anchors: AnchorLayout):
@@ -194,9 +231,66 @@ def _solve_offsets(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
     return torch.where(count > 0, mu, torch.zeros_like(mu)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
 
 
-def _fit_level(logits: Tensor, unstored: Tensor, rank: int):
+def _neg_entropy(p: Tensor) -> Tensor:
+    """``p log p + (1 - p) log(1 - p)``: the part of ``KL(p || s)`` that does not depend on the student."""
+    return torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+
+
+def _solve_gains(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
+    """Per-class gains ``g [C]`` of the coded part: with offsets ``mu``, ``sigmoid(mu + g * base)`` over the
+    unstored rows matches the teacher's summed probability *and* summed negative entropy, column by column
+    (damped 2-D Newton). A least-squares fit of the logits shrinks their spread; the entropy sum restores
+    the spread the KL sees. Columns where it cannot be solved keep gain 1."""
+    count = unstored.sum(0)
+    target_p = (prob * unstored).sum(0)
+    target_h = (_neg_entropy(prob) * unstored).sum(0)
+    mean = (base * unstored).sum(0) / count.clamp(min=1)
+    mu = torch.logit((target_p / count.clamp(min=1)).clamp(1e-13, 1 - 1e-13)) - mean
+    gain = torch.ones_like(mu)
+    for _ in range(NEWTON_STEPS):
+        q = torch.sigmoid(mu + gain * base)
+        dq = q * (1 - q) * unstored
+        dh = dq * torch.logit(q.clamp(1e-15, 1 - 1e-15))  # d(neg entropy)/dx = logit(q) q (1 - q)
+        f1 = (q * unstored).sum(0) - target_p
+        f2 = (_neg_entropy(q) * unstored).sum(0) - target_h
+        a11, a12 = dq.sum(0), (dq * base).sum(0)
+        a21, a22 = dh.sum(0), (dh * base).sum(0)
+        det = a11 * a22 - a12 * a21
+        ok = det.abs() > 1e-30 * (a11.abs() * a22.abs()).clamp(min=1e-300)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        mu = mu - torch.where(ok, (a22 * f1 - a12 * f2) / safe, f1 / a11.clamp(min=1e-300)).clamp(-2.0, 2.0)
+        gain = (gain - torch.where(ok, (a11 * f2 - a21 * f1) / safe, torch.zeros_like(det)).clamp(-0.5, 0.5))
+        gain = gain.clamp(0.0, 4.0)
+    solved = (count > 1) & torch.isfinite(gain)
+    return torch.where(solved, gain, torch.ones_like(gain))
+
+
+def _principal_directions(values: Tensor, unstored: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(axis [r, C], z [n, r])``: the level's leading directions of the logits of the unstored entries
+    and each anchor's coordinates on them (least squares over its unstored entries).
+
+    The stored entries (an anchor's top classes) are not background and would pull the directions towards
+    the objects, so they are imputed from the model itself and the fit repeated (a few EM rounds).
+    """
+    filled = torch.where(unstored > 0, values, (values * unstored).sum(0) / unstored.sum(0).clamp(min=1))
+    for _ in range(IMPUTE_ROUNDS):
+        mean = filled.mean(0)
+        centred = filled - mean
+        _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+        axis = vectors[:, -rank:].flip(1).T.contiguous()
+        # a deterministic sign: the largest component of each direction is positive
+        sign = torch.sign(axis.gather(1, axis.abs().argmax(1, keepdim=True)))
+        axis = axis * torch.where(sign == 0, torch.ones_like(sign), sign)
+        gram = torch.einsum("nc,rc,sc->nrs", unstored, axis, axis) + 1e-9 * torch.eye(rank, dtype=values.dtype)
+        z = torch.linalg.solve(gram, torch.einsum("nc,rc->nr", unstored * (values - mean), axis))
+        filled = torch.where(unstored > 0, values, mean + z @ axis)
+    return axis, z
+
+
+def _fit_level(logits: Tensor, unstored: Tensor, rank: int, bits: int):
     """The background model of one level: ``(mu [C], axis [r, C] fp16-rounded, low [r], step [r] float32,
-    code [n, r] uint8)``, all from the level's teacher logits ``[n, C]`` (float64)."""
+    code [n, r] uint8 < 2**bits)``, all from the level's teacher logits ``[n, C]`` (float64)."""
+    levels = 2 ** bits - 1
     x = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
     num, num_classes = x.shape
     base = torch.zeros_like(x)
@@ -205,18 +299,16 @@ def _fit_level(logits: Tensor, unstored: Tensor, rank: int):
     step = x.new_zeros(rank)
     code = torch.zeros(num, rank, dtype=torch.uint8)
     if rank and num > 1:
-        centred = x - x.mean(0)
-        _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-        axis = vectors[:, -rank:].flip(1).T.contiguous()
-        # a deterministic sign: the largest component of each direction is positive
-        sign = torch.sign(axis.gather(1, axis.abs().argmax(1, keepdim=True)))
-        axis = (axis * torch.where(sign == 0, torch.ones_like(sign), sign)).half().double()  # as stored
-        z = centred @ axis.T
+        axis, z = _principal_directions(x, unstored, rank)
+        axis = axis.half().double()  # as stored
         low = z.min(0).values.float().double()
-        step = ((z.max(0).values - low) / CODE_LEVELS).float().double()
-        q = torch.round((z - low) / step.clamp(min=1e-30)).clamp(0, CODE_LEVELS)
+        step = ((z.max(0).values - low) / levels).float().double()
+        q = torch.round((z - low) / step.clamp(min=1e-30)).clamp(0, levels)
         code = torch.where(step > 0, q, torch.zeros_like(q)).to(torch.uint8)
-        base = (low + code.double() * step) @ axis
+        z = low + code.double() * step
+        gain = _solve_gains(z @ axis, unstored, torch.sigmoid(logits))
+        axis = (axis * gain).half().double()  # the gains live in the stored directions
+        base = z @ axis
     mu = _solve_offsets(base, unstored, torch.sigmoid(logits))
     return mu, axis, low, step, code
 
@@ -269,13 +361,12 @@ def encode_soft(
     start = 0
     for h, w in sizes:
         end = start + h * w
-        mu, axis, low, step, code = _fit_level(logits[start:end], unstored[start:end], knobs.bg_rank)
+        mu, axis, low, step, code = _fit_level(logits[start:end], unstored[start:end], knobs.bg_rank, knobs.bg_bits)
         parts["mu"].append(mu)
         parts["axis"].append(axis)
         parts["range"].append(torch.stack([low, step], 1))
         parts["code"].append(code)
         start = end
-    bg_code = torch.cat(parts["code"]) if knobs.bg_rank else torch.zeros(0, 0, dtype=torch.uint8)
 
     return SoftRecord(
         anchor=index.cpu().numpy().astype(np.int32),
@@ -287,7 +378,7 @@ def encode_soft(
         bg_logit=torch.stack(parts["mu"]).float().numpy(),
         bg_axis=torch.cat(parts["axis"]).reshape(-1, num_classes).numpy().astype(np.float16),
         bg_range=torch.cat(parts["range"]).reshape(-1, 2).float().numpy(),
-        bg_code=np.ascontiguousarray(bg_code.numpy()),
+        bg_code=pack_codes(torch.cat(parts["code"]), knobs.bg_bits),
     )
 
 
@@ -307,7 +398,7 @@ def soft_logits(record: SoftRecord, anchors: AnchorLayout, pad_shape: Sequence[i
     if rank:
         axis = tensor(record.bg_axis).reshape(len(sizes), rank, -1)
         ranges = tensor(record.bg_range).reshape(len(sizes), rank, 2)
-        code = tensor(record.bg_code)
+        code = tensor(unpack_codes(record.bg_code, level.shape[0] * rank)).reshape(-1, rank)
         z = ranges[level, :, 0] + code * ranges[level, :, 1]  # [A, r]
         logits = logits + torch.einsum("ar,arc->ac", z, axis[level])
     logits = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
@@ -384,7 +475,7 @@ def rebuild_soft(
 
 def record_size(num_anchors: int, num_box: int, num_own: int, num_levels: int, num_classes: int,
                 knobs: SoftKnobs) -> int:
-    """Raw bytes of a record: ``N (4 + 3k) + 12 K + 4 L C + r L (2 C + 8) + r A``."""
+    """Raw bytes of a record: ``N (4 + 3k) + 12 K + 4 L C + r L (2 C + 8) + ceil(r A b / 8)``."""
     k, r = knobs.top_k, knobs.bg_rank
     return (num_anchors * (4 + 3 * k) + 12 * num_box + 4 * num_levels * num_classes
-            + r * num_levels * (2 * num_classes + 8) + r * num_own)
+            + r * num_levels * (2 * num_classes + 8) + -(-r * num_own * knobs.bg_bits // 8))

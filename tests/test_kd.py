@@ -7,11 +7,13 @@ import torch
 
 from conftest import GOLDEN
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, focal_kl, kd_loss, kd_targets_dense
-from lad_pipeline.soft_record import SoftRecord, encode_soft, rebuild_soft
+from lad_pipeline.models.anchors import AnchorLayout
+from lad_pipeline.soft_record import SoftKnobs, SoftRecord, encode_soft, rebuild_soft
 from lad_pipeline.types import HeadOutputs, Targets
 
 STRIDES, BASE = (8, 16), 4.0  # the hand-made layout: anchors of side 32 and 64
 GOLDEN_STRIDES, GOLDEN_BASE = (8, 16, 32, 64, 128), 8.0
+LAYOUT, GOLDEN_LAYOUT = AnchorLayout(STRIDES, BASE), AnchorLayout(GOLDEN_STRIDES, GOLDEN_BASE)
 INFER_CLS_SHIFT = -7.0  # the golden inference teacher: the R-50 recipe with every class logit shifted by -7
 WEIGHTS = {k: v for k, v in SOLAD_SETTINGS.items() if k != "min_iou"}
 
@@ -123,7 +125,7 @@ def flat_grad(outs: HeadOutputs) -> torch.Tensor:
 
 
 def ours(teacher, student, gts, img_shapes, pad_shapes, min_iou, cls_on_padding=False):
-    kd = kd_targets_dense(teacher, targets_of(gts), img_shapes, strides=STRIDES, octave_base_scale=BASE,
+    kd = kd_targets_dense(teacher, targets_of(gts), img_shapes, anchors=LAYOUT,
                           min_iou=min_iou, pad_shapes=pad_shapes, cls_on_padding=cls_on_padding)
     s = leaves(student)
     losses = kd_loss(s, kd, min_iou=min_iou, **WEIGHTS)
@@ -160,13 +162,13 @@ def test_kd_loss_matches_the_formulas(min_iou, cls_on_padding):
 
 def test_padding_anchors_never_enter_box_terms_and_cls_only_on_request():
     teacher, student, gts, shapes, pads = hand_made()
-    kd = kd_targets_dense(teacher, targets_of(gts), shapes, strides=STRIDES, octave_base_scale=BASE, min_iou=0.05,
+    kd = kd_targets_dense(teacher, targets_of(gts), shapes, anchors=LAYOUT, min_iou=0.05,
                           pad_shapes=pads)
     # image 1 owns columns 0..3 of level 0 (6 wide) and 0..1 of level 1 (3 wide)
     own1 = torch.tensor([x < 4 for y in range(4) for x in range(6)] + [x < 2 for y in range(2) for x in range(3)])
     assert torch.equal(kd.cls_mask[1], own1) and kd.cls_mask[0].all()
     assert own1[kd.box_anchor[kd.box_image == 1]].all()
-    wide = kd_targets_dense(teacher, targets_of(gts), shapes, strides=STRIDES, octave_base_scale=BASE, min_iou=0.05,
+    wide = kd_targets_dense(teacher, targets_of(gts), shapes, anchors=LAYOUT, min_iou=0.05,
                             pad_shapes=pads, cls_on_padding=True)
     assert wide.cls_mask.all() and torch.equal(wide.box_anchor, kd.box_anchor)
 
@@ -210,9 +212,9 @@ def test_focal_kl_at_probabilities_zero_and_one():
 
 def test_loss_time_min_iou_selects_like_the_targets():
     teacher, student, gts, shapes, pads = hand_made()
-    low = kd_targets_dense(teacher, targets_of(gts), shapes, strides=STRIDES, octave_base_scale=BASE, min_iou=0.1,
+    low = kd_targets_dense(teacher, targets_of(gts), shapes, anchors=LAYOUT, min_iou=0.1,
                            pad_shapes=pads)
-    high = kd_targets_dense(teacher, targets_of(gts), shapes, strides=STRIDES, octave_base_scale=BASE, min_iou=0.3,
+    high = kd_targets_dense(teacher, targets_of(gts), shapes, anchors=LAYOUT, min_iou=0.3,
                             pad_shapes=pads)
     assert len(high.weight) < len(low.weight)
     a = kd_loss(student, low, min_iou=0.3, **WEIGHTS)
@@ -245,13 +247,13 @@ def golden_views(shift: float = INFER_CLS_SHIFT):
 
 
 def encode_all(teacher, targets, shapes, pads, min_iou, **knobs):
-    return [encode_soft(teacher, t, s, strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE, min_iou=min_iou,
-                        image=i, pad_shape=p, **knobs) for i, (t, s, p) in enumerate(zip(targets, shapes, pads))]
+    return [encode_soft(teacher, t, s, anchors=GOLDEN_LAYOUT, knobs=SoftKnobs(min_iou=min_iou, **knobs),
+                        image=i, pad_shape=p) for i, (t, s, p) in enumerate(zip(targets, shapes, pads))]
 
 
 def rebuild_all(records, teacher, shapes, pads, min_iou):
     grid = [tuple(t.shape[-2:]) for t in teacher.cls]
-    return rebuild_soft(records, shapes, pads, strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE,
+    return rebuild_soft(records, shapes, pads, anchors=GOLDEN_LAYOUT,
                         min_iou=min_iou, grid_sizes=grid)
 
 
@@ -267,19 +269,22 @@ def test_record_arrays_dtypes_and_determinism():
     first = encode_all(teacher, targets, shapes, pads, 0.5)
     again = encode_all(teacher, targets, shapes, pads, 0.5)
     dtypes = {"anchor": np.int32, "cls_class": np.uint8, "cls_logit": np.float16, "box_delta": np.float16,
-              "box_iou_logit": np.float16, "box_weight": np.float16, "prior_logit": np.float16}
-    for rec, rec2, target in zip(first, again, targets):
+              "box_iou_logit": np.float16, "box_weight": np.float16, "bg_logit": np.float32, "bg_axis": np.float16,
+              "bg_range": np.float32, "bg_code": np.uint8}
+    for rec, rec2, target, pad in zip(first, again, targets, pads):
         assert isinstance(rec, SoftRecord)
         assert {name: a.dtype.type for name, a in rec._asdict().items()} == dtypes
         n, k = len(rec.anchor), rec.cls_class.shape[1]
-        assert rec.cls_logit.shape == (n, k) and k == 2 and rec.prior_logit.shape == (5, 80)
+        num_own = GOLDEN_LAYOUT.num_anchors(GOLDEN_LAYOUT.feature_sizes(pad))
+        assert rec.cls_logit.shape == (n, k) and k == 2 and rec.bg_logit.shape == (5, 80)
+        assert rec.bg_axis.shape == (5, 80) and rec.bg_range.shape == (5, 2) and rec.bg_code.shape == (num_own,)
         num_box = len(rec.box_delta)
         assert rec.box_delta.shape == (num_box, 4) and rec.box_iou_logit.shape == rec.box_weight.shape == (num_box,)
         assert (np.diff(rec.anchor[:num_box]) > 0).all() and (np.diff(rec.anchor[num_box:]) > 0).all()
         assert len(np.unique(rec.anchor)) == n
         assert (rec.box_weight > 0.5).all() if len(target.boxes) else num_box == 0
         assert (np.diff(rec.cls_logit.astype(np.float32), axis=1) <= 0).all()  # largest first
-        assert rec.nbytes == n * (4 + 3 * k) + num_box * 12 + 5 * 80 * 2
+        assert rec.nbytes == n * (4 + 3 * k) + num_box * 12 + 5 * 80 * 4 + 5 * (80 * 2 + 8) + num_own
         assert all(np.array_equal(a, b) for a, b in zip(rec, rec2))
     assert len(first[2].box_delta) == 0  # the golden view 2 has no GT
 
@@ -298,7 +303,7 @@ def test_confident_anchors_are_capped_most_confident_first():
 
 def test_record_with_everything_stored_rebuilds_the_dense_targets():
     teacher, _, targets, shapes, pads = golden_views()
-    dense = kd_targets_dense(teacher, targets, shapes, strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE,
+    dense = kd_targets_dense(teacher, targets, shapes, anchors=GOLDEN_LAYOUT,
                              min_iou=0.5, pad_shapes=pads)
     records = encode_all(teacher, targets, shapes, pads, 0.5, floor=0.0, top_k=80, max_confident=10_000)
     sparse = rebuild_all(records, teacher, shapes, pads, 0.5)
@@ -317,8 +322,7 @@ def test_encode_on_a_batch_grid_equals_encode_on_the_own_grid():
     batch = encode_all(teacher, targets, shapes, pads, 0.5)[1]  # view 1 (pad 192x160) on the 192x224 grid
     own_w = [-(-160 // s) for s in GOLDEN_STRIDES]
     own = HeadOutputs(*[[t[1:2, ..., :w] for t, w in zip(ts, own_w)] for ts in teacher])
-    alone = encode_soft(own, targets[1], shapes[1], strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE,
-                        min_iou=0.5)
+    alone = encode_soft(own, targets[1], shapes[1], anchors=GOLDEN_LAYOUT, knobs=SoftKnobs(min_iou=0.5))
     assert all(np.array_equal(a, b) for a, b in zip(batch, alone))
 
 
@@ -327,7 +331,7 @@ def test_sparse_kd_loss_within_the_fidelity_goal(min_iou):
     """Default knobs on the golden views: each term within 1 % of the dense one for a freshly initialised
     student, and the gradient direction kept (cosine >= 0.99) also for a student that follows the teacher."""
     teacher, student, targets, shapes, pads = golden_views()
-    dense = kd_targets_dense(teacher, targets, shapes, strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE,
+    dense = kd_targets_dense(teacher, targets, shapes, anchors=GOLDEN_LAYOUT,
                              min_iou=min_iou, pad_shapes=pads)
     records = encode_all(teacher, targets, shapes, pads, min_iou)
     assert max(r.nbytes for r in records) <= 16 * 1024
@@ -353,4 +357,4 @@ def test_rebuild_refuses_mixed_pad_sizes_without_a_batch_grid():
     teacher, _, targets, shapes, pads = golden_views()
     records = encode_all(teacher, targets, shapes, pads, 0.5)
     with pytest.raises(ValueError, match="grid_sizes"):
-        rebuild_soft(records, shapes, pads, strides=GOLDEN_STRIDES, octave_base_scale=GOLDEN_BASE, min_iou=0.5)
+        rebuild_soft(records, shapes, pads, anchors=GOLDEN_LAYOUT, min_iou=0.5)

@@ -162,7 +162,7 @@ def _soft_structure_problem(shard: ShardData, soft: Optional[SoftContext]) -> st
             return f"soft_{name} is {a.dtype} {a.shape}, expected {dtype} {(rows,) + tail}"
     for row in range(n):
         v = shard.views[row]
-        problem = soft_problem(shard.soft(row), soft.anchors, (v[6], v[7]), soft.knobs.bg_rank, soft.num_classes)
+        problem = soft_problem(shard.soft(row), soft.anchors, (v[6], v[7]), soft.num_classes, soft.knobs)
         if problem:
             return f"view {tuple(shard.key(row))}: soft record {problem}"
     return None
@@ -293,7 +293,8 @@ def format_info(info: dict[str, Any]) -> str:
         k, counts_of = soft["knobs"], lambda name: _distribution(s.get(name, {}))
         lines += [
             f"soft labels      floor {k['floor']:g}  top_k {k['top_k']}  max_confident {k['max_confident']}  "
-            f"min_iou {k['min_iou']:g}  bg_rank {k['bg_rank']}  ({soft['teacher'].get('num_classes', '?')} classes)",
+            f"min_iou {k['min_iou']:g}  bg_rank {k['bg_rank']}  bg_bits {k['bg_bits']}  "
+            f"({soft['teacher'].get('num_classes', '?')} classes)",
             f"soft anchors     {c.get('soft_anchors', '-')}  per view {counts_of('soft_anchors_per_view')}",
             f"soft box rows    {c.get('soft_box_anchors', '-')}  per view {counts_of('soft_box_anchors_per_view')}",
             f"soft bytes       record per view {counts_of('soft_record_bytes_per_view')}",

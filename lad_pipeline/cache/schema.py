@@ -163,12 +163,14 @@ def make_view_record(
     *,
     grid_sizes: Optional[Sequence[tuple[int, int]]] = None,
     soft: Optional[SoftRecord] = None,
+    soft_knobs: Optional[SoftKnobs] = None,
 ) -> ViewRecord:
     """Build the cache row of one view from the teacher's assignment (and its soft record).
 
     The assignment lies on the view's own grid, or on ``grid_sizes`` (a batch grid the teacher ran
     on: ``gt_index`` and ``cand_anchor`` index that grid, and every anchor off the own grid must be
-    IGNORED). The record always holds own-grid indices. ``soft`` (``encode_soft``) is on the own grid.
+    IGNORED). The record always holds own-grid indices. ``soft`` (``encode_soft``) is on the own grid and is
+    checked against ``soft_knobs`` (the store's; ``None``: the record's own rank and code width).
     """
     key = normalize_key(key)
     view_size = (int(geometry.view_size[0]), int(geometry.view_size[1]))
@@ -217,24 +219,32 @@ def make_view_record(
     fix_anchor = np.flatnonzero(rebuilt != gt).astype(np.int64)
     if soft is not None:
         soft = SoftRecord(*(np.ascontiguousarray(a, FIELD_DTYPES[n]) for n, a in zip(SOFT_FIELDS, soft)))
-        problem = soft_problem(soft, layout.anchors, pad_size, soft.bg_rank, soft.num_classes)
+        problem = soft_problem(soft, layout.anchors, pad_size, soft.num_classes, soft_knobs)
         if problem:
             raise ValueError(f"{key}: soft record {problem}")
     return ViewRecord(key, view_size, pad_size, scale_factor, boxes, labels, ignore, *cand, fix_anchor, gt[fix_anchor],
                       soft)
 
 
-def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int], bg_rank: int,
-                 num_classes: int) -> Optional[str]:
-    """What is wrong with a view's soft record (row counts, anchor and class ranges), or None."""
+def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int], num_classes: int,
+                 knobs: Optional[SoftKnobs] = None) -> Optional[str]:
+    """What is wrong with a view's soft record (row counts, anchor and class ranges), or None. Without
+    ``knobs`` (the store's) the record's own rank and code width are taken."""
     rows = row_counts(soft)
-    want = expected_rows(anchors, pad_size, bg_rank)
+    num_own = anchors.num_anchors(anchors.feature_sizes(pad_size))
+    if knobs is None:
+        try:
+            rank, bits = soft.bg_rank, soft.bg_bits(num_own)
+        except ValueError as exc:
+            return str(exc)
+    else:
+        rank, bits = knobs.bg_rank, knobs.bg_bits
+    want = expected_rows(anchors, pad_size, rank, bits)
     for kind, n in want.items():
         if rows[kind] != n:
             return f"has {rows[kind]} {kind} rows, its own grid needs {n}"
     if rows["box"] > rows["anchor"]:
         return f"has {rows['box']} box rows but only {rows['anchor']} anchors"
-    num_own = anchors.num_anchors(anchors.feature_sizes(pad_size))
     if soft.anchor.size and (soft.anchor.min() < 0 or soft.anchor.max() >= num_own):
         return f"anchor outside the own grid (0..{num_own - 1})"
     if soft.cls_class.size and soft.cls_class.max() >= num_classes:

@@ -50,7 +50,7 @@ from lad_pipeline.cache.schema import (
     validate_attrs,
 )
 from lad_pipeline.errors import LadError
-from lad_pipeline.soft_record import ROW_KINDS, SoftRecord
+from lad_pipeline.soft_record import ROW_KINDS, SoftKnobs, SoftRecord
 from lad_pipeline.types import Assignment, Targets
 
 RESERVED_ATTRS = ("format", "lad_version", "created", "finalized", "finalized_at", "num_shards", "counts",
@@ -117,6 +117,7 @@ class CacheWriter:
         self.attrs = attrs
         self.layout = GridLayout.from_attrs(attrs)
         self._soft_specs = soft_array_specs(attrs)
+        self._soft_knobs = SoftKnobs.from_attrs(attrs["soft"]) if attrs.get("soft") else None
         self._local = local_path(path)
         self._codecs = _codecs(attrs["compression"])
         self._root = zarr.open_group(store_of(path), mode="r+")
@@ -171,7 +172,8 @@ class CacheWriter:
         if (soft is None) != (self._soft_specs is None):
             raise ValueError("a soft-label store needs a soft record for every view" if soft is None
                              else "this label cache has no soft labels (create it with soft attributes)")
-        return make_view_record(key, geometry, targets, assignment, self.layout, grid_sizes=grid_sizes, soft=soft)
+        return make_view_record(key, geometry, targets, assignment, self.layout, grid_sizes=grid_sizes, soft=soft,
+                                soft_knobs=self._soft_knobs)
 
     def committed_shards(self) -> set[int]:
         return committed_shards(self.path, self._root)
