@@ -25,7 +25,8 @@ from lad_pipeline.soft_record import (SoftKnobs, SoftRecord, encode_soft, pack_c
 from lad_pipeline.types import HeadOutputs, Targets
 
 from test_cache_store import ANCHORS, cache_attrs, synthetic_view
-from toy_world import CACHE_THREADS, cache_args, lad, tiny_config
+from toy_world import (CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config,
+                       torchrun)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -230,13 +231,46 @@ def test_a_killed_soft_writer_resumes_to_the_same_store(tmp_path):
 
 # ---- lad cache-labels --soft on the toy world ---------------------------------------------------------------
 
+SOFT_ARGS = ("--soft", "--soft-min-iou", "0.1", "--soft-floor", "0.011")
+ONE_THREAD = {"OMP_NUM_THREADS": str(CACHE_THREADS)}
+
+
 @pytest.fixture(scope="module")
 def soft_store(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("soft") / "labels.zarr"
-    result = lad(*cache_args(world, out, "identity,hflip", "--shard-size", "5", "--soft", "--soft-min-iou", "0.1",
-                             "--soft-floor", "0.011"), env={"OMP_NUM_THREADS": str(CACHE_THREADS)})
+    result = lad(*cache_args(world, out, "identity,hflip", "--shard-size", "5", *SOFT_ARGS), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_cache_labels_soft_killed_then_resumed_is_the_same_store(soft_store, world, tmp_path):
+    out = tmp_path / "labels.zarr"
+    args = cache_args(world, out, "identity,hflip", "--shard-size", "2", *SOFT_ARGS)
+    proc = start_lad(*args, env=ONE_THREAD)
+    deadline = time.monotonic() + 120
+    while not ((out / "shards").is_dir() and len(list((out / "shards").iterdir())) >= 2) \
+            and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    # resuming without --soft, or with other knobs, would mix two kinds of store
+    assert_one_line_error(lad(*cache_args(world, out, "identity,hflip", "--shard-size", "2", "--resume")),
+                          "soft differs")
+    assert_one_line_error(lad(*args, "--soft-bg-bits", "4", "--resume"), "soft.bg_bits differs")
+    result = lad(*args, "--resume", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    resumed, reference = cache_info(out, verify=True), cache_info(soft_store)
+    assert resumed["verify"]["ok"], resumed["verify"]["problems"]
+    assert resumed["content_digest"] == reference["content_digest"]
+
+
+def test_torchrun_soft_cache_equals_one_process(soft_store, world, tmp_path):
+    two = tmp_path / "two-ranks.zarr"
+    result = torchrun(2, *cache_args(world, two, "identity,hflip", "--shard-size", "3", *SOFT_ARGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = cache_info(soft_store), cache_info(two, verify=True)
+    assert b["verify"]["ok"], b["verify"]["problems"]
+    assert b["counts"] == {**a["counts"], "shards": 8} and b["content_digest"] == a["content_digest"]
 
 
 def test_cache_labels_soft_then_verify(soft_store):
