@@ -45,9 +45,9 @@ from lad_pipeline.types import HeadOutputs  # noqa: E402
 TERMS = ("loss_kd_cls", "loss_kd_iou", "loss_kd_bbox")
 DEFAULT = SoftKnobs()
 # (floor, top_k, max_confident, bg_rank, bg_bits)
-KNOBS = [(0.02, 2, 1000, 0, 8), (0.05, 2, 500, 1, 4), (0.02, 2, 1000, 1, 4),
+KNOBS = [(0.02, 8, 500, 0, 4), (0.05, 8, 500, 1, 4), (0.02, 2, 500, 1, 4),
          (DEFAULT.floor, DEFAULT.top_k, DEFAULT.max_confident, DEFAULT.bg_rank, DEFAULT.bg_bits),
-         (0.02, 2, 1000, 2, 8), (0.01, 3, 2000, 3, 8)]
+         (0.02, 8, 500, 1, 8), (0.02, 8, 500, 2, 4), (0.01, 8, 1000, 2, 8)]
 
 
 class View(NamedTuple):
@@ -126,24 +126,40 @@ def compressed_size(record) -> int:
     return sum(len(codec.encode(np.ascontiguousarray(a))) for a in record)
 
 
-def evaluate(view: View, knobs: SoftKnobs, anchors: AnchorLayout, fidelity: bool) -> list[dict]:
-    record = encode_soft(view.teacher, view.targets, view.view_size, anchors=anchors, knobs=knobs,
-                         pad_shape=view.pad_shape)
-    size = {"bytes": record.nbytes, "zbytes": compressed_size(record), "anchors": len(record.anchor),
-            "box_anchors": record.num_box}
+def on_grid(outs: list[HeadOutputs], sizes: list[tuple[int, int]]) -> HeadOutputs:
+    """Per-view outputs (each on its own grid) zero-padded onto one batch grid, as a label source batches them."""
+    def pad(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]))
+
+    return HeadOutputs(*[[torch.cat([pad(o[kind][level], h, w) for o in outs]) for level, (h, w) in enumerate(sizes)]
+                         for kind in range(3)])
+
+
+def evaluate(views: list[View], knobs: SoftKnobs, anchors: AnchorLayout, fidelity: bool) -> list[dict]:
+    """Size of each view's record and, over the batch of ``views`` (on their batch grid), the KD losses."""
+    records = [encode_soft(v.teacher, v.targets, v.view_size, anchors=anchors, knobs=knobs, pad_shape=v.pad_shape)
+               for v in views]
+    size = {"bytes": [r.nbytes for r in records], "zbytes": [compressed_size(r) for r in records],
+            "anchors": [len(r.anchor) for r in records], "entries": [len(r.cls_class) for r in records],
+            "box_anchors": [r.num_box for r in records]}
+    base = dict(size, views=[v.name for v in views], knobs=tuple(knobs))
     if not fidelity:
-        return [dict(size, view=view.name, student=None, knobs=tuple(knobs))]
-    dense = kd_targets_dense(view.teacher, [view.targets], [view.view_size], anchors=anchors,
-                             min_iou=knobs.min_iou, pad_shapes=[view.pad_shape])
-    sparse = rebuild_soft([record], [view.view_size], [view.pad_shape], anchors=anchors, min_iou=knobs.min_iou)
+        return [dict(base, student=None)]
+    grid = [(max(v.teacher.cls[l].shape[-2] for v in views), max(v.teacher.cls[l].shape[-1] for v in views))
+            for l in range(anchors.num_levels)]
+    targets, sizes, pads = [v.targets for v in views], [v.view_size for v in views], [v.pad_shape for v in views]
+    dense = kd_targets_dense(on_grid([v.teacher for v in views], grid), targets, sizes, anchors=anchors,
+                             min_iou=knobs.min_iou, pad_shapes=pads)
+    sparse = rebuild_soft(records, sizes, pads, anchors=anchors, min_iou=knobs.min_iou, grid_sizes=grid)
+    if len(dense.weight) == 0:  # all terms are zero both ways
+        return [dict(base, student=None)]
     rows = []
-    for name, student in view.students.items():
-        if len(dense.weight) == 0:  # all terms are zero both ways
-            continue
+    for name in views[0].students:
+        student = on_grid([v.students[name] for v in views], grid)
         ref, g_ref = losses_and_grad(student, dense, knobs.min_iou)
         got, g_got = losses_and_grad(student, sparse, knobs.min_iou)
         rel = {k: abs(got[k] - ref[k]) / abs(ref[k]) if ref[k] else abs(got[k]) for k in TERMS}
-        rows.append(dict(size, view=view.name, student=name, knobs=tuple(knobs), rel=rel, dense=ref,
+        rows.append(dict(base, student=name, rel=rel, dense=ref,
                          cos=float(g_ref @ g_got / (g_ref.norm() * g_got.norm()))))
     return rows
 
@@ -154,24 +170,31 @@ def quantiles(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(rows: list[dict], title: str) -> None:
+    """One line per knob setting and student: record size per view, worst relative error of each term and
+    smallest gradient cosine over the batches (and, with batches of several views, the worst single view
+    of the class term in brackets)."""
     print(f"\n{title}")
-    print(f"{'floor':>6}{'k':>3}{'cap':>6}{'r':>3}{'b':>3}  {'student':<16}{'KB raw p50/max':>15}{'zKB p50/max':>13}"
-          f"{'anchors':>9}{'box':>6}{'cls err':>9}{'iou':>8}{'bbox':>8}{'min cos':>9}")
-    for knobs in sorted({r["knobs"] for r in rows}, key=lambda k: (k[4], k[5], -k[0], k[1])):
-        sel = [r for r in rows if r["knobs"] == knobs]
-        raw, zraw = quantiles([r["bytes"] / 1024 for r in sel]), quantiles([r["zbytes"] / 1024 for r in sel])
-        anchors = statistics.median(r["anchors"] for r in sel)
-        boxes = statistics.median(r["box_anchors"] for r in sel)
-        head = (f"{knobs[0]:>6g}{knobs[1]:>3}{knobs[2]:>6}{knobs[4]:>3}{knobs[5]:>3}  ")
-        students = sorted({r["student"] for r in sel}, key=str)
-        for name in students:
+    print(f"{'floor':>6}{'k':>3}{'cap':>5}{'r':>2}{'b':>2}  {'student':<13}{'KB raw p50/max':>15}{'zKB p50/max':>12}"
+          f"{'anch':>6}{'ent':>6}{'box':>5}{'cls err (view)':>17}{'iou':>7}{'bbox':>7}{'min cos':>8}")
+    for knobs in sorted({r["knobs"] for r in rows}, key=lambda k: (k[4], k[5], -k[0], k[1], k[2])):
+        sel = [r for r in rows if r["knobs"] == knobs and r["kind"] == "batch"]
+        single = [r for r in rows if r["knobs"] == knobs and r["kind"] == "view"]
+        every = [r for r in rows if r["knobs"] == knobs and r["kind"] == "view"] or sel
+        per_view = {k: [x for r in every if r["student"] in (None, every[0]["student"]) for x in r[k]]
+                    for k in ("bytes", "zbytes", "anchors", "entries", "box_anchors")}
+        raw, zraw = quantiles([b / 1024 for b in per_view["bytes"]]), quantiles([b / 1024 for b in per_view["zbytes"]])
+        head = f"{knobs[0]:>6g}{knobs[1]:>3}{knobs[2]:>5}{knobs[4]:>2}{knobs[5]:>2}  "
+        for name in sorted({r["student"] for r in sel}, key=str):
             s = [r for r in sel if r["student"] == name]
-            line = f"{head}{str(name or '-'):<16}{raw[0]:>7.1f}/{raw[1]:>6.1f}{zraw[0]:>6.1f}/{zraw[1]:>5.1f}" \
-                   f"{anchors:>9.0f}{boxes:>6.0f}"
+            line = (f"{head}{str(name or '-'):<13}{raw[0]:>7.1f}/{raw[1]:>6.1f}{zraw[0]:>6.1f}/{zraw[1]:>5.1f}"
+                    f"{statistics.median(per_view['anchors']):>6.0f}{statistics.median(per_view['entries']):>6.0f}"
+                    f"{statistics.median(per_view['box_anchors']):>5.0f}")
             if name is not None:
                 worst = {k: max(r["rel"][k] for r in s) for k in TERMS}
-                line += (f"{100 * worst['loss_kd_cls']:>8.2f}%{100 * worst['loss_kd_iou']:>7.2f}%"
-                         f"{100 * worst['loss_kd_bbox']:>7.2f}%{min(r['cos'] for r in s):>9.4f}")
+                views = [r["rel"]["loss_kd_cls"] for r in single if r["student"] == name]
+                view = f"({100 * max(views):.2f}%)" if views else ""
+                line += (f"{100 * worst['loss_kd_cls']:>8.2f}%{view:>9}{100 * worst['loss_kd_iou']:>6.2f}%"
+                         f"{100 * worst['loss_kd_bbox']:>6.2f}%{min(r['cos'] for r in s):>8.4f}")
             print(line)
             head = " " * len(head)
 
@@ -215,6 +238,7 @@ def main() -> None:
     parser.add_argument("--toy-views", type=int, default=16)
     parser.add_argument("--coco-views", type=int, default=8, help="coco128 views at (1333, 800) (0: none)")
     parser.add_argument("--coco-fidelity", action="store_true", help="also measure the losses on the coco views")
+    parser.add_argument("--batch", type=int, default=4, help="views per batch of the loss comparison")
     parser.add_argument("--min-iou", type=float, default=SOLAD_SETTINGS["min_iou"],
                         help=f"box-KD threshold (SoLAD {SOLAD_SETTINGS['min_iou']}, KD {KD_SETTINGS['min_iou']})")
     parser.add_argument("--cls-shift", type=float, default=-7.0, help="class-logit shift of the recipe teacher")
@@ -261,8 +285,11 @@ def main() -> None:
         rows = []
         for f, k, cap, rank, bits in KNOBS:
             knobs = SoftKnobs(f, k, cap, args.min_iou, rank, bits)
-            for view in views:
-                rows += evaluate(view, knobs, anchors, fidelity)
+            for start in range(0, len(views), args.batch):
+                rows += [dict(r, kind="batch") for r in evaluate(views[start:start + args.batch], knobs, anchors,
+                                                                 fidelity)]
+            if fidelity and args.batch > 1:
+                rows += [dict(r, kind="view") for view in views for r in evaluate([view], knobs, anchors, True)]
         results["rows"] += [dict(r, group=name) for r in rows]
         shape = views[0].teacher.cls[0].shape[1] if views else "?"
         summarise(rows, f"{name}: {len(views)} views, {shape} classes, teacher {results['teacher']}, "

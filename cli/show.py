@@ -158,13 +158,15 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
 
 def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scale) -> None:
     """Write the soft-label picture of one cached view and print what it shows."""
+    import numpy as np
     import torch
 
     from lad_pipeline.visualize import draw_soft_scores, write_png
 
     record = cached.soft
-    logits = torch.from_numpy(record.cls_logit.astype("float32"))
-    top = logits[:, 0].sigmoid() if logits.shape[0] else torch.zeros(0)
+    counts = record.cls_count.astype(np.int64)
+    first = np.cumsum(counts) - counts
+    top = torch.from_numpy(record.cls_logit[first].astype(np.float32)).sigmoid()  # each anchor's largest first
     drawn = draw_soft_scores(image, cached.targets, torch.from_numpy(record.anchor.astype("int64")), top,
                              record.num_box, cached.pad_size, anchors, class_names)
     path = write_png(drawn, out)
@@ -175,7 +177,7 @@ def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scal
                "yellow 1; bigger = coarser FPN level); white rim: box-KD anchors")
     if len(top):
         q = torch.quantile(top, torch.tensor([0.0, 0.5, 0.9, 1.0])).tolist()
-        classes = Counter(int(c) for c in record.cls_class[:, 0].tolist())
+        classes = Counter(int(c) for c in record.cls_class[first].tolist())
         names = ", ".join(f"{class_names[c] if class_names and c < len(class_names) else c} {n}"
                           for c, n in classes.most_common(5))
         click.echo(f"top probability min/p50/p90/max {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}/{q[3]:.3f}; "

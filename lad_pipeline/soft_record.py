@@ -5,8 +5,8 @@ Dense KD targets of a COCO view are ~3.4 MiB (22,400 anchors x 80 classes in fp1
 * the **box-KD anchors** (teacher box IoU with a GT above ``min_iou``): the teacher's deltas, IoU logit and
   IoU weight, everything ``loss_kd_bbox`` and ``loss_kd_iou`` read, in fp16;
 * the **confident anchors**: the other anchors whose top teacher probability reaches ``floor`` (the
-  ``max_confident`` most confident of them at most); for them and the box-KD anchors, the ``top_k``
-  largest class logits in fp16;
+  ``max_confident`` most confident of them at most); for them and the box-KD anchors, every class whose
+  teacher probability reaches ``floor`` (at least the top one, at most ``top_k``), as fp16 logits;
 * a **background model** for every other (anchor, class) entry: per FPN level, the teacher's class logits
   are approximated by a per-class offset plus ``bg_rank`` principal directions, weighted by per-anchor
   codes of one byte each. The offsets are solved so that, per level and class, the rebuilt probabilities
@@ -46,19 +46,20 @@ IMPUTE_ROUNDS = 3  # fits of the background directions, the stored entries imput
 class SoftKnobs(NamedTuple):
     """What a soft record keeps. Defaults: a COCO view at (1333, 800) stays within ~16 KB on disk.
 
-    ``floor``: anchors whose top teacher probability reaches it are stored (top-``top_k`` classes);
-    ``max_confident``: at most that many of them besides the box-KD anchors (the most confident);
+    ``floor``: anchors whose top teacher probability reaches it are stored, with every class whose
+    probability reaches it (at least the top one, at most ``top_k``, largest first);
+    ``max_confident``: at most that many stored anchors besides the box-KD ones (the most confident);
     ``min_iou``: box-KD selection threshold (encode at the lowest one a consumer needs: SoLAD 0.5, KD 0.1);
     ``bg_rank``: principal directions of the background model (0: a per-level, per-class mean only);
     ``bg_bits``: bits of each per-anchor code (4 or 8).
     """
 
     floor: float = 0.02
-    top_k: int = 2
-    max_confident: int = 1000
+    top_k: int = 8
+    max_confident: int = 500
     min_iou: float = 0.5
     bg_rank: int = 1
-    bg_bits: int = 8
+    bg_bits: int = 4
 
     def validate(self, num_classes: Optional[int] = None) -> "SoftKnobs":
         """The knobs, or a LadError naming the bad one."""
@@ -94,11 +95,13 @@ class SoftKnobs(NamedTuple):
 
 class SoftRecord(NamedTuple):
     """The soft labels of one view, on its own padded grid. ``N`` stored anchors, the first ``K`` of them
-    the box-KD anchors; ``A`` own-grid anchors, ``L`` FPN levels, ``C`` classes, ``k`` = top_k, ``r`` = bg_rank.
+    the box-KD anchors; ``E`` stored (anchor, class) entries; ``A`` own-grid anchors, ``L`` FPN levels,
+    ``C`` classes, ``r`` = bg_rank.
 
     anchor ``[N] int32`` flat own-grid index (level-major, then y, then x): box-KD anchors ascending, then the
-    other confident anchors ascending; cls_class ``[N, k] uint8`` and cls_logit ``[N, k] float16``: the
-    anchor's k largest teacher class logits, largest first; box_delta ``[K, 4] float16`` teacher deltas;
+    other confident anchors ascending; cls_count ``[N] uint8`` entries of each anchor (>= 1); cls_class
+    ``[E] uint8`` and cls_logit ``[E] float16``: the entries, anchor by anchor, each anchor's largest
+    teacher class logit first; box_delta ``[K, 4] float16`` teacher deltas;
     box_iou_logit ``[K] float16`` teacher IoU logit; box_weight ``[K] float16`` largest IoU of the teacher
     box with a GT; bg_logit ``[L, C] float32`` background offsets; bg_axis ``[L*r, C] float16`` principal
     directions (level-major); bg_range ``[L*r, 2] float32`` (low, step) of each direction's codes;
@@ -107,6 +110,7 @@ class SoftRecord(NamedTuple):
     """
 
     anchor: np.ndarray
+    cls_count: np.ndarray
     cls_class: np.ndarray
     cls_logit: np.ndarray
     box_delta: np.ndarray
@@ -139,12 +143,13 @@ class SoftRecord(NamedTuple):
 
 
 # Which per-view row count each array's leading dimension follows (the label cache stores them as CSR rows):
-# "anchor" N, "box" K, "level" L, "axis" L*r, "code" ceil(A*r*b/8).
-FIELD_ROWS = {"anchor": "anchor", "cls_class": "anchor", "cls_logit": "anchor",
+# "anchor" N, "entry" E, "box" K, "level" L, "axis" L*r, "code" ceil(A*r*b/8).
+FIELD_ROWS = {"anchor": "anchor", "cls_count": "anchor", "cls_class": "entry", "cls_logit": "entry",
               "box_delta": "box", "box_iou_logit": "box", "box_weight": "box",
               "bg_logit": "level", "bg_axis": "axis", "bg_range": "axis", "bg_code": "code"}
-ROW_KINDS = ("anchor", "box", "level", "axis", "code")
-FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_class": np.dtype(np.uint8), "cls_logit": np.dtype(np.float16),
+ROW_KINDS = ("anchor", "entry", "box", "level", "axis", "code")
+FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
+                "cls_logit": np.dtype(np.float16),
                 "box_delta": np.dtype(np.float16), "box_iou_logit": np.dtype(np.float16),
                 "box_weight": np.dtype(np.float16), "bg_logit": np.dtype(np.float32),
                 "bg_axis": np.dtype(np.float16), "bg_range": np.dtype(np.float32), "bg_code": np.dtype(np.uint8)}
@@ -152,14 +157,15 @@ FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_class": np.dtype(np.uint8), "
 
 def field_tail(name: str, knobs: SoftKnobs, num_classes: int) -> tuple[int, ...]:
     """Trailing shape of a record array for a store's knobs and class count."""
-    return {"anchor": (), "cls_class": (knobs.top_k,), "cls_logit": (knobs.top_k,), "box_delta": (4,),
+    return {"anchor": (), "cls_count": (), "cls_class": (), "cls_logit": (), "box_delta": (4,),
             "box_iou_logit": (), "box_weight": (), "bg_logit": (num_classes,), "bg_axis": (num_classes,),
             "bg_range": (2,), "bg_code": ()}[name]
 
 
 def row_counts(record: SoftRecord) -> dict[str, int]:
     """Leading dimension of each row kind of a record."""
-    return {"anchor": int(record.anchor.shape[0]), "box": record.num_box, "level": int(record.bg_logit.shape[0]),
+    return {"anchor": int(record.anchor.shape[0]), "entry": int(record.cls_class.shape[0]), "box": record.num_box,
+            "level": int(record.bg_logit.shape[0]),
             "axis": int(record.bg_axis.shape[0]), "code": int(record.bg_code.shape[0])}
 
 
@@ -351,12 +357,17 @@ def encode_soft(
         order = torch.argsort(top_prob[extra], descending=True, stable=True)
         extra = extra[order[: knobs.max_confident]].sort().values
     index = torch.cat([box_index, extra])
-    top = cls[index].topk(knobs.top_k, dim=1)
+    # the entries: each stored anchor's classes of probability >= floor, at least its top one, at most top_k
+    values, classes = torch.sort(cls[index], dim=1, descending=True, stable=True)
+    values, classes = values[:, : knobs.top_k], classes[:, : knobs.top_k]
+    keep = values.sigmoid() >= knobs.floor  # a prefix of each row: the values are sorted
+    keep[:, 0] = True
 
     # background model, level by level, in float64 on the CPU (bit-stable across devices)
     logits = cls.detach().double().cpu()
     unstored = torch.ones_like(logits)
-    unstored[index.cpu()[:, None], top.indices.cpu()] = 0.0
+    rows = index[:, None].expand_as(keep)[keep].cpu()
+    unstored[rows, classes[keep].cpu()] = 0.0
     parts: dict[str, list[Tensor]] = {k: [] for k in ("mu", "axis", "range", "code")}
     start = 0
     for h, w in sizes:
@@ -370,8 +381,9 @@ def encode_soft(
 
     return SoftRecord(
         anchor=index.cpu().numpy().astype(np.int32),
-        cls_class=top.indices.cpu().numpy().astype(np.uint8),
-        cls_logit=_fp16(top.values),
+        cls_count=keep.sum(1).cpu().numpy().astype(np.uint8),
+        cls_class=classes[keep].cpu().numpy().astype(np.uint8),
+        cls_logit=_fp16(values[keep]),
         box_delta=_fp16(reg[box_index]),
         box_iou_logit=_fp16(iou[box_index]),
         box_weight=_fp16(weight[box_index]),
@@ -402,8 +414,8 @@ def soft_logits(record: SoftRecord, anchors: AnchorLayout, pad_shape: Sequence[i
         z = ranges[level, :, 0] + code * ranges[level, :, 1]  # [A, r]
         logits = logits + torch.einsum("ar,arc->ac", z, axis[level])
     logits = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
-    stored = tensor(record.anchor, torch.int64)
-    logits[stored[:, None], tensor(record.cls_class, torch.int64)] = tensor(record.cls_logit)
+    stored = tensor(record.anchor, torch.int64).repeat_interleave(tensor(record.cls_count, torch.int64))
+    logits[stored, tensor(record.cls_class, torch.int64)] = tensor(record.cls_logit)
     return logits
 
 
@@ -473,9 +485,9 @@ def rebuild_soft(
     )
 
 
-def record_size(num_anchors: int, num_box: int, num_own: int, num_levels: int, num_classes: int,
-                knobs: SoftKnobs) -> int:
-    """Raw bytes of a record: ``N (4 + 3k) + 12 K + 4 L C + r L (2 C + 8) + ceil(r A b / 8)``."""
-    k, r = knobs.top_k, knobs.bg_rank
-    return (num_anchors * (4 + 3 * k) + 12 * num_box + 4 * num_levels * num_classes
+def record_size(num_anchors: int, num_entries: int, num_box: int, num_own: int, num_levels: int,
+                num_classes: int, knobs: SoftKnobs) -> int:
+    """Raw bytes of a record: ``5 N + 3 E + 12 K + 4 L C + r L (2 C + 8) + ceil(r A b / 8)``."""
+    r = knobs.bg_rank
+    return (5 * num_anchors + 3 * num_entries + 12 * num_box + 4 * num_levels * num_classes
             + r * num_levels * (2 * num_classes + 8) + -(-r * num_own * knobs.bg_bits // 8))

@@ -256,7 +256,7 @@ def test_cache_labels_soft_killed_then_resumed_is_the_same_store(soft_store, wor
     # resuming without --soft, or with other knobs, would mix two kinds of store
     assert_one_line_error(lad(*cache_args(world, out, "identity,hflip", "--shard-size", "2", "--resume")),
                           "soft differs")
-    assert_one_line_error(lad(*args, "--soft-bg-bits", "4", "--resume"), "soft.bg_bits differs")
+    assert_one_line_error(lad(*args, "--soft-bg-bits", "8", "--resume"), "soft.bg_bits differs")
     result = lad(*args, "--resume", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     resumed, reference = cache_info(out, verify=True), cache_info(soft_store)
@@ -277,7 +277,9 @@ def test_cache_labels_soft_then_verify(soft_store):
     result = lad("cache-info", soft_store, "--verify")
     assert result.returncode == 0, result.stderr
     assert "verify           OK" in result.stdout
-    assert "soft labels      floor 0.011  top_k 2  max_confident 1000  min_iou 0.1  bg_rank 1" in result.stdout
+    d = SoftKnobs()
+    assert (f"soft labels      floor 0.011  top_k {d.top_k}  max_confident {d.max_confident}  min_iou 0.1  "
+            f"bg_rank {d.bg_rank}  bg_bits {d.bg_bits}  (10 classes)") in result.stdout
     info = json.loads(lad("cache-info", soft_store, "--json").stdout)
     assert info["counts"]["soft_anchors"] > 0 and info["counts"]["soft_box_anchors"] >= 0
     assert info["soft"]["teacher"]["num_classes"] == 10 and info["soft"]["bytes_per_view"] > 0
