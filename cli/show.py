@@ -102,17 +102,23 @@ def _missing_view(cache, key: ViewKey) -> str:
               help="Which cached view: unflipped or horizontally flipped.")
 @click.option("--scale", callback=_parse_scale, metavar="LONG,SHORT",
               help="Target scale of the cached view (default: the cache's first scale).")
+@click.option("--soft", is_flag=True,
+              help="Draw the teacher's soft labels instead: stored anchors coloured by their top teacher probability.")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png",
-              help="Output PNG (default: labels_<id>_<variant>_<long>x<short>.png).")
+              help="Output PNG (default: labels_<id>_<variant>_<long>x<short>.png, soft_... with --soft).")
 def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, variant: str,
-                        scale: Optional[tuple[int, int]], out: Optional[str]) -> None:
+                        scale: Optional[tuple[int, int]], soft: bool, out: Optional[str]) -> None:
     """Draw what the teacher taught on one cached view: GT boxes, positive anchors (filled squares in
-    their GT's colour, bigger for coarser FPN levels) and rejected candidates (faint hollow squares)."""
+    their GT's colour, bigger for coarser FPN levels) and rejected candidates (faint hollow squares).
+    With --soft (a cache made with lad cache-labels --soft): the anchors its soft record stores, coloured
+    by their top teacher probability (dark blue 0 .. green .. yellow 1), box-KD anchors with a white rim."""
     from lad_pipeline.cache import LabelCache, annotation_fingerprint
     from lad_pipeline.data import CocoViews
     from lad_pipeline.visualize import draw_assignment, format_summary, write_png
 
     cache = LabelCache.open(cache_path)
+    if soft and not cache.has_soft:
+        raise LadError(f"label cache {cache_path} has no soft labels; make one with lad cache-labels --soft")
     if scale is None:
         scales = cache.attrs.get("scales") or []
         if not scales:
@@ -133,6 +139,10 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     if made_from and made_from != annotation_fingerprint(ann):
         click.echo(f"warning: {ann} is not the annotation file the cache was made from (fingerprints differ); "
                    "boxes and anchors are drawn from the cache, pixels and class names from it", err=True)
+    if soft:
+        _show_soft(cached, view.image, cache.layout.anchors, dataset.class_names,
+                   out or f"soft_{image_id}_{variant}_{_scale_text(scale)}.png", variant, scale)
+        return
     image, rows = draw_assignment(view.image, cached.targets, cached.assignment, cached.pad_size,
                                   cache.layout.anchors, dataset.class_names)
     path = write_png(image, out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
@@ -144,3 +154,31 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
                "faint hollow squares: rejected candidates")
     for line in format_summary(rows):
         click.echo(line)
+
+
+def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scale) -> None:
+    """Write the soft-label picture of one cached view and print what it shows."""
+    import numpy as np
+    import torch
+
+    from lad_pipeline.visualize import draw_soft_scores, write_png
+
+    record = cached.soft
+    counts = record.cls_count.astype(np.int64)
+    first = np.cumsum(counts) - counts
+    top = torch.from_numpy(record.cls_logit[first].astype(np.float32)).sigmoid()  # each anchor's largest first
+    drawn = draw_soft_scores(image, cached.targets, torch.from_numpy(record.anchor.astype("int64")), top,
+                             record.num_box, cached.pad_size, anchors, class_names)
+    path = write_png(drawn, out)
+    h, w = cached.view_size
+    click.echo(f"wrote {path} ({w}x{h}, image {cached.key.image_id}, {variant}, scale {_scale_text(scale)}): "
+               f"{len(record.anchor)} stored anchors ({record.num_box} box-KD), soft record {record.nbytes} bytes")
+    click.echo("squares: stored anchors coloured by their top teacher probability (dark blue 0, green 0.5, "
+               "yellow 1; bigger = coarser FPN level); white rim: box-KD anchors")
+    if len(top):
+        q = torch.quantile(top, torch.tensor([0.0, 0.5, 0.9, 1.0])).tolist()
+        classes = Counter(int(c) for c in record.cls_class[first].tolist())
+        names = ", ".join(f"{class_names[c] if class_names and c < len(class_names) else c} {n}"
+                          for c, n in classes.most_common(5))
+        click.echo(f"top probability min/p50/p90/max {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}/{q[3]:.3f}; "
+                   f"top classes: {names}")

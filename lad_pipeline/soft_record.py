@@ -1,65 +1,206 @@
 """Sparse soft labels: a small per-view record of the teacher's outputs, rebuilt into ``KDTargets``.
 
-Dense KD targets of a COCO view are ~3.4 MiB (22,400 anchors x 80 classes in fp16), so the label cache
-stores a record that keeps the teacher's outputs only where the KD losses feel them:
+Dense KD targets of a COCO view are ~3.4 MiB (22,400 anchors x 80 classes in fp16). The record keeps:
 
 * the **box-KD anchors** (teacher box IoU with a GT above ``min_iou``): the teacher's deltas, IoU logit and
-  IoU weight, everything ``loss_kd_bbox`` and ``loss_kd_iou`` read;
+  IoU weight, everything ``loss_kd_bbox`` and ``loss_kd_iou`` read, in fp16;
 * the **confident anchors**: the other anchors whose top teacher probability reaches ``floor`` (the
-  ``max_confident`` most confident of them at most); for them and the box-KD anchors, the ``top_k``
-  largest class logits;
-* a **background prior** for every other (anchor, class): per FPN level and class, the mean teacher
-  probability over the entries not stored. It keeps the teacher's probability mass per level and class,
-  hence the summed pull of the KL gradient ``s - t`` on each group.
+  ``max_confident`` most confident of them at most); for them and the box-KD anchors, every class whose
+  teacher probability reaches ``floor`` (at least the top one, at most ``top_k``), as fp16 logits;
+* a **background model** for every other (anchor, class) entry: per FPN level, the teacher's class logits
+  are approximated by a per-class offset plus ``bg_rank`` principal directions, weighted by per-anchor
+  codes of one byte each. The offsets are solved so that, per level and class, the rebuilt probabilities
+  of the entries not stored sum exactly to the teacher's (the summed pull ``s - t`` of the KL gradient on
+  each group is kept). ``bg_rank = 0`` leaves the offsets alone: one mean probability per level and class.
+
+The focal KL is strongly nonlinear in the teacher probability where the student is close to the teacher,
+so a per-(level, class) mean alone loses the class term's value for students that are not near their
+initialisation; the per-anchor codes carry the teacher's spatial variation (docs/cache-format.md, "Soft
+labels", has the measurements).
 
 ``rebuild_soft`` turns records back into ``KDTargets`` on the student's (batch) grid; ``kd_loss`` then
-runs unchanged. docs/cache-format.md ("Soft labels") gives the arrays and the measured size/fidelity.
+runs unchanged.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .boxes import DELTA_STDS as STDS
-from .boxes import decode
+from .boxes import DELTA_STDS, decode
+from .errors import LadError
 from .kd import KDTargets, box_kd_selection
 from .losses import flatten_levels
 from .models.anchors import AnchorLayout
 from .types import HeadOutputs, Targets
 
-# Knob defaults: the record of a COCO-size view stays well under 16 KB (docs/cache-format.md).
-DEFAULT_FLOOR = 0.02
-DEFAULT_TOP_K = 2
-DEFAULT_MAX_CONFIDENT = 1000
-PROB_EPS = 1e-12  # the prior probability is clamped into [eps, 1 - eps] before its logit is taken
-FP16_MAX = 65504.0  # stored values are clamped to the float16 range (never inf)
+FP16_MAX = 65504.0  # stored fp16 values are clamped to its range (never inf)
+LOGIT_CLAMP = 30.0  # background offsets and fitted logits stay within +-30 (probabilities 1e-13 .. 1 - 1e-13)
+CODE_BITS = (4, 8)  # per-anchor codes: two per byte, or one
+NEWTON_STEPS = 60  # of the per-(level, class) offset solve; converges in < 15 from the mean-prior start
+IMPUTE_ROUNDS = 3  # fits of the background directions, the stored entries imputed from the previous one
+
+
+class SoftKnobs(NamedTuple):
+    """What a soft record keeps. Defaults: a COCO view at (1333, 800) stays within ~16 KB on disk.
+
+    ``floor``: anchors whose top teacher probability reaches it are stored, with every class whose
+    probability reaches it (at least the top one, at most ``top_k``, largest first);
+    ``max_confident``: at most that many stored anchors besides the box-KD ones (the most confident);
+    ``min_iou``: box-KD selection threshold (encode at the lowest one a consumer needs: SoLAD 0.5, KD 0.1);
+    ``bg_rank``: principal directions of the background model (0: a per-level, per-class mean only);
+    ``bg_bits``: bits of each per-anchor code (4 or 8).
+    """
+
+    floor: float = 0.02
+    top_k: int = 8
+    max_confident: int = 500
+    min_iou: float = 0.5
+    bg_rank: int = 1
+    bg_bits: int = 4
+
+    def validate(self, num_classes: Optional[int] = None) -> "SoftKnobs":
+        """The knobs, or a LadError naming the bad one."""
+        checks = (
+            ("floor", 0.0 <= self.floor <= 1.0, "a probability in [0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and 1 <= self.top_k <= (num_classes or 256),
+             f"an integer in 1..{num_classes or 256}"),
+            ("max_confident", isinstance(self.max_confident, int) and self.max_confident >= 0,
+             "a non-negative integer"),
+            ("min_iou", 0.0 <= self.min_iou < 1.0, "in [0, 1)"),
+            ("bg_rank", isinstance(self.bg_rank, int) and 0 <= self.bg_rank <= 8, "an integer in 0..8"),
+            ("bg_bits", self.bg_bits in CODE_BITS, "4 or 8"),
+        )
+        for name, ok, what in checks:
+            if not ok:
+                raise LadError(f"soft-label knob {name} must be {what}, got {getattr(self, name)!r}")
+        return self
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-ready dict, as a label cache records it (``attrs["soft"]``)."""
+        return {"floor": float(self.floor), "top_k": int(self.top_k), "max_confident": int(self.max_confident),
+                "min_iou": float(self.min_iou), "bg_rank": int(self.bg_rank), "bg_bits": int(self.bg_bits)}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "SoftKnobs":
+        """The knobs of ``to_attrs`` (other keys are ignored)."""
+        missing = [k for k in cls._fields if k not in attrs]
+        if missing:
+            raise LadError(f"soft-label attributes lack {', '.join(missing)}; rebuild the label cache")
+        return cls(float(attrs["floor"]), int(attrs["top_k"]), int(attrs["max_confident"]),
+                   float(attrs["min_iou"]), int(attrs["bg_rank"]), int(attrs["bg_bits"]))
 
 
 class SoftRecord(NamedTuple):
     """The soft labels of one view, on its own padded grid. ``N`` stored anchors, the first ``K`` of them
-    the box-KD anchors; ``L`` FPN levels, ``C`` classes, ``k`` = top_k.
+    the box-KD anchors; ``E`` stored (anchor, class) entries; ``A`` own-grid anchors, ``L`` FPN levels,
+    ``C`` classes, ``r`` = bg_rank.
 
     anchor ``[N] int32`` flat own-grid index (level-major, then y, then x): box-KD anchors ascending, then the
-    other confident anchors ascending; cls_class ``[N, k] uint8`` and cls_logit ``[N, k] float16``: the
-    anchor's k largest teacher class logits, largest first; box_delta ``[K, 4] float16`` teacher deltas;
+    other confident anchors ascending; cls_count ``[N] uint8`` entries of each anchor (>= 1); cls_class
+    ``[E] uint8`` and cls_logit ``[E] float16``: the entries, anchor by anchor, each anchor's largest
+    teacher class logit first; box_delta ``[K, 4] float16`` teacher deltas;
     box_iou_logit ``[K] float16`` teacher IoU logit; box_weight ``[K] float16`` largest IoU of the teacher
-    box with a GT; prior_logit ``[L, C] float16`` logit of the background prior.
+    box with a GT; bg_logit ``[L, C] float32`` background offsets; bg_axis ``[L*r, C] float16`` principal
+    directions (level-major); bg_range ``[L*r, 2] float32`` (low, step) of each direction's codes;
+    bg_code ``[ceil(A*r*b/8)] uint8`` the per-anchor codes of ``b`` bits (anchor-major, then direction),
+    one a byte (b = 8) or two, the first in the low nibble (b = 4).
     """
 
     anchor: np.ndarray
+    cls_count: np.ndarray
     cls_class: np.ndarray
     cls_logit: np.ndarray
     box_delta: np.ndarray
     box_iou_logit: np.ndarray
     box_weight: np.ndarray
-    prior_logit: np.ndarray
+    bg_logit: np.ndarray
+    bg_axis: np.ndarray
+    bg_range: np.ndarray
+    bg_code: np.ndarray
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self)
+
+    @property
+    def num_box(self) -> int:
+        return int(self.box_delta.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.bg_logit.shape[1])
+
+    @property
+    def bg_rank(self) -> int:
+        return int(self.bg_axis.shape[0] // max(1, self.bg_logit.shape[0]))
+
+    def bg_bits(self, num_anchors: int) -> int:
+        """Bits per code, from the code bytes of a view of ``num_anchors`` own-grid anchors (8 if no codes)."""
+        return code_bits(int(self.bg_code.shape[0]), num_anchors * self.bg_rank)
+
+
+# Which per-view row count each array's leading dimension follows (the label cache stores them as CSR rows):
+# "anchor" N, "entry" E, "box" K, "level" L, "axis" L*r, "code" ceil(A*r*b/8).
+FIELD_ROWS = {"anchor": "anchor", "cls_count": "anchor", "cls_class": "entry", "cls_logit": "entry",
+              "box_delta": "box", "box_iou_logit": "box", "box_weight": "box",
+              "bg_logit": "level", "bg_axis": "axis", "bg_range": "axis", "bg_code": "code"}
+ROW_KINDS = ("anchor", "entry", "box", "level", "axis", "code")
+FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
+                "cls_logit": np.dtype(np.float16),
+                "box_delta": np.dtype(np.float16), "box_iou_logit": np.dtype(np.float16),
+                "box_weight": np.dtype(np.float16), "bg_logit": np.dtype(np.float32),
+                "bg_axis": np.dtype(np.float16), "bg_range": np.dtype(np.float32), "bg_code": np.dtype(np.uint8)}
+
+
+def field_tail(name: str, knobs: SoftKnobs, num_classes: int) -> tuple[int, ...]:
+    """Trailing shape of a record array for a store's knobs and class count."""
+    return {"anchor": (), "cls_count": (), "cls_class": (), "cls_logit": (), "box_delta": (4,),
+            "box_iou_logit": (), "box_weight": (), "bg_logit": (num_classes,), "bg_axis": (num_classes,),
+            "bg_range": (2,), "bg_code": ()}[name]
+
+
+def row_counts(record: SoftRecord) -> dict[str, int]:
+    """Leading dimension of each row kind of a record."""
+    return {"anchor": int(record.anchor.shape[0]), "entry": int(record.cls_class.shape[0]), "box": record.num_box,
+            "level": int(record.bg_logit.shape[0]),
+            "axis": int(record.bg_axis.shape[0]), "code": int(record.bg_code.shape[0])}
+
+
+def expected_rows(anchors: AnchorLayout, pad_shape: Sequence[int], bg_rank: int, bg_bits: int) -> dict[str, int]:
+    """The fixed row counts of a view padded to ``pad_shape`` (levels, directions, code bytes)."""
+    num = anchors.num_anchors(anchors.feature_sizes(pad_shape))
+    return {"level": anchors.num_levels, "axis": anchors.num_levels * bg_rank,
+            "code": -(-num * bg_rank * bg_bits // 8)}
+
+
+def code_bits(num_bytes: int, num_codes: int) -> int:
+    """Bits per code of ``num_codes`` codes packed in ``num_bytes`` (8 or 4; 8 when there are none)."""
+    if num_bytes == num_codes:
+        return 8
+    if num_bytes == -(-num_codes // 2):
+        return 4
+    raise ValueError(f"{num_bytes} code bytes cannot hold {num_codes} codes of 4 or 8 bits")
+
+
+def pack_codes(codes: Tensor, bits: int) -> np.ndarray:
+    """``codes`` (uint8 values < 2**bits, any shape) flattened and packed into bytes."""
+    flat = codes.reshape(-1).to(torch.uint8).cpu().numpy()
+    if bits == 8:
+        return np.ascontiguousarray(flat)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return np.ascontiguousarray(flat[0::2] | (flat[1::2] << 4))
+
+
+def unpack_codes(data: np.ndarray, num_codes: int) -> np.ndarray:
+    """The ``num_codes`` codes packed by ``pack_codes`` (uint8)."""
+    data = np.asarray(data, np.uint8)
+    if code_bits(data.shape[0], num_codes) == 8:
+        return data
+    return np.stack([data & 0x0F, data >> 4], axis=1).reshape(-1)[:num_codes]
 
 
 def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]], anchors: AnchorLayout):
@@ -77,6 +218,107 @@ def _own_grid(outs: HeadOutputs, image: int, pad_shape: Optional[Sequence[int]],
     return cls[index], reg[index], iou[index], own
 
 
+def _fp16(t: Tensor) -> np.ndarray:
+    return t.float().clamp(-FP16_MAX, FP16_MAX).cpu().numpy().astype(np.float16)
+
+
+def _solve_offsets(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
+    """Per-class offsets ``mu [C]`` (float64) such that ``sum over unstored rows of sigmoid(mu + base)``
+    equals the teacher's ``sum of prob`` there, column by column (Newton from the mean-prior start)."""
+    count = unstored.sum(0)
+    target = (prob * unstored).sum(0)
+    mean = (base * unstored).sum(0) / count.clamp(min=1)
+    mu = torch.logit((target / count.clamp(min=1)).clamp(1e-13, 1 - 1e-13)) - mean
+    for _ in range(NEWTON_STEPS):
+        q = torch.sigmoid(mu + base)
+        slope = (q * (1 - q) * unstored).sum(0)
+        step = ((q * unstored).sum(0) - target) / slope.clamp(min=1e-300)
+        mu = mu - step.clamp(-4.0, 4.0)
+    return torch.where(count > 0, mu, torch.zeros_like(mu)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+
+
+def _neg_entropy(p: Tensor) -> Tensor:
+    """``p log p + (1 - p) log(1 - p)``: the part of ``KL(p || s)`` that does not depend on the student."""
+    return torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
+
+
+def _solve_gains(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
+    """Per-class gains ``g [C]`` of the coded part: with offsets ``mu``, ``sigmoid(mu + g * base)`` over the
+    unstored rows matches the teacher's summed probability *and* summed negative entropy, column by column
+    (damped 2-D Newton). A least-squares fit of the logits shrinks their spread; the entropy sum restores
+    the spread the KL sees. Columns where it cannot be solved keep gain 1."""
+    count = unstored.sum(0)
+    target_p = (prob * unstored).sum(0)
+    target_h = (_neg_entropy(prob) * unstored).sum(0)
+    mean = (base * unstored).sum(0) / count.clamp(min=1)
+    mu = torch.logit((target_p / count.clamp(min=1)).clamp(1e-13, 1 - 1e-13)) - mean
+    gain = torch.ones_like(mu)
+    for _ in range(NEWTON_STEPS):
+        q = torch.sigmoid(mu + gain * base)
+        dq = q * (1 - q) * unstored
+        dh = dq * torch.logit(q.clamp(1e-15, 1 - 1e-15))  # d(neg entropy)/dx = logit(q) q (1 - q)
+        f1 = (q * unstored).sum(0) - target_p
+        f2 = (_neg_entropy(q) * unstored).sum(0) - target_h
+        a11, a12 = dq.sum(0), (dq * base).sum(0)
+        a21, a22 = dh.sum(0), (dh * base).sum(0)
+        det = a11 * a22 - a12 * a21
+        ok = det.abs() > 1e-30 * (a11.abs() * a22.abs()).clamp(min=1e-300)
+        safe = torch.where(ok, det, torch.ones_like(det))
+        mu = mu - torch.where(ok, (a22 * f1 - a12 * f2) / safe, f1 / a11.clamp(min=1e-300)).clamp(-2.0, 2.0)
+        gain = (gain - torch.where(ok, (a11 * f2 - a21 * f1) / safe, torch.zeros_like(det)).clamp(-0.5, 0.5))
+        gain = gain.clamp(0.0, 4.0)
+    solved = (count > 1) & torch.isfinite(gain)
+    return torch.where(solved, gain, torch.ones_like(gain))
+
+
+def _principal_directions(values: Tensor, unstored: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(axis [r, C], z [n, r])``: the level's leading directions of the logits of the unstored entries
+    and each anchor's coordinates on them (least squares over its unstored entries).
+
+    The stored entries (an anchor's top classes) are not background and would pull the directions towards
+    the objects, so they are imputed from the model itself and the fit repeated (a few EM rounds).
+    """
+    filled = torch.where(unstored > 0, values, (values * unstored).sum(0) / unstored.sum(0).clamp(min=1))
+    for _ in range(IMPUTE_ROUNDS):
+        mean = filled.mean(0)
+        centred = filled - mean
+        _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+        axis = vectors[:, -rank:].flip(1).T.contiguous()
+        # a deterministic sign: the largest component of each direction is positive
+        sign = torch.sign(axis.gather(1, axis.abs().argmax(1, keepdim=True)))
+        axis = axis * torch.where(sign == 0, torch.ones_like(sign), sign)
+        gram = torch.einsum("nc,rc,sc->nrs", unstored, axis, axis) + 1e-9 * torch.eye(rank, dtype=values.dtype)
+        z = torch.linalg.solve(gram, torch.einsum("nc,rc->nr", unstored * (values - mean), axis))
+        filled = torch.where(unstored > 0, values, mean + z @ axis)
+    return axis, z
+
+
+def _fit_level(logits: Tensor, unstored: Tensor, rank: int, bits: int):
+    """The background model of one level: ``(mu [C], axis [r, C] fp16-rounded, low [r], step [r] float32,
+    code [n, r] uint8 < 2**bits)``, all from the level's teacher logits ``[n, C]`` (float64)."""
+    levels = 2 ** bits - 1
+    x = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    num, num_classes = x.shape
+    base = torch.zeros_like(x)
+    axis = x.new_zeros(rank, num_classes)
+    low = x.new_zeros(rank)
+    step = x.new_zeros(rank)
+    code = torch.zeros(num, rank, dtype=torch.uint8)
+    if rank and num > 1:
+        axis, z = _principal_directions(x, unstored, rank)
+        axis = axis.half().double()  # as stored
+        low = z.min(0).values.float().double()
+        step = ((z.max(0).values - low) / levels).float().double()
+        q = torch.round((z - low) / step.clamp(min=1e-30)).clamp(0, levels)
+        code = torch.where(step > 0, q, torch.zeros_like(q)).to(torch.uint8)
+        z = low + code.double() * step
+        gain = _solve_gains(z @ axis, unstored, torch.sigmoid(logits))
+        axis = (axis * gain).half().double()  # the gains live in the stored directions
+        base = z @ axis
+    mu = _solve_offsets(base, unstored, torch.sigmoid(logits))
+    return mu, axis, low, step, code
+
+
 @torch.no_grad()
 def encode_soft(
     teacher_outs: HeadOutputs,
@@ -84,66 +326,97 @@ def encode_soft(
     view_size: Sequence[int],
     *,
     anchors: AnchorLayout,
-    min_iou: float,
+    knobs: SoftKnobs = SoftKnobs(),
     image: int = 0,
     pad_shape: Optional[Sequence[int]] = None,
-    floor: float = DEFAULT_FLOOR,
-    top_k: int = DEFAULT_TOP_K,
-    max_confident: int = DEFAULT_MAX_CONFIDENT,
     use_teacher_boxes: bool = True,
-    stds: Sequence[float] = STDS,
+    stds: Sequence[float] = DELTA_STDS,
 ) -> SoftRecord:
-    """The soft record of view ``image`` of ``teacher_outs``.
+    """The soft record of view ``image`` of ``teacher_outs`` (deterministic: same outputs, same bytes).
 
     ``view_size``: the view's unpadded (h, w). ``pad_shape``: its own padded (H, W) when the outputs were
-    computed on a larger batch grid (``None``: the outputs' grid is the view's own). ``min_iou`` selects the
-    box-KD anchors (it must not exceed the ``min_iou`` of the losses the record will serve).
+    computed on a larger batch grid (``None``: the outputs' grid is the view's own). ``knobs.min_iou``
+    selects the box-KD anchors (it must not exceed the ``min_iou`` of the losses the record will serve).
     """
     cls, reg, iou, sizes = _own_grid(teacher_outs, image, pad_shape, anchors)
-    layout = anchors
     cls, reg, iou = cls.float(), reg.float(), iou.float()
     num_classes = cls.shape[1]
     if num_classes > 256:
         raise ValueError(f"soft records store class ids as uint8; {num_classes} classes do not fit")
-    if not 1 <= top_k <= num_classes:
-        raise ValueError(f"top_k must be in 1..{num_classes}, got {top_k}")
-    anchors = layout.anchors(sizes, device=cls.device)
-    boxes = decode(anchors, reg, max_shape=view_size, stds=stds)
-    selected, weight = box_kd_selection(boxes, targets.boxes.to(cls.device), min_iou,
-                                        None if use_teacher_boxes else anchors)
+    knobs.validate(num_classes)
+    boxes_anchors = anchors.anchors(sizes, device=cls.device)
+    boxes = decode(boxes_anchors, reg, max_shape=view_size, stds=stds)
+    selected, weight = box_kd_selection(boxes, targets.boxes.to(cls.device), knobs.min_iou,
+                                        None if use_teacher_boxes else boxes_anchors)
     box_index = selected.nonzero()[:, 0]
 
     # confident anchors beyond the box-KD ones, the most confident first when over the cap
     top_prob = cls.max(dim=1).values.sigmoid()
-    candidate = (top_prob >= floor) & ~selected
-    extra = candidate.nonzero()[:, 0]
-    if len(extra) > max_confident:
+    extra = ((top_prob >= knobs.floor) & ~selected).nonzero()[:, 0]
+    if len(extra) > knobs.max_confident:
         order = torch.argsort(top_prob[extra], descending=True, stable=True)
-        extra = extra[order[:max_confident]].sort().values
+        extra = extra[order[: knobs.max_confident]].sort().values
     index = torch.cat([box_index, extra])
-    top = cls[index].topk(top_k, dim=1)
+    # the entries: each stored anchor's classes of probability >= floor, at least its top one, at most top_k
+    values, classes = torch.sort(cls[index], dim=1, descending=True, stable=True)
+    values, classes = values[:, : knobs.top_k], classes[:, : knobs.top_k]
+    keep = values.sigmoid() >= knobs.floor  # a prefix of each row: the values are sorted
+    keep[:, 0] = True
 
-    # background prior: per level and class, the mean probability of the entries not stored
-    unstored = torch.ones_like(cls, dtype=torch.float64)
-    unstored[index[:, None], top.indices] = 0.0
-    level = torch.cat([torch.full((h * w,), i, device=cls.device) for i, (h, w) in enumerate(sizes)])
-    mass = torch.zeros(len(sizes), num_classes, dtype=torch.float64, device=cls.device)
-    mass.index_add_(0, level, cls.double().sigmoid() * unstored)
-    count = torch.zeros_like(mass).index_add_(0, level, unstored)
-    prior = (mass / count.clamp(min=1)).clamp(PROB_EPS, 1 - PROB_EPS)
-
-    def fp16(t: Tensor) -> np.ndarray:
-        return t.float().clamp(-FP16_MAX, FP16_MAX).cpu().numpy().astype(np.float16)
+    # background model, level by level, in float64 on the CPU (bit-stable across devices)
+    logits = cls.detach().double().cpu()
+    unstored = torch.ones_like(logits)
+    rows = index[:, None].expand_as(keep)[keep].cpu()
+    unstored[rows, classes[keep].cpu()] = 0.0
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("mu", "axis", "range", "code")}
+    start = 0
+    for h, w in sizes:
+        end = start + h * w
+        mu, axis, low, step, code = _fit_level(logits[start:end], unstored[start:end], knobs.bg_rank, knobs.bg_bits)
+        parts["mu"].append(mu)
+        parts["axis"].append(axis)
+        parts["range"].append(torch.stack([low, step], 1))
+        parts["code"].append(code)
+        start = end
 
     return SoftRecord(
         anchor=index.cpu().numpy().astype(np.int32),
-        cls_class=top.indices.cpu().numpy().astype(np.uint8),
-        cls_logit=fp16(top.values),
-        box_delta=fp16(reg[box_index]),
-        box_iou_logit=fp16(iou[box_index]),
-        box_weight=fp16(weight[box_index]),
-        prior_logit=fp16(torch.logit(prior)),
+        cls_count=keep.sum(1).cpu().numpy().astype(np.uint8),
+        cls_class=classes[keep].cpu().numpy().astype(np.uint8),
+        cls_logit=_fp16(values[keep]),
+        box_delta=_fp16(reg[box_index]),
+        box_iou_logit=_fp16(iou[box_index]),
+        box_weight=_fp16(weight[box_index]),
+        bg_logit=torch.stack(parts["mu"]).float().numpy(),
+        bg_axis=torch.cat(parts["axis"]).reshape(-1, num_classes).numpy().astype(np.float16),
+        bg_range=torch.cat(parts["range"]).reshape(-1, 2).float().numpy(),
+        bg_code=pack_codes(torch.cat(parts["code"]), knobs.bg_bits),
     )
+
+
+def soft_logits(record: SoftRecord, anchors: AnchorLayout, pad_shape: Sequence[int],
+                device: torch.device | str = "cpu") -> Tensor:
+    """The teacher class logits ``[A, C]`` (float32) a record stands for on the view's own padded grid:
+    the background model everywhere, the stored logits on the stored (anchor, class) entries."""
+    sizes = anchors.feature_sizes(pad_shape)
+    rank = record.bg_rank
+
+    def tensor(a: np.ndarray, dtype=torch.float32) -> Tensor:
+        return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
+
+    mu = tensor(record.bg_logit)
+    level = torch.cat([torch.full((h * w,), n, device=device, dtype=torch.int64) for n, (h, w) in enumerate(sizes)])
+    logits = mu[level]
+    if rank:
+        axis = tensor(record.bg_axis).reshape(len(sizes), rank, -1)
+        ranges = tensor(record.bg_range).reshape(len(sizes), rank, 2)
+        code = tensor(unpack_codes(record.bg_code, level.shape[0] * rank)).reshape(-1, rank)
+        z = ranges[level, :, 0] + code * ranges[level, :, 1]  # [A, r]
+        logits = logits + torch.einsum("ar,arc->ac", z, axis[level])
+    logits = logits.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    stored = tensor(record.anchor, torch.int64).repeat_interleave(tensor(record.cls_count, torch.int64))
+    logits[stored, tensor(record.cls_class, torch.int64)] = tensor(record.cls_logit)
+    return logits
 
 
 def rebuild_soft(
@@ -155,48 +428,45 @@ def rebuild_soft(
     min_iou: float,
     grid_sizes: Optional[Sequence[Sequence[int]]] = None,
     device: torch.device | str = "cpu",
-    stds: Sequence[float] = STDS,
+    stds: Sequence[float] = DELTA_STDS,
 ) -> KDTargets:
     """``KDTargets`` of a batch of views from their records.
 
     ``grid_sizes``: the (h, w) of each level of the student's outputs (the batch grid); ``None`` means every
     view's own grid, which must then be the same for all. Batch anchors off a view's own grid are outside
-    the classification term (``cls_mask`` False). ``min_iou``: the threshold the records were encoded with.
+    the classification term (``cls_mask`` False). ``min_iou``: the threshold the records were encoded with
+    (``SoftKnobs.min_iou``).
     """
     if not (len(records) == len(view_sizes) == len(pad_shapes)):
         raise ValueError(f"{len(records)} records, {len(view_sizes)} view sizes, {len(pad_shapes)} pad shapes")
-    layout = anchors
-    own_sizes = [layout.feature_sizes(p) for p in pad_shapes]
+    own_sizes = [anchors.feature_sizes(p) for p in pad_shapes]
     if grid_sizes is None:
         if any(s != own_sizes[0] for s in own_sizes):
             raise ValueError("views of different padded sizes need the batch grid_sizes")
-        grid_sizes = own_sizes[0] if own_sizes else []
+        grid_sizes = own_sizes[0] if own_sizes else [(0, 0)] * anchors.num_levels
     grid_sizes = [(int(h), int(w)) for h, w in grid_sizes]
-    num_classes = records[0].prior_logit.shape[1] if records else 0
-    num_grid = sum(h * w for h, w in grid_sizes)
-    anchors = layout.anchors(grid_sizes, device=device)
-    cls_prob = torch.zeros(len(records), num_grid, num_classes, device=device)
-    cls_mask = torch.zeros(len(records), num_grid, dtype=torch.bool, device=device)
+    num_classes = records[0].num_classes if records else 0
+    grid_anchors = anchors.anchors(grid_sizes, device=device)
+    cls_prob = torch.zeros(len(records), grid_anchors.shape[0], num_classes, device=device)
+    cls_mask = torch.zeros(len(records), grid_anchors.shape[0], dtype=torch.bool, device=device)
     rows: dict[str, list[Tensor]] = {k: [] for k in ("image", "anchor", "limit", "box", "iou", "weight")}
 
     def tensor(a: np.ndarray, dtype=torch.float32) -> Tensor:
         return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
 
-    for i, (rec, view_size, own) in enumerate(zip(records, view_sizes, own_sizes)):
-        to_grid = layout.own_grid_index(grid_sizes, pad_shapes[i]).to(device)
-        level = torch.cat([torch.full((h * w,), n, device=device) for n, (h, w) in enumerate(own)])
-        prob = tensor(rec.prior_logit).sigmoid()[level]
-        stored = tensor(rec.anchor, torch.int64)
-        prob[stored[:, None], tensor(rec.cls_class, torch.int64)] = tensor(rec.cls_logit).sigmoid()
-        cls_prob[i, to_grid] = prob
+    for i, (rec, view_size, pad) in enumerate(zip(records, view_sizes, pad_shapes)):
+        if rec.num_classes != num_classes:
+            raise ValueError(f"record {i} has {rec.num_classes} classes, record 0 has {num_classes}")
+        to_grid = anchors.own_grid_index(grid_sizes, pad).to(device)
+        cls_prob[i, to_grid] = soft_logits(rec, anchors, pad, device).sigmoid()
         cls_mask[i, to_grid] = True
 
-        box_anchor = to_grid[stored[: len(rec.box_delta)]]
+        box_anchor = to_grid[tensor(rec.anchor[: rec.num_box], torch.int64)]
         limit = tensor([float(view_size[0]), float(view_size[1])])
         rows["image"].append(torch.full_like(box_anchor, i))
         rows["anchor"].append(box_anchor)
         rows["limit"].append(limit.expand(len(box_anchor), 2))
-        rows["box"].append(decode(anchors[box_anchor], tensor(rec.box_delta), max_shape=view_size, stds=stds))
+        rows["box"].append(decode(grid_anchors[box_anchor], tensor(rec.box_delta), max_shape=view_size, stds=stds))
         rows["iou"].append(tensor(rec.box_iou_logit).sigmoid())
         rows["weight"].append(tensor(rec.box_weight))
     cat = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in rows.items()}
@@ -206,10 +476,18 @@ def rebuild_soft(
         cls_mask=cls_mask,
         box_image=cat["image"].long(),
         box_anchor=box_anchor,
-        anchors=anchors[box_anchor],
+        anchors=grid_anchors[box_anchor],
         box_limit=cat["limit"].reshape(-1, 2),
         teacher_box=cat["box"].reshape(-1, 4),
         iou_prob=cat["iou"],
         weight=cat["weight"],
         min_iou=float(min_iou),
     )
+
+
+def record_size(num_anchors: int, num_entries: int, num_box: int, num_own: int, num_levels: int,
+                num_classes: int, knobs: SoftKnobs) -> int:
+    """Raw bytes of a record: ``5 N + 3 E + 12 K + 4 L C + r L (2 C + 8) + ceil(r A b / 8)``."""
+    r = knobs.bg_rank
+    return (5 * num_anchors + 3 * num_entries + 12 * num_box + 4 * num_levels * num_classes
+            + r * num_levels * (2 * num_classes + 8) + -(-r * num_own * knobs.bg_bits // 8))

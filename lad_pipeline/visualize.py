@@ -13,6 +13,10 @@ An assignment picture shows, on the view the teacher saw:
 
 A mark stays closer to its centre than the smallest distance between two anchor centres, so the
 pixel at a positive's centre always carries the colour of a positive anchored there.
+
+A soft-label picture (``draw_soft_scores``) shows the GT boxes and every anchor the teacher's soft record
+stores, as a filled square coloured by its top stored teacher probability (``score_color``: dark blue for
+0, through green, to yellow for 1); the box-KD anchors get a white rim, the others a black one.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ Color = tuple[int, int, int]
 _GOLDEN = 0.618033988749895
 REJECTED_ALPHA = 0.55  # opacity of the hollow marks of rejected candidates
 RIM = (0, 0, 0)  # rim around positive marks: visible on any colour
+BOX_KD_RIM = (255, 255, 255)  # rim around the box-KD anchors of a soft-label picture
+# a viridis-like ramp for soft scores: probability 0, 0.25, 0.5, 0.75, 1
+SCORE_RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
 def palette(n: int) -> list[Color]:
@@ -228,6 +235,40 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
         _paint_squares(canvas, centres[sel], rim[sel], halves[level] + 1)
         _paint_squares(canvas, centres[sel], color_table[pos_gt[sel]], halves[level])
     return canvas.round().clamp(0, 255).to(torch.uint8), rows
+
+
+def score_color(scores: Tensor) -> Tensor:
+    """RGB ``[N, 3]`` float colours of probabilities ``scores [N]`` on ``SCORE_RAMP`` (linear between stops)."""
+    ramp = torch.tensor(SCORE_RAMP, dtype=torch.float32)
+    pos = scores.detach().cpu().float().clamp(0, 1) * (len(SCORE_RAMP) - 1)
+    low = pos.floor().long().clamp(max=len(SCORE_RAMP) - 2)
+    frac = (pos - low)[:, None]
+    return ramp[low] * (1 - frac) + ramp[low + 1] * frac
+
+
+def draw_soft_scores(image: Tensor, targets: Targets, anchor: Tensor, score: Tensor, num_box: int,
+                     pad_size: Sequence[int], anchors: AnchorLayout, class_names: Optional[Sequence[str]] = None,
+                     box_width: int = 3) -> Tensor:
+    """The anchors of a soft record drawn on the view: ``anchor [N]`` own-grid indices (the first ``num_box``
+    the box-KD anchors), ``score [N]`` their top stored teacher probability. Coarse levels are painted
+    first, so the marks of finer levels at a shared centre stay visible. GT boxes as in ``draw_assignment``."""
+    _check_image(image)
+    boxes = targets.boxes.detach().cpu().float().reshape(-1, 4)
+    labels = targets.labels.detach().cpu().tolist()
+    colors = palette(boxes.shape[0])
+    text = [f"{g} {_name(class_names, int(labels[g]))}" for g in range(boxes.shape[0])]
+    canvas = _boxes(image, boxes, text, colors, box_width).float()
+    centres, levels = anchor_centres(anchor, pad_size, anchors)
+    score = score.detach().cpu().float().reshape(-1)
+    rims = torch.tensor(RIM, dtype=torch.float32).expand(len(score), 3).clone()
+    rims[:num_box] = torch.tensor(BOX_KD_RIM, dtype=torch.float32)
+    fills = score_color(score)
+    halves = mark_half_sizes(anchors.strides)
+    for level in reversed(range(anchors.num_levels)):
+        sel = levels == level
+        _paint_squares(canvas, centres[sel], rims[sel], halves[level] + 1)
+        _paint_squares(canvas, centres[sel], fills[sel], halves[level])
+    return canvas.round().clamp(0, 255).to(torch.uint8)
 
 
 def format_summary(rows: Sequence[GTSummary]) -> list[str]:

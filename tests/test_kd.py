@@ -8,12 +8,12 @@ import torch
 from conftest import GOLDEN
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, focal_kl, kd_loss, kd_targets_dense
 from lad_pipeline.models.anchors import AnchorLayout
-from lad_pipeline.soft_record import SoftRecord, encode_soft, rebuild_soft
+from lad_pipeline.soft_record import SoftKnobs, SoftRecord, encode_soft, rebuild_soft
 from lad_pipeline.types import HeadOutputs, Targets
 
 STRIDES, BASE = (8, 16), 4.0  # the hand-made layout: anchors of side 32 and 64
-GOLDEN_STRIDES = (8, 16, 32, 64, 128)
-LAYOUT, GOLDEN_LAYOUT = AnchorLayout(STRIDES, BASE), AnchorLayout(GOLDEN_STRIDES, 8.0)
+GOLDEN_STRIDES, GOLDEN_BASE = (8, 16, 32, 64, 128), 8.0
+LAYOUT, GOLDEN_LAYOUT = AnchorLayout(STRIDES, BASE), AnchorLayout(GOLDEN_STRIDES, GOLDEN_BASE)
 INFER_CLS_SHIFT = -7.0  # the golden inference teacher: the R-50 recipe with every class logit shifted by -7
 WEIGHTS = {k: v for k, v in SOLAD_SETTINGS.items() if k != "min_iou"}
 
@@ -247,8 +247,8 @@ def golden_views(shift: float = INFER_CLS_SHIFT):
 
 
 def encode_all(teacher, targets, shapes, pads, min_iou, **knobs):
-    return [encode_soft(teacher, t, s, anchors=GOLDEN_LAYOUT, min_iou=min_iou,
-                        image=i, pad_shape=p, **knobs) for i, (t, s, p) in enumerate(zip(targets, shapes, pads))]
+    return [encode_soft(teacher, t, s, anchors=GOLDEN_LAYOUT, knobs=SoftKnobs(min_iou=min_iou, **knobs),
+                        image=i, pad_shape=p) for i, (t, s, p) in enumerate(zip(targets, shapes, pads))]
 
 
 def rebuild_all(records, teacher, shapes, pads, min_iou):
@@ -268,20 +268,30 @@ def test_record_arrays_dtypes_and_determinism():
     teacher, _, targets, shapes, pads = golden_views()
     first = encode_all(teacher, targets, shapes, pads, 0.5)
     again = encode_all(teacher, targets, shapes, pads, 0.5)
-    dtypes = {"anchor": np.int32, "cls_class": np.uint8, "cls_logit": np.float16, "box_delta": np.float16,
-              "box_iou_logit": np.float16, "box_weight": np.float16, "prior_logit": np.float16}
-    for rec, rec2, target in zip(first, again, targets):
+    dtypes = {"anchor": np.int32, "cls_count": np.uint8, "cls_class": np.uint8, "cls_logit": np.float16,
+              "box_delta": np.float16, "box_iou_logit": np.float16, "box_weight": np.float16, "bg_logit": np.float32,
+              "bg_axis": np.float16, "bg_range": np.float32, "bg_code": np.uint8}
+    knobs = SoftKnobs()
+    for rec, rec2, target, pad in zip(first, again, targets, pads):
         assert isinstance(rec, SoftRecord)
         assert {name: a.dtype.type for name, a in rec._asdict().items()} == dtypes
-        n, k = len(rec.anchor), rec.cls_class.shape[1]
-        assert rec.cls_logit.shape == (n, k) and k == 2 and rec.prior_logit.shape == (5, 80)
+        n, e = len(rec.anchor), len(rec.cls_class)
+        num_own = GOLDEN_LAYOUT.num_anchors(GOLDEN_LAYOUT.feature_sizes(pad))
+        assert rec.cls_count.shape == (n,) and rec.cls_count.min() >= 1 and rec.cls_count.max() <= knobs.top_k
+        assert rec.cls_logit.shape == (e,) and int(rec.cls_count.sum()) == e and rec.bg_logit.shape == (5, 80)
+        assert rec.bg_axis.shape == (5, 80) and rec.bg_range.shape == (5, 2)
+        assert rec.bg_code.shape == (-(-num_own * knobs.bg_bits // 8),)
         num_box = len(rec.box_delta)
         assert rec.box_delta.shape == (num_box, 4) and rec.box_iou_logit.shape == rec.box_weight.shape == (num_box,)
         assert (np.diff(rec.anchor[:num_box]) > 0).all() and (np.diff(rec.anchor[num_box:]) > 0).all()
         assert len(np.unique(rec.anchor)) == n
         assert (rec.box_weight > 0.5).all() if len(target.boxes) else num_box == 0
-        assert (np.diff(rec.cls_logit.astype(np.float32), axis=1) <= 0).all()  # largest first
-        assert rec.nbytes == n * (4 + 3 * k) + num_box * 12 + 5 * 80 * 2
+        starts = np.cumsum(rec.cls_count.astype(np.int64)) - rec.cls_count
+        for start, count in zip(starts, rec.cls_count):
+            logits = rec.cls_logit[start:start + count].astype(np.float32)
+            assert (np.diff(logits) <= 0).all()  # largest first
+            assert count == 1 or 1 / (1 + np.exp(-logits[-1])) >= knobs.floor - 1e-3  # the others reach the floor
+        assert rec.nbytes == 5 * n + 3 * e + num_box * 12 + 5 * 80 * 4 + 5 * (80 * 2 + 8) + len(rec.bg_code)
         assert all(np.array_equal(a, b) for a, b in zip(rec, rec2))
     assert len(first[2].box_delta) == 0  # the golden view 2 has no GT
 
@@ -293,7 +303,8 @@ def test_confident_anchors_are_capped_most_confident_first():
     num_box = len(full.box_delta)
     assert len(capped.anchor) == num_box + 50 < len(full.anchor)
     assert np.array_equal(capped.anchor[:num_box], full.anchor[:num_box])
-    top = {a: float(l.max()) for a, l in zip(full.anchor[num_box:], full.cls_logit[num_box:].astype(np.float32))}
+    starts = np.cumsum(full.cls_count.astype(np.int64)) - full.cls_count
+    top = {a: float(full.cls_logit[s]) for a, s in zip(full.anchor[num_box:], starts[num_box:])}
     kept = set(capped.anchor[num_box:].tolist())
     assert min(top[a] for a in kept) >= max(v for a, v in top.items() if a not in kept)
 
@@ -319,8 +330,7 @@ def test_encode_on_a_batch_grid_equals_encode_on_the_own_grid():
     batch = encode_all(teacher, targets, shapes, pads, 0.5)[1]  # view 1 (pad 192x160) on the 192x224 grid
     own_w = [-(-160 // s) for s in GOLDEN_STRIDES]
     own = HeadOutputs(*[[t[1:2, ..., :w] for t, w in zip(ts, own_w)] for ts in teacher])
-    alone = encode_soft(own, targets[1], shapes[1], anchors=GOLDEN_LAYOUT,
-                        min_iou=0.5)
+    alone = encode_soft(own, targets[1], shapes[1], anchors=GOLDEN_LAYOUT, knobs=SoftKnobs(min_iou=0.5))
     assert all(np.array_equal(a, b) for a, b in zip(batch, alone))
 
 

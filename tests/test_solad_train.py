@@ -1,9 +1,9 @@
 """SoLAD and soft-label KD in the one training loop: the ``[distill]`` section, the loss of each method, the soft
 label sources (online dense, cached sparse, the fallback of a cached run) and their refusals.
 
-Tests marked ``needs_soft_cache`` use the soft part of the label cache (``lad cache-labels --soft``,
-``CachedView.soft``); the others stand a small in-memory double in for it (``SoftCacheDouble``): the real hard
-cache plus the records ``encode_soft`` makes from the teacher's outputs on each view alone.
+The end-to-end tests use the soft part of a real label cache (``lad cache-labels --soft``, ``CachedView.soft``);
+the unit tests stand a small in-memory double in for it (``SoftCacheDouble``): the real hard cache plus the
+records ``encode_soft`` makes from the teacher's outputs on each view alone.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from lad_pipeline.errors import LadError
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, kd_loss, kd_targets_dense
 from lad_pipeline.losses import lad_loss
 from lad_pipeline.models import build_detector
-from lad_pipeline.soft_record import encode_soft
+from lad_pipeline.soft_record import SoftKnobs, encode_soft
 from lad_pipeline.teacher import load_teacher, teacher_model_config, teacher_outputs
 from lad_pipeline.train.label_sources import OnlineTeacher, StepInputs
 from lad_pipeline.train.recipes import train_student, train_teacher
@@ -47,9 +47,6 @@ KD_KEYS = {"loss_kd_cls", "loss_kd_iou", "loss_kd_bbox"}
 # a random teacher's boxes rarely overlap a GT by 0.5: the in-process checks select box-KD anchors at 0.1
 LOW_IOU = "distill.min_iou=0.1"
 KNOBS = {"floor": 0.02, "top_k": 2, "max_confident": 1000, "min_iou": 0.1}  # encode_soft's defaults, KD's min_iou
-needs_soft_cache = pytest.mark.skipif(not hasattr(LabelCache, "has_soft"),
-                                      reason="needs the soft part of the label cache (lad cache-labels --soft)")
-
 
 def solad_config(*overrides: str):
     return tiny_config(*overrides, base=SOLAD_CONFIG)
@@ -230,27 +227,27 @@ class SoftCacheDouble:
     def __init__(self, hard: LabelCache, dataset, teacher, keys, knobs: dict) -> None:
         self.path, self.layout = hard.path, hard.layout
         self.attrs = {**hard.attrs, "soft": dict(knobs)}
+        self.soft_knobs = SoftKnobs(**knobs)
         self.hard = hard
         config = solad_config()
         self.records = {}
-        encode = {k: v for k, v in knobs.items() if k != "min_iou"}
         for key in keys:
             view = hard.get(key)
             image, _ = normalize_and_pad([dataset[key].image], config.data.mean, config.data.std,
                                          config.data.size_divisor, CPU)
             self.records[key] = encode_soft(teacher_outputs(teacher, image[0]), view.targets, view.view_size,
-                                            anchors=teacher.anchors, min_iou=knobs["min_iou"], **encode)
+                                            anchors=teacher.anchors, knobs=self.soft_knobs)
 
     def get(self, key, **kwargs):
         view = self.hard.get(key, **kwargs)
-        return None if view is None else SimpleNamespace(**vars(view), soft=self.records.get(key))
+        return None if view is None else SimpleNamespace(**{**vars(view), "soft": self.records.get(key)})
 
 
 class MissEverything:
     """The same cache (attributes, layout, knobs) holding no view: every view goes to the fallback teacher."""
 
     def __init__(self, cache) -> None:
-        self.path, self.layout, self.attrs = cache.path, cache.layout, cache.attrs
+        self.path, self.layout, self.attrs, self.soft_knobs = cache.path, cache.layout, cache.attrs, cache.soft_knobs
 
     def get(self, key, **kwargs):
         return None
@@ -311,14 +308,12 @@ def soft_cache(world, tmp_path_factory):
     return out
 
 
-@needs_soft_cache
 def test_cached_solad_trains_as_its_fallback(soft_cache, dataset, teacher):
     cache = LabelCache.open(soft_cache)
     assert cache.has_soft and float(cache.attrs["soft"]["min_iou"]) <= solad_config().distill.min_iou
     assert_hits_train_as_misses(cache, dataset, teacher, mixed_keys(dataset))
 
 
-@needs_soft_cache
 def test_cached_solad_end_to_end(world, soft_cache, tmp_path):
     run = tmp_path / "cached-solad"
     result = lad("train-student", "--cache", soft_cache, "--teacher", world.teacher, *world.data_args(),

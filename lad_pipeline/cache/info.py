@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple, Optional
 
 import numpy as np
 import zarr
@@ -17,9 +17,37 @@ from lad_pipeline.cache.reader import (
     read_shard,
     shard_name,
 )
-from lad_pipeline.cache.schema import CSR_COLUMNS, ShardData, content_digest, view_digest
+from lad_pipeline.cache.schema import (
+    CSR_COLUMNS,
+    SOFT_COLUMNS,
+    SOFT_FIELDS,
+    SOFT_OFFSETS,
+    ShardData,
+    content_digest,
+    soft_array_specs,
+    soft_problem,
+    view_digest,
+)
 from lad_pipeline.errors import LadError
+from lad_pipeline.models.anchors import AnchorLayout
+from lad_pipeline.soft_record import FIELD_ROWS, SoftKnobs
 from lad_pipeline.types import ViewKey
+
+
+class SoftContext(NamedTuple):
+    """What checking a soft-label store's records needs from its attributes."""
+
+    anchors: AnchorLayout
+    knobs: SoftKnobs
+    num_classes: int
+    specs: dict
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Optional["SoftContext"]:
+        if not attrs.get("soft"):
+            return None
+        return cls(AnchorLayout.from_attrs(attrs["anchor"]), SoftKnobs.from_attrs(attrs["soft"]),
+                   int(attrs["soft_teacher"]["num_classes"]), soft_array_specs(attrs))
 
 
 @dataclass
@@ -34,9 +62,11 @@ class ShardScan:
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("candidates", "positives", "gts", "ignore_boxes", "fixes"), 0))
     problems: list[str] = field(default_factory=list)
+    soft: Optional[SoftContext] = None  # set for a soft-label store: its records are checked and counted
+    soft_per_view: list[tuple[int, int, int]] = field(default_factory=list)  # (anchors, box rows, raw bytes)
 
     def add(self, shard: ShardData) -> None:
-        problem = _structure_problem(shard)
+        problem = _structure_problem(shard) or _soft_structure_problem(shard, self.soft)
         if problem:
             self.problems.append(f"shard {shard_name(shard.shard_id)}: {problem}")
             return
@@ -51,18 +81,30 @@ class ShardScan:
             self.digests.append((r.key, view_digest(r)))
             self.pos_per_gt.append(np.bincount(r.cand_gt[r.cand_pos], minlength=r.boxes.shape[0]))
             self.cands_per_view.append(r.cand_anchor.shape[0])
+            if r.soft is not None:
+                self.soft_per_view.append((r.soft.anchor.shape[0], r.soft.num_box, r.soft.nbytes))
         end = shard.offsets[-1]
         for name, value in zip(("candidates", "gts", "ignore_boxes", "fixes"), end):
             self.totals[name] += value
         self.totals["positives"] += int(shard.arrays["cand_pos"].sum())
 
     def counts(self) -> dict[str, int]:
-        return {"views": len(self.entries), "images": len({k.image_id for k in self.entries}),
-                "shards": len(self.shard_rows), **self.totals}
+        counts = {"views": len(self.entries), "images": len({k.image_id for k in self.entries}),
+                  "shards": len(self.shard_rows), **self.totals}
+        if self.soft is not None:
+            per_view = np.asarray(self.soft_per_view, np.int64).reshape(-1, 3)
+            counts.update({"soft_anchors": int(per_view[:, 0].sum()), "soft_box_anchors": int(per_view[:, 1].sum())})
+        return counts
 
     def stats(self) -> dict[str, dict[str, float]]:
         pos = np.concatenate(self.pos_per_gt) if self.pos_per_gt else np.zeros(0)
-        return {"positives_per_gt": _summary(pos), "candidates_per_view": _summary(np.asarray(self.cands_per_view))}
+        stats = {"positives_per_gt": _summary(pos), "candidates_per_view": _summary(np.asarray(self.cands_per_view))}
+        if self.soft is not None:
+            per_view = np.asarray(self.soft_per_view, np.int64).reshape(-1, 3)
+            stats.update({"soft_anchors_per_view": _summary(per_view[:, 0]),
+                          "soft_box_anchors_per_view": _summary(per_view[:, 1]),
+                          "soft_record_bytes_per_view": _summary(per_view[:, 2])})
+        return stats
 
     def digest(self) -> str:
         return content_digest(self.digests)
@@ -102,9 +144,33 @@ def _structure_problem(shard: ShardData) -> str | None:
     return None
 
 
+def _soft_structure_problem(shard: ShardData, soft: Optional[SoftContext]) -> str | None:
+    """The soft part of a shard: offsets, array shapes and dtypes, and each view's record against its own grid."""
+    if soft is None:
+        return None
+    if not shard.has_soft:
+        return "has no soft-label arrays but the store records soft labels"
+    off = shard.arrays[SOFT_OFFSETS]
+    n = len(shard)
+    if off.shape != (n + 1, len(SOFT_COLUMNS)) or (off[0] != 0).any() or (np.diff(off, axis=0) < 0).any():
+        return "soft_offsets have the wrong shape, do not start at 0 or are not monotone"
+    for name in SOFT_FIELDS:
+        a = shard.arrays[f"soft_{name}"]
+        dtype, tail = soft.specs[f"soft_{name}"]
+        rows = off[-1, SOFT_COLUMNS[FIELD_ROWS[name]]]
+        if a.dtype != dtype or a.shape != (rows,) + tail:
+            return f"soft_{name} is {a.dtype} {a.shape}, expected {dtype} {(rows,) + tail}"
+    for row in range(n):
+        v = shard.views[row]
+        problem = soft_problem(shard.soft(row), soft.anchors, (v[6], v[7]), soft.num_classes, soft.knobs)
+        if problem:
+            return f"view {tuple(shard.key(row))}: soft record {problem}"
+    return None
+
+
 def scan_shards(path: str | os.PathLike, root: zarr.Group, shard_ids: Iterable[int]) -> ShardScan:
     """Read and check the given shards; unreadable or corrupt shards become problems."""
-    scan = ShardScan()
+    scan = ShardScan(soft=SoftContext.from_attrs(root.attrs.asdict()))
     for shard_id in shard_ids:
         try:
             scan.add(read_shard(path, root, shard_id))
@@ -113,11 +179,14 @@ def scan_shards(path: str | os.PathLike, root: zarr.Group, shard_ids: Iterable[i
     return scan
 
 
-def _bytes_on_disk(path: str | os.PathLike, root: zarr.Group) -> int:
+def _bytes_on_disk(path: str | os.PathLike, root: zarr.Group, soft_only: bool = False) -> int:
+    """Bytes the store (or only its soft-label arrays, ``soft_*`` in every shard) takes on disk."""
     local = local_path(path)
     if local is not None:
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files)
-    return sum(int(a.nbytes_stored()) for _, a in root.members(max_depth=None) if isinstance(a, zarr.Array))
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files
+                   if not soft_only or any(part.startswith("soft_") for part in os.path.relpath(d, local).split(os.sep)))
+    return sum(int(a.nbytes_stored()) for name, a in root.members(max_depth=None)
+               if isinstance(a, zarr.Array) and (not soft_only or name.rsplit("/", 1)[-1].startswith("soft_")))
 
 
 def cache_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
@@ -140,6 +209,10 @@ def cache_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
         "bytes_per_view": round(size / views, 1) if views else None,
         "content_digest": attrs.get("content_digest"),
     }
+    if attrs.get("soft"):
+        soft_size = _bytes_on_disk(path, root, soft_only=True)
+        info["soft"] = {"knobs": attrs["soft"], "teacher": attrs.get("soft_teacher", {}),
+                        "bytes_on_disk": soft_size, "bytes_per_view": round(soft_size / views, 1) if views else None}
     if verify:
         info["verify"] = _verify(path, root, attrs, done)
     return info
@@ -185,6 +258,13 @@ def _index_problems(root: zarr.Group, scan: ShardScan) -> list[str]:
     return problems
 
 
+def _distribution(d: dict[str, float]) -> str:
+    if not d:
+        return "-"
+    return (f"mean {d['mean']:.4g}  p10/p50/p90/max "
+            f"{d['p10']:.4g}/{d['p50']:.4g}/{d['p90']:.4g}/{d['max']:.4g}")
+
+
 def format_info(info: dict[str, Any]) -> str:
     """Human-readable text of ``cache_info``'s result."""
     c, s, a = info.get("counts") or {}, info.get("stats") or {}, info.get("anchor") or {}
@@ -207,8 +287,22 @@ def format_info(info: dict[str, Any]) -> str:
         f"positives        {c.get('positives', '-')}  per GT mean {ppg.get('mean', '-')} "
         f"p10/p50/p90 {ppg.get('p10', '-')}/{ppg.get('p50', '-')}/{ppg.get('p90', '-')}",
         f"on disk          {info['bytes_on_disk']} bytes, {info['bytes_per_view']} per view",
-        f"content digest   {info['content_digest']}",
     ]
+    soft = info.get("soft")
+    if soft:
+        k, counts_of = soft["knobs"], lambda name: _distribution(s.get(name, {}))
+        lines += [
+            f"soft labels      floor {k['floor']:g}  top_k {k['top_k']}  max_confident {k['max_confident']}  "
+            f"min_iou {k['min_iou']:g}  bg_rank {k['bg_rank']}  bg_bits {k['bg_bits']}  "
+            f"({soft['teacher'].get('num_classes', '?')} classes)",
+            f"soft anchors     {c.get('soft_anchors', '-')}  per view {counts_of('soft_anchors_per_view')}",
+            f"soft box rows    {c.get('soft_box_anchors', '-')}  per view {counts_of('soft_box_anchors_per_view')}",
+            f"soft bytes       record per view {counts_of('soft_record_bytes_per_view')}",
+            f"soft on disk     {soft['bytes_on_disk']} bytes, {soft['bytes_per_view']} per view",
+        ]
+    else:
+        lines.append("soft labels      none (hard assignments only)")
+    lines.append(f"content digest   {info['content_digest']}")
     v = info.get("verify")
     if v is not None:
         lines.append(f"verify           {'OK' if v['ok'] else 'FAILED'} ({v['shards_checked']} shards read)")

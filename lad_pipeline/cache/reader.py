@@ -19,15 +19,17 @@ import zarr
 from lad_pipeline.cache.layout import GridLayout
 from lad_pipeline.cache.schema import (
     FORMAT,
+    READABLE_VERSIONS,
     SCHEMA_VERSION,
-    SHARD_ARRAYS,
     ShardData,
     first_difference,
     jsonable,
     normalize_key,
+    shard_array_names,
     shard_checksum,
 )
 from lad_pipeline.errors import LadError
+from lad_pipeline.soft_record import SoftKnobs, SoftRecord
 from lad_pipeline.types import Assignment, Targets, ViewKey
 
 SHARDS = "shards"
@@ -102,7 +104,7 @@ def read_shard(path: str | os.PathLike, root: zarr.Group, shard_id: int) -> Shar
     if attrs.get("committed") is not True:
         raise LadError(f"{where} was never committed; run lad cache-labels --resume")
     try:
-        arrays = {n: np.asarray(group[n][...]) for n in SHARD_ARRAYS}
+        arrays = {n: np.asarray(group[n][...]) for n in shard_array_names(root.attrs.asdict())}
     except Exception as exc:
         raise LadError(f"{where} is corrupt ({type(exc).__name__}: {exc}); delete {SHARDS}/{name} and run "
                        "lad cache-labels --resume") from None
@@ -114,7 +116,9 @@ def read_shard(path: str | os.PathLike, root: zarr.Group, shard_id: int) -> Shar
 
 @dataclass
 class CachedView:
-    """One cached view: geometry, targets and the teacher's assignment rebuilt on a grid."""
+    """One cached view: geometry, targets and the teacher's assignment rebuilt on a grid, and in a
+    soft-label store the teacher's soft record (on the view's own padded grid, fresh numpy arrays;
+    ``rebuild_soft`` puts records on a batch grid)."""
 
     key: ViewKey
     view_size: tuple[int, int]
@@ -122,6 +126,7 @@ class CachedView:
     scale_factor: tuple[float, float]
     targets: Targets
     assignment: Assignment
+    soft: Optional[SoftRecord] = None
 
 
 class LabelCache:
@@ -137,6 +142,7 @@ class LabelCache:
         self.path = os.fspath(path)
         self.attrs = attrs
         self.layout = GridLayout.from_attrs(attrs)
+        self.soft_knobs: Optional[SoftKnobs] = SoftKnobs.from_attrs(attrs["soft"]) if attrs.get("soft") else None
         self._index = index
         self._max_bytes = max_cached_bytes
         self._lru: OrderedDict[int, ShardData] = OrderedDict()
@@ -197,6 +203,11 @@ class LabelCache:
         except TypeError:  # e.g. scale given as a list
             return self._index.get(normalize_key(key))
 
+    @property
+    def has_soft(self) -> bool:
+        """True when every view carries the teacher's soft record (``lad cache-labels --soft``)."""
+        return self.soft_knobs is not None
+
     def __contains__(self, key: Any) -> bool:
         return self._locate(key) is not None
 
@@ -241,7 +252,10 @@ class LabelCache:
             torch.from_numpy(pos.copy()),
         )
         sf = shard.scale_factor[row]
-        return CachedView(shard.key(row), (v[4], v[5]), pad, (sf[0], sf[1]), targets, assignment)
+        soft = shard.soft(row)
+        if soft is not None:
+            soft = SoftRecord(*(a.copy() for a in soft))
+        return CachedView(shard.key(row), (v[4], v[5]), pad, (sf[0], sf[1]), targets, assignment, soft)
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for spawn workers: drop the zarr handle, keep the index and decoded shards.
@@ -252,9 +266,10 @@ class LabelCache:
 
 def check_attrs(path: str | os.PathLike, attrs: dict[str, Any], expect: Optional[dict[str, Any]]) -> None:
     """Refuse a store of another schema, or whose attributes differ from ``expect``."""
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise LadError(f"label cache {path}: schema_version differs: cache has {attrs.get('schema_version')!r}, "
-                       f"this lad reads {SCHEMA_VERSION}; rebuild it with lad cache-labels")
+                       f"this lad reads {', '.join(map(str, READABLE_VERSIONS))} (writes {SCHEMA_VERSION}); "
+                       "rebuild it with lad cache-labels")
     for field, want in jsonable(expect or {}).items():
         have = attrs.get(field, "<missing>")
         if field == "anchor" and isinstance(want, dict) and isinstance(have, dict):

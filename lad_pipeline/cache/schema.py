@@ -16,10 +16,25 @@ import numpy as np
 from lad_pipeline.cache.layout import GridLayout
 from lad_pipeline.errors import LadError
 from lad_pipeline.models.anchors import AnchorLayout
+from lad_pipeline.soft_record import (
+    FIELD_DTYPES,
+    FIELD_ROWS,
+    ROW_KINDS,
+    SoftKnobs,
+    SoftRecord,
+    expected_rows,
+    field_tail,
+    row_counts,
+)
 from lad_pipeline.types import IGNORED, Assignment, Targets, ViewKey
 
 FORMAT = "lad-label-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this code reads: v1 stores are v2 stores without soft labels (same arrays, same digest).
+READABLE_VERSIONS = (1, 2)
+# The content digest keeps v1's definition for the hard part, so a hard-only store digests the same in
+# both versions; soft records extend each view's digest.
+DIGEST_TAG = f"{FORMAT}/v1"
 DEFAULT_SHARD_SIZE = 512
 
 # Caller-supplied root attributes that define what the cache contains. Resuming a store with any of
@@ -37,6 +52,9 @@ IDENTITY_FIELDS = (
     "shard_size",
 )
 REQUIRED_ATTRS = IDENTITY_FIELDS[1:]
+# Identity fields only soft-label stores have: the record knobs (``SoftKnobs.to_attrs()``) and what the
+# teacher side fixes for a rebuild (class count, delta stds).
+SOFT_IDENTITY_FIELDS = ("soft", "soft_teacher")
 ANCHOR_LAYOUT_FIELDS = ("strides", "octave_base_scale", "size_divisor")
 
 # name -> (storage dtype, trailing shape). Leading dim: N views ("views", "scale_factor"),
@@ -62,6 +80,11 @@ CSR_COLUMNS = {
     2: ("ignore_boxes",),
     3: ("fix_anchor", "fix_value"),
 }
+# Soft-label stores add "soft_offsets" [N+1, len(ROW_KINDS)] (one column per row kind of a SoftRecord)
+# and one flat array per record field, "soft_<field>", its rows those of its kind's column.
+SOFT_OFFSETS = "soft_offsets"
+SOFT_COLUMNS = {kind: column for column, kind in enumerate(ROW_KINDS)}
+SOFT_FIELDS = SoftRecord._fields
 VIEW_COLUMNS = ("image_id", "scale_long", "scale_short", "flip", "view_h", "view_w", "pad_h", "pad_w", "has_ignore")
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -97,6 +120,24 @@ class ViewRecord:
     cand_pos: np.ndarray  # [K] bool
     fix_anchor: np.ndarray  # [F] int64
     fix_value: np.ndarray  # [F] int64
+    soft: Optional[SoftRecord] = None  # the teacher's soft labels, in a soft-label store
+
+
+def soft_array_specs(attrs: dict[str, Any]) -> Optional[dict[str, tuple[np.dtype, tuple[int, ...]]]]:
+    """``soft_<field>`` -> (storage dtype, trailing shape) of a soft-label store, or None for a hard-only one."""
+    if not attrs.get("soft"):
+        return None
+    knobs = SoftKnobs.from_attrs(attrs["soft"])
+    num_classes = int(attrs["soft_teacher"]["num_classes"])
+    return {f"soft_{name}": (FIELD_DTYPES[name], field_tail(name, knobs, num_classes)) for name in SOFT_FIELDS}
+
+
+def shard_array_names(attrs: dict[str, Any]) -> list[str]:
+    """Every array of a shard of this store, in checksum order."""
+    names = list(SHARD_ARRAYS)
+    if attrs.get("soft"):
+        names += [SOFT_OFFSETS] + [f"soft_{name}" for name in SOFT_FIELDS]
+    return names
 
 
 def normalize_key(key: Sequence[Any]) -> ViewKey:
@@ -121,12 +162,15 @@ def make_view_record(
     layout: GridLayout,
     *,
     grid_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    soft: Optional[SoftRecord] = None,
+    soft_knobs: Optional[SoftKnobs] = None,
 ) -> ViewRecord:
-    """Build the cache row of one view from the teacher's assignment.
+    """Build the cache row of one view from the teacher's assignment (and its soft record).
 
     The assignment lies on the view's own grid, or on ``grid_sizes`` (a batch grid the teacher ran
     on: ``gt_index`` and ``cand_anchor`` index that grid, and every anchor off the own grid must be
-    IGNORED). The record always holds own-grid indices.
+    IGNORED). The record always holds own-grid indices. ``soft`` (``encode_soft``) is on the own grid and is
+    checked against ``soft_knobs`` (the store's; ``None``: the record's own rank and code width).
     """
     key = normalize_key(key)
     view_size = (int(geometry.view_size[0]), int(geometry.view_size[1]))
@@ -173,11 +217,76 @@ def make_view_record(
         raise ValueError(f"{key}: gt_index values outside {IGNORED}..{num_gt - 1}")
     rebuilt = layout.gt_index(pad_size, cand[0], cand[1], cand[3], ignore)
     fix_anchor = np.flatnonzero(rebuilt != gt).astype(np.int64)
-    return ViewRecord(key, view_size, pad_size, scale_factor, boxes, labels, ignore, *cand, fix_anchor, gt[fix_anchor])
+    if soft is not None:
+        soft = SoftRecord(*(np.ascontiguousarray(a, FIELD_DTYPES[n]) for n, a in zip(SOFT_FIELDS, soft)))
+        problem = soft_problem(soft, layout.anchors, pad_size, soft.num_classes, soft_knobs)
+        if problem:
+            raise ValueError(f"{key}: soft record {problem}")
+    return ViewRecord(key, view_size, pad_size, scale_factor, boxes, labels, ignore, *cand, fix_anchor, gt[fix_anchor],
+                      soft)
 
 
-def pack_shard(records: Sequence[ViewRecord]) -> dict[str, np.ndarray]:
-    """Concatenate view records into the CSR arrays of one shard (storage dtypes)."""
+def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int], num_classes: int,
+                 knobs: Optional[SoftKnobs] = None) -> Optional[str]:
+    """What is wrong with a view's soft record (row counts, anchor and class ranges), or None. Without
+    ``knobs`` (the store's) the record's own rank and code width are taken."""
+    rows = row_counts(soft)
+    num_own = anchors.num_anchors(anchors.feature_sizes(pad_size))
+    if knobs is None:
+        try:
+            rank, bits = soft.bg_rank, soft.bg_bits(num_own)
+        except ValueError as exc:
+            return str(exc)
+    else:
+        rank, bits = knobs.bg_rank, knobs.bg_bits
+    want = expected_rows(anchors, pad_size, rank, bits)
+    for kind, n in want.items():
+        if rows[kind] != n:
+            return f"has {rows[kind]} {kind} rows, its own grid needs {n}"
+    if rows["box"] > rows["anchor"]:
+        return f"has {rows['box']} box rows but only {rows['anchor']} anchors"
+    if soft.anchor.size and (soft.anchor.min() < 0 or soft.anchor.max() >= num_own):
+        return f"anchor outside the own grid (0..{num_own - 1})"
+    if soft.cls_count.size and (soft.cls_count.min() < 1 or int(soft.cls_count.astype(np.int64).sum()) != rows["entry"]):
+        return f"cls_count does not add up to its {rows['entry']} entries (or an anchor has none)"
+    if soft.cls_class.size and soft.cls_class.max() >= num_classes:
+        return f"class id outside 0..{num_classes - 1}"
+    if soft.bg_logit.shape[1:] != (num_classes,):
+        return f"covers {soft.bg_logit.shape[1:]} classes, not {num_classes}"
+    return None
+
+
+def pack_shard(records: Sequence[ViewRecord],
+               soft_specs: Optional[dict[str, tuple[np.dtype, tuple[int, ...]]]] = None) -> dict[str, np.ndarray]:
+    """Concatenate view records into the CSR arrays of one shard (storage dtypes). ``soft_specs``
+    (``soft_array_specs``): the store keeps soft labels, and every record must carry one."""
+    out = _pack_hard(records)
+    if soft_specs is not None:
+        out.update(_pack_soft(records, soft_specs))
+    elif any(r.soft is not None for r in records):
+        raise ValueError("soft records given to a store without soft labels")
+    return out
+
+
+def _pack_soft(records: Sequence[ViewRecord], specs: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    missing = [r.key for r in records if r.soft is None]
+    if missing:
+        raise ValueError(f"view {tuple(missing[0])} has no soft record; a soft-label store needs one for every view")
+    counts = np.zeros((len(records) + 1, len(ROW_KINDS)), np.int64)
+    for i, r in enumerate(records):
+        rows = row_counts(r.soft)
+        counts[i + 1] = [rows[kind] for kind in ROW_KINDS]
+    out = {SOFT_OFFSETS: np.cumsum(counts, axis=0)}
+    for field in SOFT_FIELDS:
+        dtype, tail = specs[f"soft_{field}"]
+        parts = [getattr(r.soft, field) for r in records]
+        parts = [p for p in parts if p.size]
+        flat = np.concatenate([p.reshape((-1,) + tail) for p in parts]) if parts else np.zeros((0,) + tail, dtype)
+        out[f"soft_{field}"] = np.ascontiguousarray(flat.astype(dtype, copy=False))
+    return out
+
+
+def _pack_hard(records: Sequence[ViewRecord]) -> dict[str, np.ndarray]:
     n = len(records)
     views = np.zeros((n, 9), np.int64)
     scale = np.zeros((n, 2), np.float64)
@@ -218,6 +327,7 @@ class ShardData:
         self.offsets: list[list[int]] = arrays["offsets"].tolist()
         self.views: list[list[int]] = arrays["views"].tolist()
         self.scale_factor: list[list[float]] = arrays["scale_factor"].tolist()
+        self.soft_offsets: list[list[int]] = arrays[SOFT_OFFSETS].tolist() if SOFT_OFFSETS in arrays else []
         self.nbytes = sum(a.nbytes for a in arrays.values())
 
     def __len__(self) -> int:
@@ -230,10 +340,23 @@ class ShardData:
     def rows(self, row: int, column: int, name: str) -> np.ndarray:
         return self.arrays[name][self.offsets[row][column]:self.offsets[row + 1][column]]
 
+    @property
+    def has_soft(self) -> bool:
+        return SOFT_OFFSETS in self.arrays
+
+    def soft(self, row: int) -> Optional[SoftRecord]:
+        """The soft record of the view at ``row`` (views into the shard's arrays), or None."""
+        if not self.has_soft:
+            return None
+        off = self.soft_offsets
+        return SoftRecord(*(self.arrays[f"soft_{f}"][off[row][SOFT_COLUMNS[FIELD_ROWS[f]]]:
+                                                       off[row + 1][SOFT_COLUMNS[FIELD_ROWS[f]]]] for f in SOFT_FIELDS))
+
     def record(self, row: int) -> ViewRecord:
         """The view at ``row`` as a ViewRecord (canonical dtypes, fresh arrays)."""
         v = self.views[row]
         r = self.rows
+        soft = self.soft(row)
         return ViewRecord(
             key=self.key(row),
             view_size=(v[4], v[5]),
@@ -248,13 +371,18 @@ class ShardData:
             cand_pos=r(row, 0, "cand_pos").copy(),
             fix_anchor=r(row, 3, "fix_anchor").astype(np.int64),
             fix_value=r(row, 3, "fix_value").astype(np.int64),
+            soft=None if soft is None else SoftRecord(*(a.copy() for a in soft)),
         )
 
 
 def shard_checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over every array of a shard (name, shape, dtype, little-endian C-order bytes)."""
+    """sha256 over every array of a shard (name, shape, dtype, little-endian C-order bytes), the hard
+    arrays in table order, then the soft ones (if any) in record-field order."""
     h = hashlib.sha256()
-    for name in SHARD_ARRAYS:
+    names = list(SHARD_ARRAYS)
+    if SOFT_OFFSETS in arrays:
+        names += [SOFT_OFFSETS] + [f"soft_{f}" for f in SOFT_FIELDS]
+    for name in names:
         a = arrays[name]
         h.update(f"{name}|{a.shape}|{a.dtype.str}|".encode())
         h.update(np.ascontiguousarray(a).data)
@@ -272,12 +400,18 @@ def view_digest(r: ViewRecord) -> bytes:
                   (r.cand_score, "<f4"), (r.cand_pos, "u1"), (r.fix_anchor, "<i8"), (r.fix_value, "<i8")):
         h.update(np.int64(a.shape[0]).tobytes())
         h.update(np.ascontiguousarray(a, dt).tobytes())
+    if r.soft is not None:
+        h.update(b"soft")
+        for name, a in zip(SOFT_FIELDS, r.soft):
+            dtype = FIELD_DTYPES[name].newbyteorder("<")
+            h.update(np.asarray(a.shape, "<i8").tobytes())
+            h.update(np.ascontiguousarray(a, dtype).tobytes())
     return h.digest()
 
 
 def content_digest(items: Iterable[tuple[ViewKey, bytes]]) -> str:
     """Combine (key, view_digest) pairs in key order: equal content gives equal digests."""
-    h = hashlib.sha256(f"{FORMAT}/v{SCHEMA_VERSION}".encode())
+    h = hashlib.sha256(DIGEST_TAG.encode())
     for key, digest in sorted(items, key=lambda kv: (kv[0][0], tuple(kv[0][1]), bool(kv[0][2]))):
         h.update(np.asarray([key[0], *key[1], int(key[2])], "<i8").tobytes())
         h.update(digest)
@@ -337,4 +471,10 @@ def validate_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
         raise LadError("the label cache supports one anchor per location (PAA): ratios [1.0], scales_per_octave 1")
     if not isinstance(out["shard_size"], int) or out["shard_size"] < 1:
         raise ValueError("attrs['shard_size'] must be a positive int")
+    if out.get("soft") is not None or out.get("soft_teacher") is not None:
+        knobs = SoftKnobs.from_attrs(out.get("soft") or {}).validate()
+        teacher = out.get("soft_teacher")
+        if not isinstance(teacher, dict) or not isinstance(teacher.get("num_classes"), int):
+            raise ValueError("attrs['soft_teacher'] must be a dict with the teacher's num_classes")
+        knobs.validate(teacher["num_classes"])
     return out

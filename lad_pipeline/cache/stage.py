@@ -1,4 +1,5 @@
-"""Stage one: run the teacher once over every view of a dataset and store its PAA assignment.
+"""Stage one: run the teacher once over every view of a dataset and store its PAA assignment (and, with
+soft labels, the sparse record of its outputs made from the same forward pass).
 
 Views are cut, in a fixed order, into shards of ``shard_size``; rank r of a torchrun job writes the
 shards with ``shard_id % world_size == r`` (two writers never touch one shard) and rank 0 finalizes
@@ -18,9 +19,11 @@ from ..config import Config, ModelConfig
 from ..data import CocoViews, make_loader, normalize_and_pad
 from ..errors import LadError
 from ..models.anchors import AnchorLayout
+from ..boxes import DELTA_STDS
 from ..runtime import distributed as dist
 from ..runtime.progress import Progress
-from ..teacher import load_teacher, teacher_assign, teacher_model_config
+from ..soft_record import SoftKnobs, encode_soft
+from ..teacher import load_teacher, teacher_assign_with_outputs, teacher_model_config
 
 log = logging.getLogger("lad")
 
@@ -32,8 +35,9 @@ def transform_attrs(config: Config) -> dict:
 
 
 def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher_ckpt: str,
-                ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int) -> dict:
-    return {
+                ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int,
+                soft: Optional[SoftKnobs] = None) -> dict:
+    attrs = {
         "teacher_sha256": file_sha256(teacher_ckpt),
         "teacher_checkpoint": str(teacher_ckpt),
         "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign), "loss": asdict(config.loss)},
@@ -46,13 +50,23 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
         "ignore_iof_thr": config.assign.ignore_iof_thr,
         "shard_size": shard_size,
     }
+    if soft is not None:
+        attrs["soft"] = soft.to_attrs()
+        # what a rebuild needs from the teacher besides the anchor layout (attrs["anchor"])
+        attrs["soft_teacher"] = {"num_classes": teacher_model.num_classes, "delta_stds": list(DELTA_STDS),
+                                 "use_teacher_boxes": True}
+    return attrs
 
 
 def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[str] = None,
                  images: Optional[str] = None, variants: Sequence[str] = ("identity", "hflip"),
                  scales: Optional[Sequence[Sequence[int]]] = None, resume: bool = False, overwrite: bool = False,
-                 num_workers: Optional[int] = None, shard_size: int = 256, amp: bool = False) -> dict:
-    """Write the teacher's assignment of every view; returns the finalized store's root attributes."""
+                 num_workers: Optional[int] = None, shard_size: int = 256, amp: bool = False,
+                 soft: Optional[SoftKnobs] = None) -> dict:
+    """Write the teacher's assignment of every view; returns the finalized store's root attributes.
+
+    ``soft``: also store each view's soft record (``encode_soft`` with these knobs) from the same forward.
+    """
     rank, world, device = dist.init_from_env()
     if Path(out).is_file():
         raise LadError(f"--out {out} is a file; give a directory path for the label cache")
@@ -67,9 +81,11 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     dataset = CocoViews(ann, images, scales=scales, flip_prob=0.0, train=True,
                         skip_bad_images=config.data.skip_bad_images)
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
+    if soft is not None:
+        soft.validate(teacher_cfg.num_classes)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
-    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, teacher_ckpt, ann, variants, scales, shard_size)
+    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, teacher_ckpt, ann, variants, scales, shard_size, soft)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None
@@ -95,10 +111,15 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
             image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
             pad = (int(image.shape[-2]), int(image.shape[-1]))
-            assignment = teacher_assign(teacher, image[0], batch.targets[0].to(device), pad, config.assign, config.loss,
-                                        amp=amp)
+            target = batch.targets[0].to(device)
+            assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
+                                                             config.loss, amp=amp)
+            record = None
+            if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
+                record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)
             geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
-            records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment)))
+            records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment),
+                                              soft=record))
         consumed += 1
         progress.update(world)
         if consumed == min(shard_size, len(keys) - shard_id * shard_size):

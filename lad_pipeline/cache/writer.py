@@ -37,16 +37,20 @@ from lad_pipeline.cache.schema import (
     FORMAT,
     IDENTITY_FIELDS,
     SCHEMA_VERSION,
-    SHARD_ARRAYS,
+    SOFT_IDENTITY_FIELDS,
+    SOFT_OFFSETS,
     ViewGeometry,
     ViewRecord,
     first_difference,
     make_view_record,
     pack_shard,
+    shard_array_names,
     shard_checksum,
+    soft_array_specs,
     validate_attrs,
 )
 from lad_pipeline.errors import LadError
+from lad_pipeline.soft_record import ROW_KINDS, SoftKnobs, SoftRecord
 from lad_pipeline.types import Assignment, Targets
 
 RESERVED_ATTRS = ("format", "lad_version", "created", "finalized", "finalized_at", "num_shards", "counts",
@@ -112,6 +116,8 @@ class CacheWriter:
         self.path = os.fspath(path)
         self.attrs = attrs
         self.layout = GridLayout.from_attrs(attrs)
+        self._soft_specs = soft_array_specs(attrs)
+        self._soft_knobs = SoftKnobs.from_attrs(attrs["soft"]) if attrs.get("soft") else None
         self._local = local_path(path)
         self._codecs = _codecs(attrs["compression"])
         self._root = zarr.open_group(store_of(path), mode="r+")
@@ -150,8 +156,8 @@ class CacheWriter:
         wanted = _root_attrs(attrs, compression)
         stored = open_root(path).attrs.asdict()
         check_attrs(path, stored, None)
-        for field in IDENTITY_FIELDS:
-            diff = first_difference(stored.get(field, "<missing>"), wanted[field], field)
+        for field in IDENTITY_FIELDS + SOFT_IDENTITY_FIELDS:
+            diff = first_difference(stored.get(field, "<missing>"), wanted.get(field, "<missing>"), field)
             if diff:
                 name, have, now = diff
                 raise LadError(f"cannot resume label cache {path}: {name} differs (cache: {have!r}, now: {now!r}); "
@@ -159,9 +165,15 @@ class CacheWriter:
         return cls(path, stored)
 
     def make_record(self, key: Any, geometry: ViewGeometry, targets: Targets, assignment: Assignment, *,
-                    grid_sizes: Optional[Sequence[tuple[int, int]]] = None) -> ViewRecord:
-        """``make_view_record`` with this store's anchor layout and ignore threshold."""
-        return make_view_record(key, geometry, targets, assignment, self.layout, grid_sizes=grid_sizes)
+                    grid_sizes: Optional[Sequence[tuple[int, int]]] = None,
+                    soft: Optional[SoftRecord] = None) -> ViewRecord:
+        """``make_view_record`` with this store's anchor layout and ignore threshold; ``soft`` is required in
+        a soft-label store and refused in any other."""
+        if (soft is None) != (self._soft_specs is None):
+            raise ValueError("a soft-label store needs a soft record for every view" if soft is None
+                             else "this label cache has no soft labels (create it with soft attributes)")
+        return make_view_record(key, geometry, targets, assignment, self.layout, grid_sizes=grid_sizes, soft=soft,
+                                soft_knobs=self._soft_knobs)
 
     def committed_shards(self) -> set[int]:
         return committed_shards(self.path, self._root)
@@ -178,12 +190,15 @@ class CacheWriter:
             raise ValueError(f"shard {shard_id}: {len(views)} views, shard_size is {self.attrs['shard_size']}")
         if len({r.key for r in views}) != len(views):
             raise ValueError(f"shard {shard_id}: a ViewKey appears twice")
-        arrays = pack_shard(views)
+        arrays = pack_shard(views, self._soft_specs)
         off = arrays["offsets"][-1]
         meta = {"committed": True, "checksum": shard_checksum(arrays), "shard_id": shard_id,
                 "num_views": len(views), "num_candidates": int(off[0]), "num_gts": int(off[1]),
                 "num_ignore": int(off[2]), "num_fixes": int(off[3]),
                 "num_positives": int(arrays["cand_pos"].sum())}
+        if SOFT_OFFSETS in arrays:
+            soft_off = arrays[SOFT_OFFSETS][-1]
+            meta.update({f"num_soft_{kind}_rows": int(n) for kind, n in zip(ROW_KINDS, soft_off)})
         try:
             if self._local is not None:
                 self._write_local(shard_id, arrays, meta)
@@ -195,9 +210,9 @@ class CacheWriter:
             raise LadError(f"cannot write shard {shard_name(shard_id)} of {self.path}: {exc.strerror or exc}") from None
 
     def _write_arrays(self, group: zarr.Group, arrays: dict[str, np.ndarray]) -> None:
-        for name in SHARD_ARRAYS:
+        for name in shard_array_names(self.attrs):
             a = arrays[name]
-            chunks = a.shape if a.shape[0] else (1,) + a.shape[1:]
+            chunks = tuple(max(1, d) for d in a.shape)  # one chunk; zarr needs non-zero chunk sides
             z = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, compressors=self._codecs,
                                    fill_value=0)
             if a.size:

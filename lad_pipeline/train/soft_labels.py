@@ -26,7 +26,6 @@ from ..types import HeadOutputs
 from .label_sources import CachedLabels, Labels, OnlineTeacher, StepInputs, grid_sizes
 
 SOFT_METHODS = ("solad", "kd")
-ENCODE_KNOBS = ("floor", "top_k", "max_confident")  # the cache's soft attributes that encode_soft takes
 
 
 def kd_settings(distill: DistillConfig) -> dict[str, float]:
@@ -92,8 +91,8 @@ class SoftOnlineTeacher(OnlineTeacher):
 class SoftCachedLabels(CachedLabels):
     """Cached SoLAD / KD: assignments and sparse soft records from the cache, rebuilt on the batch grid.
 
-    The cache's ``soft`` attributes hold the knobs its records were encoded with (``min_iou``, ``floor``,
-    ``top_k``, ``max_confident``); a miss is encoded with the same ones.
+    The cache's ``soft`` attributes hold the knobs its records were encoded with (``SoftKnobs``); a miss is
+    encoded with the same ones.
     """
 
     def __init__(self, cache, loss: LossConfig, anchors: AnchorLayout, distill: DistillConfig,
@@ -101,9 +100,8 @@ class SoftCachedLabels(CachedLabels):
         super().__init__(cache, loss, anchors, fallback)
         check_soft_setup(distill, cache=str(cache.path), cache_attrs=cache.attrs, teacher_batch_padding=False)
         self.distill = distill
-        soft = cache.attrs["soft"]
-        self.record_min_iou = float(soft["min_iou"])
-        self.encode_knobs = {name: soft[name] for name in ENCODE_KNOBS}
+        self.knobs = cache.soft_knobs  # a miss is encoded as the store's views were
+        self.record_min_iou = self.knobs.min_iou
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         batch_sizes = grid_sizes(outs)
@@ -126,8 +124,7 @@ class SoftCachedLabels(CachedLabels):
             for j, i in enumerate(missing):
                 view_sizes[i] = tuple(batch.view_sizes[i])
                 records[i] = encode_soft(run.outs, found.targets[i], view_sizes[i], anchors=teacher.teacher.anchors,
-                                         min_iou=self.record_min_iou, image=j, pad_shape=batch.pad_shapes[i],
-                                         **self.encode_knobs)
+                                         knobs=self.knobs, image=j, pad_shape=batch.pad_shapes[i])
                 if solad:
                     found.assignments[i] = run.assignments[j]
         kd = rebuild_soft(records, view_sizes, batch.pad_shapes, anchors=self.cache.layout.anchors,
