@@ -10,17 +10,23 @@ from lad_pipeline.runtime import distributed
 from .options import ann_option, config_option, images_option, resume_option, set_option
 
 amp_option = click.option("--amp", is_flag=True, help="Mixed precision on CUDA (same as --set train.amp=true).")
+tensorboard_option = click.option(
+    "--tensorboard", type=click.Path(file_okay=False), metavar="DIR",
+    help="Also write the metrics.jsonl scalars as TensorBoard event files to DIR (pip install lad[tensorboard]).")
 out_option = click.option("--out", required=True, type=click.Path(file_okay=False), metavar="RUN",
                           help="Run directory: config.toml, checkpoints/, metrics.jsonl, train.log.")
 
 
-def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, out: str, amp: bool):
+def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, out: str, amp: bool,
+            tensorboard: str | None):
     from pathlib import Path
 
     from lad_pipeline.config import load_config
     from lad_pipeline.errors import LadError
 
     overrides = (*overrides, "train.amp=true") if amp else overrides
+    if tensorboard:  # a TOML string, so that any path survives the override parser
+        overrides = (*overrides, "train.tensorboard=" + json.dumps(tensorboard))
     saved = Path(out) / "config.toml"
     if resume and saved.is_file():  # a resumed run continues with the config it started with
         return load_config(saved, overrides)
@@ -32,7 +38,7 @@ def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, o
 def run_options(command):
     """The options every training command takes, in help order."""
     for option in reversed((config_option, ann_option, images_option, out_option, resume_option, amp_option,
-                            set_option)):
+                            tensorboard_option, set_option)):
         command = option(command)
     return command
 
@@ -44,11 +50,12 @@ def _report(summary: dict) -> None:
 
 @click.command("train-teacher")
 @run_options
-def train_teacher_command(config_path, ann, images, out, resume, amp, overrides) -> None:
+def train_teacher_command(config_path, ann, images, out, resume, amp, tensorboard, overrides) -> None:
     """Train a PAA detector on its own label assignment (plain PAA)."""
     from lad_pipeline.train.recipes import train_teacher
 
-    _report(train_teacher(_config(config_path, overrides, resume, out, amp), out, ann=ann, images=images, resume=resume))
+    config = _config(config_path, overrides, resume, out, amp, tensorboard)
+    _report(train_teacher(config, out, ann=ann, images=images, resume=resume))
 
 
 @click.command("train-student")
@@ -57,20 +64,22 @@ def train_teacher_command(config_path, ann, images, out, resume, amp, overrides)
               help="Teacher checkpoint for views the cache lacks (default teacher.checkpoint of the config).")
 @click.option("--no-fallback", is_flag=True, help="A view missing from the cache is an error, not an online teacher run.")
 @run_options
-def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, overrides) -> None:
+def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, tensorboard,
+                          overrides) -> None:
     """Train a student from its teacher (LAD, or SoLAD / KD by the config's distill.method): labels cached, with
     the online teacher as fallback, or all online."""
     from lad_pipeline.train.recipes import train_student
 
-    config = _config(config_path, overrides, resume, out, amp)
+    config = _config(config_path, overrides, resume, out, amp, tensorboard)
     _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,
                           images=images, resume=resume))
 
 
 @click.command("train-colad")
 @run_options
-def train_colad_command(config_path, ann, images, out, resume, amp, overrides) -> None:
+def train_colad_command(config_path, ann, images, out, resume, amp, tensorboard, overrides) -> None:
     """Co-learning LAD: train [model] and [colad.model] together, each teaching the other."""
     from lad_pipeline.train.recipes import train_colad
 
-    _report(train_colad(_config(config_path, overrides, resume, out, amp), out, ann=ann, images=images, resume=resume))
+    config = _config(config_path, overrides, resume, out, amp, tensorboard)
+    _report(train_colad(config, out, ann=ann, images=images, resume=resume))

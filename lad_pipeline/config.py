@@ -133,6 +133,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 disables
     checkpoint_every: int = 500
     log_every: int = 50
+    eval_every: int = 0  # > 0: COCO AP on data.val_ann every this many iterations and at the end (metrics.jsonl)
+    tensorboard: str = ""  # a directory: the scalars of metrics.jsonl also as TensorBoard event files
     teacher_batch_padding: bool = False  # True: the online teacher sees the batch-padded tensor (mmdetection)
 
 
@@ -273,6 +275,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "grad_clip": at_least(0),  # 0: no clipping
         "checkpoint_every": at_least(1),
         "log_every": at_least(1),
+        "eval_every": at_least(0),  # 0: no validation during training
+        "tensorboard": PATH,
         "teacher_batch_padding": ANY,
     },
 }

@@ -29,20 +29,20 @@ def eval_dataset(config: Config, ann: Optional[str] = None, images: Optional[str
 
 
 def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 2,
-                    num_workers: int = 0) -> list[dict]:
+                    num_workers: int = 0, progress: bool = True) -> list[dict]:
     """COCO results (original pixels, category ids) of the whole dataset: each rank predicts its share,
-    every rank gets all of them."""
+    every rank gets all of them. ``progress=False``: no progress report (validation inside a training run)."""
     keys = shard_keys(dataset.eval_keys(), dist.rank(), dist.world_size())
     loader = make_loader(dataset, keys, batch_size, num_workers, pin_memory=predictor.device.type == "cuda")
-    progress = Progress(len(keys), "eval", "img", enabled=dist.is_main())
+    bar = Progress(len(keys), "eval", "img", enabled=progress and dist.is_main())
     results: list[dict] = []
     for batch in loader:
         if not batch.images:  # unreadable images skipped (data.skip_bad_images)
             continue
         dets = predictor.predict_views(batch.images, batch.view_sizes, batch.scale_factors)
         results += detections_to_coco(dets, [k.image_id for k in batch.keys], dataset.label_to_cat)
-        progress.update(len(batch.images))
-    progress.close()
+        bar.update(len(batch.images))
+    bar.close()
     gathered = dist.gather_objects(results)
     return [r for part in gathered for r in part]
 

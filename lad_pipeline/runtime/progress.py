@@ -70,16 +70,26 @@ def _duration(seconds: float) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed, so a crash loses nothing logged)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed, so a crash loses nothing logged).
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
+    ``mirror`` (e.g. a TensorBoardLog) gets every record too, and is closed with this log.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, mirror: Optional[Any] = None) -> None:
+        self.path, self.enabled, self.mirror = Path(path), enabled, mirror
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.mirror is not None:
+            self.mirror.write(record)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
 
 def add_file_log(path: Path) -> logging.Handler:

@@ -28,7 +28,9 @@ from ..types import HeadOutputs
 from ..runtime import distributed as dist
 from .label_sources import LabelSource, StepInputs
 from ..runtime.progress import MetricsLog, Progress, add_file_log
+from ..runtime.tensorboard import TensorBoardLog
 from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
+from .validation import Validator
 
 log = logging.getLogger("lad")
 COUNTS = ("hits", "misses")  # label-cache hits and misses, summed over ranks
@@ -185,10 +187,12 @@ class Trainer:
         if self._has_checkpoint():
             self._load_state(self.paths.latest)
             notes.append(f"resumed from {self.paths.latest} at iteration {self.iteration}")
+        self.validator = Validator(config, self.device) if config.train.eval_every > 0 else None
         self._create_run_dir()
         for note in notes:
             log.info(note)
-        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main)
+        board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
+        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main, mirror=board)
 
     # -- run directory and state ------------------------------------------------------------------
     def _has_checkpoint(self) -> bool:
@@ -241,8 +245,10 @@ class Trainer:
             self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
 
     def close(self) -> None:
-        """Stop mirroring the ``lad`` log into this run's train.log and release the run directory (``fit`` does
-        it when it ends)."""
+        """Stop mirroring the ``lad`` log into this run's train.log, close the TensorBoard events and release the
+        run directory (``fit`` does it when it ends)."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self._log_handler is not None:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
@@ -365,6 +371,12 @@ class Trainer:
         pairs = zip(totals[2::2], totals[3::2])
         return {name: num / den if den else float("nan") for name, (num, den) in zip(stats, pairs)}
 
+    def _validate(self) -> None:
+        record = self.validator.run(dict(self.networks.items()))
+        self.metrics.write({"iter": self.iteration, "epoch": self.iteration / self.iters_per_epoch, **record})
+        if self.main:
+            log.info("iteration %d: val AP %.4f", self.iteration, record.get("val_AP", 0.0))
+
     def fit(self) -> dict:
         try:
             return self._fit()
@@ -390,6 +402,9 @@ class Trainer:
                                                  **record, **self.counts})
                         if self.iteration % train.checkpoint_every == 0:
                             self.save(self.paths.latest)
+                        if self.validator is not None and (self.iteration % train.eval_every == 0
+                                                           or self.iteration == self.schedule.total_iters):
+                            self._validate()
         except KeyboardInterrupt:
             progress.close()
             if guard.torn:  # stopped inside a step: the state in memory is not an iteration's
