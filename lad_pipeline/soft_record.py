@@ -9,9 +9,10 @@ Dense KD targets of a COCO view are ~3.4 MiB (22,400 anchors x 80 classes in fp1
   teacher probability reaches ``floor`` (at least the top one, at most ``top_k``), as fp16 logits;
 * a **background model** for every other (anchor, class) entry: per FPN level, the teacher's class logits
   are approximated by a per-class offset plus ``bg_rank`` principal directions, weighted by per-anchor
-  codes of one byte each. The offsets are solved so that, per level and class, the rebuilt probabilities
-  of the entries not stored sum exactly to the teacher's (the summed pull ``s - t`` of the KL gradient on
-  each group is kept). ``bg_rank = 0`` leaves the offsets alone: one mean probability per level and class.
+  codes of ``bg_bits`` bits. Per-class gains make the rebuilt entries' summed negative entropy the
+  teacher's, and the offsets make their summed probability the teacher's, per level and class (the summed
+  pull ``s - t`` of the KL gradient on each group is kept). ``bg_rank = 0``: one mean probability per
+  level and class.
 
 The focal KL is strongly nonlinear in the teacher probability where the student is close to the teacher,
 so a per-(level, class) mean alone loses the class term's value for students that are not near their
@@ -39,7 +40,8 @@ from .types import HeadOutputs, Targets
 FP16_MAX = 65504.0  # stored fp16 values are clamped to its range (never inf)
 LOGIT_CLAMP = 30.0  # background offsets and fitted logits stay within +-30 (probabilities 1e-13 .. 1 - 1e-13)
 CODE_BITS = (4, 8)  # per-anchor codes: two per byte, or one
-NEWTON_STEPS = 60  # of the per-(level, class) offset solve; converges in < 15 from the mean-prior start
+NEWTON_STEPS = 60  # at most, of the per-(level, class) solves; they converge in < 15 from the mean-prior start
+CONVERGED = 1e-10  # a Newton solve stops once no step is larger (logit units)
 IMPUTE_ROUNDS = 3  # fits of the background directions, the stored entries imputed from the previous one
 
 
@@ -232,8 +234,10 @@ def _solve_offsets(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
     for _ in range(NEWTON_STEPS):
         q = torch.sigmoid(mu + base)
         slope = (q * (1 - q) * unstored).sum(0)
-        step = ((q * unstored).sum(0) - target) / slope.clamp(min=1e-300)
-        mu = mu - step.clamp(-4.0, 4.0)
+        step = (((q * unstored).sum(0) - target) / slope.clamp(min=1e-300)).clamp(-4.0, 4.0)
+        mu = mu - step
+        if float(step.abs().max()) < CONVERGED:
+            break
     return torch.where(count > 0, mu, torch.zeros_like(mu)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
 
 
@@ -264,9 +268,11 @@ def _solve_gains(base: Tensor, unstored: Tensor, prob: Tensor) -> Tensor:
         det = a11 * a22 - a12 * a21
         ok = det.abs() > 1e-30 * (a11.abs() * a22.abs()).clamp(min=1e-300)
         safe = torch.where(ok, det, torch.ones_like(det))
-        mu = mu - torch.where(ok, (a22 * f1 - a12 * f2) / safe, f1 / a11.clamp(min=1e-300)).clamp(-2.0, 2.0)
-        gain = (gain - torch.where(ok, (a11 * f2 - a21 * f1) / safe, torch.zeros_like(det)).clamp(-0.5, 0.5))
-        gain = gain.clamp(0.0, 4.0)
+        step_mu = torch.where(ok, (a22 * f1 - a12 * f2) / safe, f1 / a11.clamp(min=1e-300)).clamp(-2.0, 2.0)
+        step_gain = torch.where(ok, (a11 * f2 - a21 * f1) / safe, torch.zeros_like(det)).clamp(-0.5, 0.5)
+        mu, gain = mu - step_mu, (gain - step_gain).clamp(0.0, 4.0)
+        if float(torch.maximum(step_mu.abs(), step_gain.abs()).max()) < CONVERGED:
+            break
     solved = (count > 1) & torch.isfinite(gain)
     return torch.where(solved, gain, torch.ones_like(gain))
 
