@@ -20,8 +20,8 @@ from lad_pipeline.cache.reader import open_root, read_shard
 from lad_pipeline.errors import LadError
 from lad_pipeline.kd import SOLAD_SETTINGS, kd_loss, kd_targets_dense
 from lad_pipeline.models.anchors import AnchorLayout
-from lad_pipeline.soft_record import (SoftKnobs, SoftRecord, encode_soft, pack_codes, rebuild_soft, soft_logits,
-                                      unpack_codes)
+from lad_pipeline.soft_background import pack_codes, unpack_codes
+from lad_pipeline.soft_record import SoftKnobs, SoftRecord, encode_soft, rebuild_soft, soft_logits
 from lad_pipeline.types import HeadOutputs, Targets
 
 from test_cache_store import ANCHORS, cache_attrs, synthetic_view
