@@ -161,8 +161,7 @@ def _soft_structure_problem(shard: ShardData, soft: Optional[SoftContext]) -> st
         if a.dtype != dtype or a.shape != (rows,) + tail:
             return f"soft_{name} is {a.dtype} {a.shape}, expected {dtype} {(rows,) + tail}"
     for row in range(n):
-        v = shard.views[row]
-        problem = soft_problem(shard.soft(row), soft.anchors, (v[6], v[7]), soft.num_classes, soft.knobs)
+        problem = soft_problem(shard.soft(row), soft.anchors, shard.pad_size(row), soft.num_classes, soft.knobs)
         if problem:
             return f"view {tuple(shard.key(row))}: soft record {problem}"
     return None

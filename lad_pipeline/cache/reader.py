@@ -229,12 +229,11 @@ class LabelCache:
         shard = self._shard(where[0])
         row = where[1]
         lo, hi = shard.offsets[row], shard.offsets[row + 1]
-        a, v = shard.arrays, shard.views[row]
-        pad = (v[6], v[7])
+        a, pad = shard.arrays, shard.pad_size(row)
         anchor = a["cand_anchor"][lo[0]:hi[0]]
         cgt = a["cand_gt"][lo[0]:hi[0]]
         pos = a["cand_pos"][lo[0]:hi[0]]
-        ignore = a["ignore_boxes"][lo[2]:hi[2]] if v[8] else None
+        ignore = a["ignore_boxes"][lo[2]:hi[2]] if shard.has_ignore(row) else None
         gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]], a["fix_value"][lo[3]:hi[3]])
         anchor = anchor.astype(np.int64)
         if grid_sizes is not None:
@@ -255,7 +254,7 @@ class LabelCache:
         soft = shard.soft(row)
         if soft is not None:
             soft = SoftRecord(*(a.copy() for a in soft))
-        return CachedView(shard.key(row), (v[4], v[5]), pad, (sf[0], sf[1]), targets, assignment, soft)
+        return CachedView(shard.key(row), shard.view_size(row), pad, (sf[0], sf[1]), targets, assignment, soft)
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for spawn workers: drop the zarr handle, keep the index and decoded shards.

@@ -86,6 +86,7 @@ SOFT_OFFSETS = "soft_offsets"
 SOFT_COLUMNS = {kind: column for column, kind in enumerate(ROW_KINDS)}
 SOFT_FIELDS = SoftRecord._fields
 VIEW_COLUMNS = ("image_id", "scale_long", "scale_short", "flip", "view_h", "view_w", "pad_h", "pad_w", "has_ignore")
+COLUMN = {name: i for i, name in enumerate(VIEW_COLUMNS)}  # column of the ``views`` array
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -335,7 +336,19 @@ class ShardData:
 
     def key(self, row: int) -> ViewKey:
         v = self.views[row]
-        return ViewKey(v[0], (v[1], v[2]), bool(v[3]))
+        scale = (v[COLUMN["scale_long"]], v[COLUMN["scale_short"]])
+        return ViewKey(v[COLUMN["image_id"]], scale, bool(v[COLUMN["flip"]]))
+
+    def view_size(self, row: int) -> tuple[int, int]:
+        v = self.views[row]
+        return v[COLUMN["view_h"]], v[COLUMN["view_w"]]
+
+    def pad_size(self, row: int) -> tuple[int, int]:
+        v = self.views[row]
+        return v[COLUMN["pad_h"]], v[COLUMN["pad_w"]]
+
+    def has_ignore(self, row: int) -> bool:
+        return bool(self.views[row][COLUMN["has_ignore"]])
 
     def rows(self, row: int, column: int, name: str) -> np.ndarray:
         return self.arrays[name][self.offsets[row][column]:self.offsets[row + 1][column]]
@@ -354,17 +367,16 @@ class ShardData:
 
     def record(self, row: int) -> ViewRecord:
         """The view at ``row`` as a ViewRecord (canonical dtypes, fresh arrays)."""
-        v = self.views[row]
         r = self.rows
         soft = self.soft(row)
         return ViewRecord(
             key=self.key(row),
-            view_size=(v[4], v[5]),
-            pad_size=(v[6], v[7]),
+            view_size=self.view_size(row),
+            pad_size=self.pad_size(row),
             scale_factor=(self.scale_factor[row][0], self.scale_factor[row][1]),
             boxes=r(row, 1, "gt_boxes").copy(),
             labels=r(row, 1, "gt_labels").astype(np.int64),
-            ignore=r(row, 2, "ignore_boxes").copy() if v[8] else None,
+            ignore=r(row, 2, "ignore_boxes").copy() if self.has_ignore(row) else None,
             cand_anchor=r(row, 0, "cand_anchor").astype(np.int64),
             cand_gt=r(row, 0, "cand_gt").astype(np.int64),
             cand_score=r(row, 0, "cand_score").copy(),
