@@ -18,11 +18,10 @@ from __future__ import annotations
 import shutil
 import statistics
 import sys
-from itertools import cycle
 from pathlib import Path
 
 
-from common import machine, step_bench_args, step_bench_data, timeit, write_result
+from common import interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,18 +57,7 @@ def main() -> None:
         "c": (alone2, lambda d: SelfAssign(alone2.assign, alone2.loss, anchors)),
     }
     trainers = {mode: Trainer(cfg, work / f"run-{mode}", dataset, factory) for mode, (cfg, factory) in sources.items()}
-    feeds = {mode: cycle(batches) for mode in trainers}
-
-    def step(mode: str):
-        trainer = trainers[mode]
-        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
-
-    times: dict[str, list[float]] = {mode: [] for mode in trainers}
-    for n in range(args.warmup + args.iters):
-        for mode in trainers:
-            seconds = timeit(step(mode), repeats=1, warmup=0)
-            if n >= args.warmup:
-                times[mode].append(seconds)
+    times = interleaved_step_times(trainers, batches, args.iters, args.warmup)
     for trainer in trainers.values():
         trainer.close()
     median = {mode: statistics.median(t) for mode, t in times.items()}

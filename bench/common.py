@@ -95,3 +95,23 @@ def step_bench_data(args: argparse.Namespace, prefix: str) -> tuple[Path, tuple[
     if use_coco:
         return work, subset_dataset(coco128, work, args.images), f"coco128 ({args.images} images)"
     return work, toy_dataset(work, args.images), f"toy digits ({args.images} images)"
+
+
+def interleaved_step_times(trainers: dict, batches: list, iters: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each trainer's ``step`` on the same preloaded batches; the modes take turns, one step each per
+    round, so that a change of machine load touches them all alike. The first ``warmup`` rounds are not kept."""
+    from itertools import cycle
+
+    feeds = {mode: cycle(batches) for mode in trainers}
+
+    def step(mode: str) -> Callable[[], object]:
+        trainer = trainers[mode]
+        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
+
+    times: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for n in range(warmup + iters):
+        for mode in trainers:
+            seconds = timeit(step(mode), repeats=1, warmup=0)
+            if n >= warmup:
+                times[mode].append(seconds)
+    return times

@@ -23,12 +23,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-from itertools import cycle
 from pathlib import Path
 
 import torch
 
-from common import machine, step_bench_args, step_bench_data, timeit, write_result
+from common import interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -120,18 +119,7 @@ def main() -> None:
     # machine's slow and fast moments fall on every mode alike
     trainers = {mode: Trainer(lad_cfg if mode == "a" else solad_cfg, work / f"run-{mode}", dataset, sources[mode])
                 for mode, _, _ in MODES}
-    feeds = {mode: cycle(batches) for mode in trainers}
-
-    def step(mode: str):
-        trainer = trainers[mode]
-        return lambda: (trainer.step(next(feeds[mode])), setattr(trainer, "iteration", trainer.iteration + 1))
-
-    times: dict[str, list[float]] = {mode: [] for mode in trainers}
-    for n in range(args.warmup + args.iters):
-        for mode in trainers:
-            seconds = timeit(step(mode), repeats=1, warmup=0)
-            if n >= args.warmup:
-                times[mode].append(seconds)
+    times = interleaved_step_times(trainers, batches, args.iters, args.warmup)
     results = {}
     for mode, name, what in MODES:
         trainers[mode].close()
