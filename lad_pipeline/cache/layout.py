@@ -26,6 +26,7 @@ class GridLayout:
     anchors: AnchorLayout
     ignore_iof_thr: float
     _boxes: dict = field(default_factory=dict, repr=False, compare=False)
+    _counts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "GridLayout":
@@ -35,7 +36,12 @@ class GridLayout:
         return self.anchors.feature_sizes(pad_size)
 
     def num_anchors(self, pad_size: Sequence[int]) -> int:
-        return self.anchors.num_anchors(self.sizes(pad_size))
+        # memoised per pad size: every cache lookup asks, and a run sees a handful of sizes
+        key = (int(pad_size[0]), int(pad_size[1]))
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self.anchors.num_anchors(self.sizes(key))
+        return count
 
     def own_index(self, grid_sizes: Sequence[Sequence[int]], pad_size: Sequence[int]) -> np.ndarray:
         """Flat index on ``grid_sizes`` of each own-grid anchor of a view padded to ``pad_size`` (read-only)."""
