@@ -48,6 +48,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts them at the start of each forward, but the forward then updates each rank's copy on its own
+    batch: after a training step the ranks disagree until the next one. Whatever is evaluated or saved between
+    steps must be rank 0's model, the one the checkpoint holds.
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` on every rank (small payloads: detections, counts)."""
     if not dist.is_initialized():

@@ -372,6 +372,8 @@ class Trainer:
         return {name: num / den if den else float("nan") for name, (num, den) in zip(stats, pairs)}
 
     def _validate(self) -> None:
+        for network in self.networks.values():  # every rank scores its share with the checkpoint's model
+            dist.broadcast_buffers(network)
         record = self.validator.run(dict(self.networks.items()))
         self.metrics.write({"iter": self.iteration, "epoch": self.iteration / self.iters_per_epoch, **record})
         if self.main:
