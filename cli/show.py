@@ -42,8 +42,10 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--network", type=click.IntRange(1, 2),
               help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
+@click.option("--zoom", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Draw on the image enlarged this many times (small images, e.g. the toy digits).")
 def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann: str, images: str, score_thr: float,
-                 device: Optional[str], network: Optional[int], out: Optional[str]) -> None:
+                 device: Optional[str], network: Optional[int], out: Optional[str], zoom: int) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
     import torch
@@ -67,6 +69,9 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     dets = predictor.predict_views([view.image], [view.view_size], [view.scale_factor],
                                    score_thr=min(test_thr, score_thr))[0]
     original = read_image(dataset.image_path(image_id))
+    if zoom > 1:  # enlarge the pixels, not the detector's input: the boxes scale with them
+        original = original.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
+        dets = dets._replace(boxes=dets.boxes * zoom)
     drawn = draw_detections(original, dets, dataset.class_names, score_thr)
     path = write_png(drawn, out or f"show_{image_id}.png")
     kept = dets.labels[dets.scores > score_thr].tolist()

@@ -169,6 +169,28 @@ def test_show_draws_detections_on_the_original_image(world, tmp_path):
     assert (drawn == torch.tensor(color(DETECT_CLASS), dtype=torch.uint8)[:, None, None]).all(0).sum() > 20
 
 
+def test_show_zoom_enlarges_the_image_and_the_boxes_with_it(world, tmp_path):
+    def drawn_extent(path):
+        drawn = read_png(path)
+        mask = (drawn == torch.tensor(color(DETECT_CLASS), dtype=torch.uint8)[:, None, None]).all(0)
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        return drawn.shape, (xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item())
+
+    args = ("show", "--checkpoint", world["checkpoint"], "--image-id", 11, "--ann", world["ann"],
+            "--images", world["images"], "--score-thr", "0.3")
+    plain, zoomed = tmp_path / "plain.png", tmp_path / "zoomed.png"
+    assert run(*args, "--out", plain).exit_code == 0
+    result = run(*args, "--out", zoomed, "--zoom", "3")
+    assert result.exit_code == 0, result.output
+    (shape1, box1), (shape3, box3) = drawn_extent(plain), drawn_extent(zoomed)
+    h, w, _ = IMAGES[11]
+    assert tuple(shape1) == (3, h, w) and tuple(shape3) == (3, 3 * h, 3 * w)
+    # the same detections, three times as far from the corner (lines keep their width, hence the slack)
+    assert all(abs(3 * a - b) <= 6 for a, b in zip(box1, box3)), (box1, box3)
+    assert "detections with score > 0.3 drawn" in result.stdout
+    assert run(*args, "--zoom", "0").exit_code == 2
+
+
 def test_show_default_output_and_nothing_above_threshold(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("show", "--checkpoint", world["checkpoint"], "--image-id", 13, "--ann", world["ann"],
