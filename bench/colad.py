@@ -42,7 +42,7 @@ def main() -> None:
     work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-colad-")
     common = [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
               f"model.num_classes={num_classes}", f"colad.model.num_classes={num_classes}", "train.max_iters=1000000",
-              "train.log_every=1000000", "train.checkpoint_every=1000000"]
+              "train.log_every=1000000", "train.checkpoint_every=1000000", "train.eval_every=0"]
     config = load_config(REPO / "configs" / "toy_colad_r18_r50.toml", common)
     alone2 = load_config(REPO / "configs" / "toy_colad_r18_r50.toml",
                          [*common, "model.backbone=resnet50"])  # network 2's architecture as a plain PAA run

@@ -19,8 +19,9 @@ def make_toy_data_command(out: str, n_train: int, n_val: int, seed: int, overwri
     """Write a small detection dataset of real handwritten digits (sklearn's load_digits) to OUT.
 
     OUT/{train,val}/annotations.json (COCO instances, categories "0".."9" with ids 1..10) and
-    OUT/{train,val}/images/*.png, 128-256 px images with 16-96 px digits; train and val use disjoint
-    digit samples. Defaults: 512 train / 128 val images, a ResNet-18 PAA trains on them on a CPU in minutes.
+    OUT/{train,val}/images/*.png, 96-144 px images with 2-5 digits of 28-64 px each; train and val use
+    disjoint digit samples. Defaults: 512 train / 128 val images, a ResNet-18 PAA trains on them on a CPU
+    in minutes.
     """
     path = make_toy_dataset(out, n_train, n_val, seed, overwrite=overwrite)
     click.echo(f"wrote {n_train} train and {n_val} val images to {path}")

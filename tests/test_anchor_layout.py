@@ -50,7 +50,8 @@ PAA, LOSSES, POSTPROCESS = "lad_pipeline.assign.paa", "lad_pipeline.losses", "la
 # -- the object ------------------------------------------------------------------------------------------
 def test_default_is_mmdetection_and_the_detector_owns_its_layout():
     assert AnchorLayout() == AnchorLayout((8, 16, 32, 64, 128), 8)
-    assert build_detector(tiny_config().model).anchors == AnchorLayout()
+    # the toy configs' layout: mmdetection's strides, anchors half as wide (small digits)
+    assert build_detector(tiny_config().model).anchors == AnchorLayout(octave_base_scale=4.0)
     assert build_detector(tiny_config(*LAYOUT).model).anchors == EXPECTED
 
 
@@ -269,7 +270,8 @@ def test_a_cache_or_teacher_of_another_layout_is_refused(tmp_path_factory):
     with pytest.raises(LadError, match=r"anchor\.strides differs: cache has \[8, 16, 32, 64\], expected "
                                        r"\[8, 16, 32, 64, 128\]"):
         open_cache_for(student, str(store), dataset)
-    student = tiny_config("model.strides=[8, 16, 32, 64]")  # the cache's strides, mmdetection's scale
+    student = tiny_config("model.strides=[8, 16, 32, 64]", "model.octave_base_scale=8.0")  # the cache's strides,
+    # mmdetection's scale
     with pytest.raises(LadError, match=r"anchor\.octave_base_scale differs: cache has 4\.0, expected 8\.0"):
         open_cache_for(student, str(store), dataset)
     # an online teacher of other anchors is refused before the run directory is made

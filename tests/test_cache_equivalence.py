@@ -142,7 +142,7 @@ def test_cache_for_other_annotations_is_refused(world, cache_path, config, tmp_p
 
 
 @pytest.mark.parametrize("override, field", [
-    ("model.octave_base_scale=4.0", "anchor.octave_base_scale"),
+    ("model.octave_base_scale=8.0", "anchor.octave_base_scale"),
     ("model.strides=[8, 16, 32, 64]", "anchor.strides"),
     ("data.size_divisor=64", "anchor.size_divisor"),
 ])

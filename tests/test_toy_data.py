@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from cli.data import make_toy_data_command
 from cli.main import LadGroup
 from lad_pipeline.data import CocoViews, toy
-from lad_pipeline.data.toy import make_toy_dataset
+from lad_pipeline.data.toy import ToyStyle, make_toy_dataset
+from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
 
 
@@ -45,13 +46,14 @@ def test_loads_as_coco_with_ten_digit_classes(toy_root):
                        scales=[(256, 256)])
         assert len(ds) == n and ds.class_names == [str(d) for d in range(10)] and ds.label_to_cat == list(range(1, 11))
         assert ds.box_stats == {"dropped": 0, "clipped": 0}
+        style = ToyStyle()
         for image_id in ds.image_ids:
             h, w = ds.image_size(image_id)
-            assert 128 <= h <= 256 and 128 <= w <= 256
+            assert style.image_side[0] <= min(h, w) and max(h, w) <= style.image_side[1]
             boxes = ds.original_targets(image_id).boxes
             assert len(boxes) >= 1 or len(ds.original_targets(image_id).ignore) >= 1
             sides = torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
-            assert sides.min() >= 4 and sides.max() <= 96
+            assert sides.min() >= 4 and sides.max() <= style.digit_side[1]
         view = ds[ViewKey(ds.image_ids[0], (256, 256), False)]
         assert view.image.dtype == torch.uint8 and view.image.float().std() > 10  # not blank
 
@@ -64,6 +66,23 @@ def test_train_and_val_use_disjoint_digit_samples(toy_root):
             i for a in anns for i in a.get("digit_indices", [])}
         assert used[split]
     assert not used["train"] & used["val"]
+
+
+def test_style_sets_sizes_and_clutter_and_is_recorded(tmp_path):
+    style = ToyStyle(image_side=(160, 200), digit_side=(40, 48), digits=(3, 3), clutter=(0, 0), occlude_prob=0.0,
+                     crowd_prob=0.0)
+    root = make_toy_dataset(tmp_path / "t", n_train=6, n_val=0, seed=0, style=style)
+    data = json.loads((root / "train" / "annotations.json").read_text())
+    assert all(160 <= im["height"] <= 200 and 160 <= im["width"] <= 200 for im in data["images"])
+    heights = [a["bbox"][3] for a in data["annotations"]]
+    assert heights and max(heights) <= 48 and not any(a["iscrowd"] for a in data["annotations"])
+    per_image = [sum(a["image_id"] == im["id"] for a in data["annotations"]) for im in data["images"]]
+    assert max(per_image) == 3  # three tries each; a digit that finds no free spot is left out
+    manifest = json.loads((root / "toy.json").read_text())
+    assert manifest["version"] == toy.VERSION and ToyStyle(**{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in manifest["style"].items()}) == style
+    with pytest.raises(LadError, match="toy style digits"):
+        ToyStyle(digits=(3, 1))
 
 
 def test_crowd_boxes_are_annotated(tmp_path):

@@ -22,10 +22,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 STUDENT_CONFIG = REPO / "configs" / "toy_student_r18.toml"
 
-# 128 px views: the toy images (128-256 px a side, several aspect ratios) pad to 128x128, 96x128 or 128x96,
-# so batches mix padded sizes. warmup_iters is shortened so that the lr is not ~0 for the whole run.
+# 128 px views: the toy images (96-144 px a side, several aspect ratios) pad to 128x128, 96x128 or 128x96,
+# so batches mix padded sizes. warmup_iters is shortened so that the lr is not ~0 for the whole run; no
+# validation during training (the toy configs' train.eval_every) unless a test asks for it.
 TINY = ("data.scales=[[128, 128]]", "data.num_workers=0", "train.batch_size=2", "train.max_iters=4",
-        "train.log_every=1", "train.warmup_iters=2")
+        "train.log_every=1", "train.warmup_iters=2", "train.eval_every=0")
 
 
 @dataclass(frozen=True)
