@@ -131,7 +131,7 @@ def main() -> None:
         "colad": (["train-colad"], COLAD_CONFIG, ()),
         "peer_paa": (["train-teacher"], PEER_CONFIG, ()),  # CoLAD's second network alone
     }
-    names = [r for r in rows] + (["peer_paa"] if "colad" in rows else [])
+    names = rows + (["peer_paa"] if "colad" in rows else [])
     # the slow runs first, so that two workers finish together
     jobs = sorted(((seed, name) for seed in args.seeds for name in names),
                   key=lambda j: (j[1] not in ("colad", "peer_paa"), j[0]))

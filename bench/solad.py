@@ -27,20 +27,18 @@ from pathlib import Path
 
 import torch
 
-from common import interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
+from common import cached_step_batches, interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
-from lad_pipeline.data import CocoViews, make_loader  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.label_sources import CachedLabels  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
-from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
 from lad_pipeline.train.soft_labels import SoftCachedLabels, SoftOnlineTeacher  # noqa: E402
 
 MODES = (("a", "cached LAD", "CachedLabels"), ("b", "cached SoLAD", "SoftCachedLabels"),
@@ -94,17 +92,9 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(f"lad cache-labels --soft failed: {done.stderr.strip()}")
 
-    dataset = CocoViews(ann, image_dir, scales=solad_cfg.data.scales, flip_prob=solad_cfg.data.flip_prob,
-                        seed=solad_cfg.train.seed)
-    cache = open_cache_for(solad_cfg, str(store), dataset)
-    cache.load_all()
+    dataset, cache, batches, pads = cached_step_batches(solad_cfg, store, ann, image_dir, args)
     record_bytes = sorted(cache.get(k).soft.nbytes for k in cache.keys())
     store_bytes = folder_bytes(store)
-    keys = dataset.train_keys(0)
-    n_batches = args.warmup + args.iters
-    batches = list(make_loader(dataset, keys[:n_batches * args.batch], args.batch, 0))
-    batches = [b for b in batches if len(b) == args.batch][:n_batches]
-    pads = sorted({(v[0], v[1]) for b in batches for v in b.view_sizes})
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     anchors = AnchorLayout.from_config(solad_cfg.model)

@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-from common import interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
+from common import cached_step_batches, interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
-from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
+from lad_pipeline.data import normalize_and_pad  # noqa: E402
 from lad_pipeline.cache.stage import cache_labels  # noqa: E402
 from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign, StepInputs  # noqa: E402
-from lad_pipeline.train.recipes import open_cache_for  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
@@ -82,15 +81,7 @@ def main() -> None:
     cache_s = time.perf_counter() - t0
     cached_views = attrs["counts"]["views"]
 
-    dataset = CocoViews(ann, image_dir, scales=student_cfg.data.scales, flip_prob=student_cfg.data.flip_prob,
-                        seed=student_cfg.train.seed)
-    cache = open_cache_for(student_cfg, str(work / "labels.zarr"), dataset)
-    cache.load_all()
-    keys = dataset.train_keys(0)
-    n_batches = args.warmup + args.iters
-    batches = list(make_loader(dataset, keys[:n_batches * args.batch], args.batch, 0))
-    batches = [b for b in batches if len(b) == args.batch][:n_batches]
-    pads = sorted({(v[0], v[1]) for b in batches for v in b.view_sizes})
+    dataset, cache, batches, pads = cached_step_batches(student_cfg, work / "labels.zarr", ann, image_dir, args)
 
     # the floor's table: the cached assignments moved onto each batch's grid once, before timing
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -308,7 +308,7 @@ def _crowd(rng: np.random.Generator, img: np.ndarray, by_class: list, images: np
     """A cluster of tiny digits of one class, annotated as a single crowd box (COCO's iscrowd=1)."""
     h, w = img.shape[:2]
     label = int(rng.integers(10))
-    side = int(rng.integers(min(h, w) * 0.3, min(h, w) * 0.55 + 1))  # 40-80 px in a 128-256 px image
+    side = int(rng.integers(min(h, w) * 0.3, min(h, w) * 0.55 + 1))  # 30-55 % of the shorter side
     y0, x0 = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
     color = _contrasting(rng, img[y0:y0 + side, x0:x0 + side])
     indices, boxes = [], []
