@@ -228,12 +228,12 @@ class LabelCache:
             return None
         shard = self._shard(where[0])
         row = where[1]
-        lo, hi = shard.offsets[row], shard.offsets[row + 1]
-        a, pad = shard.arrays, shard.pad_size(row)
+        meta, lo, hi = shard.meta[row], shard.offsets[row], shard.offsets[row + 1]
+        a, pad = shard.arrays, meta.pad_size
         anchor = a["cand_anchor"][lo[0]:hi[0]]
         cgt = a["cand_gt"][lo[0]:hi[0]]
         pos = a["cand_pos"][lo[0]:hi[0]]
-        ignore = a["ignore_boxes"][lo[2]:hi[2]] if shard.has_ignore(row) else None
+        ignore = a["ignore_boxes"][lo[2]:hi[2]] if meta.has_ignore else None
         gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]], a["fix_value"][lo[3]:hi[3]])
         anchor = anchor.astype(np.int64)
         if grid_sizes is not None:
@@ -250,11 +250,10 @@ class LabelCache:
             torch.from_numpy(a["cand_score"][lo[0]:hi[0]].copy()),
             torch.from_numpy(pos.copy()),
         )
-        sf = shard.scale_factor[row]
-        soft = shard.soft(row)
-        if soft is not None:
-            soft = SoftRecord(*(a.copy() for a in soft))
-        return CachedView(shard.key(row), shard.view_size(row), pad, (sf[0], sf[1]), targets, assignment, soft)
+        soft = None
+        if shard.has_soft:
+            soft = SoftRecord(*(a.copy() for a in shard.soft(row)))
+        return CachedView(meta.key, meta.view_size, pad, meta.scale_factor, targets, assignment, soft)
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for spawn workers: drop the zarr handle, keep the index and decoded shards.

@@ -319,8 +319,19 @@ def _pack_hard(records: Sequence[ViewRecord]) -> dict[str, np.ndarray]:
     return out
 
 
+class RowMeta(NamedTuple):
+    """What a lookup needs of one view besides its arrays, unpacked once when the shard is decoded."""
+
+    key: ViewKey
+    view_size: tuple[int, int]
+    pad_size: tuple[int, int]
+    scale_factor: tuple[float, float]
+    has_ignore: bool
+
+
 class ShardData:
-    """The decoded arrays of one shard, with per-view offsets as Python ints for fast slicing."""
+    """The decoded arrays of one shard, with per-view offsets and metadata as Python objects, so that a
+    lookup only slices (it is on the training step's data path)."""
 
     def __init__(self, shard_id: int, arrays: dict[str, np.ndarray]) -> None:
         self.shard_id = shard_id
@@ -328,34 +339,34 @@ class ShardData:
         self.offsets: list[list[int]] = arrays["offsets"].tolist()
         self.views: list[list[int]] = arrays["views"].tolist()
         self.scale_factor: list[list[float]] = arrays["scale_factor"].tolist()
-        self.soft_offsets: list[list[int]] = arrays[SOFT_OFFSETS].tolist() if SOFT_OFFSETS in arrays else []
+        self.has_soft = SOFT_OFFSETS in arrays
+        self.soft_offsets: list[list[int]] = arrays[SOFT_OFFSETS].tolist() if self.has_soft else []
         self.nbytes = sum(a.nbytes for a in arrays.values())
+        c = COLUMN
+        self.meta: list[RowMeta] = [
+            RowMeta(ViewKey(v[c["image_id"]], (v[c["scale_long"]], v[c["scale_short"]]), bool(v[c["flip"]])),
+                    (v[c["view_h"]], v[c["view_w"]]), (v[c["pad_h"]], v[c["pad_w"]]), (sf[0], sf[1]),
+                    bool(v[c["has_ignore"]]))
+            for v, sf in zip(self.views, self.scale_factor)
+        ]
 
     def __len__(self) -> int:
         return len(self.views)
 
     def key(self, row: int) -> ViewKey:
-        v = self.views[row]
-        scale = (v[COLUMN["scale_long"]], v[COLUMN["scale_short"]])
-        return ViewKey(v[COLUMN["image_id"]], scale, bool(v[COLUMN["flip"]]))
+        return self.meta[row].key
 
     def view_size(self, row: int) -> tuple[int, int]:
-        v = self.views[row]
-        return v[COLUMN["view_h"]], v[COLUMN["view_w"]]
+        return self.meta[row].view_size
 
     def pad_size(self, row: int) -> tuple[int, int]:
-        v = self.views[row]
-        return v[COLUMN["pad_h"]], v[COLUMN["pad_w"]]
+        return self.meta[row].pad_size
 
     def has_ignore(self, row: int) -> bool:
-        return bool(self.views[row][COLUMN["has_ignore"]])
+        return self.meta[row].has_ignore
 
     def rows(self, row: int, column: int, name: str) -> np.ndarray:
         return self.arrays[name][self.offsets[row][column]:self.offsets[row + 1][column]]
-
-    @property
-    def has_soft(self) -> bool:
-        return SOFT_OFFSETS in self.arrays
 
     def soft(self, row: int) -> Optional[SoftRecord]:
         """The soft record of the view at ``row`` (views into the shard's arrays), or None."""
@@ -373,7 +384,7 @@ class ShardData:
             key=self.key(row),
             view_size=self.view_size(row),
             pad_size=self.pad_size(row),
-            scale_factor=(self.scale_factor[row][0], self.scale_factor[row][1]),
+            scale_factor=self.meta[row].scale_factor,
             boxes=r(row, 1, "gt_boxes").copy(),
             labels=r(row, 1, "gt_labels").astype(np.int64),
             ignore=r(row, 2, "ignore_boxes").copy() if self.has_ignore(row) else None,
