@@ -21,11 +21,15 @@ from toy_world import (
 )
 
 from lad_pipeline.config import load_config
-from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad
+from lad_pipeline.data import CocoViews, ViewSampler, collate_views, make_loader, normalize_and_pad
 from lad_pipeline.models import build_detector
+from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.train import colearning
 from lad_pipeline.train.colearning import PEER, CoLearning
 from lad_pipeline.train.label_sources import SelfAssign, StepInputs
+from lad_pipeline.train.loop import Trainer
+from lad_pipeline.train.recipes import train_dataset
+from lad_pipeline.train.schedule import scaled_lr
 
 COLAD_CONFIG = REPO / "configs" / "toy_colad_r18_r50.toml"
 # network 2 slimmed to a ResNet-18 so that the tests stay quick; the two networks still start apart
@@ -185,3 +189,55 @@ def test_colad_on_two_processes(world, tmp_path):
     build_detector(config.model).load_state_dict(state["model"])
     build_detector(config.colad.model).load_state_dict(state["peers"][PEER])
     assert summary(run)["iterations"] == 2
+
+
+def test_colad_two_process_step_is_the_mean_of_the_ranks_steps(world, tmp_path):
+    """One DDP step of both networks equals one process stepping on each rank's half of the global batch, averaged.
+
+    Each rank normalises its losses by its own positives (as mmdetection) and DDP averages the gradients, so the
+    reference is the mean of the two half-batch updates, not one process on the whole batch. With SGD's first
+    step linear in the gradient (no clipping, no warm-up ramp), averaging the two updated weights is averaging
+    the gradients. BatchNorm's running statistics are rank 0's, whose checkpoint is saved.
+    """
+    run = tmp_path / "ddp"
+    overrides = ("train.max_iters=1", "train.warmup_iters=0", "train.grad_clip=0")
+    result = torchrun(2, "train-colad", *world.data_args(), "--out", run, *colad_args(*overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = checkpoint(run / "checkpoints" / "final.pth")
+    config = load_config(run / "config.toml")
+    dataset = train_dataset(config)
+
+    def source(device):
+        return CoLearning(build_detector(config.colad.model), config.assign, config.loss,
+                          AnchorLayout.from_config(config.model))
+
+    start, halves = None, []
+    for rank in range(2):
+        sampler = ViewSampler(dataset.train_keys, config.train.batch_size, rank=rank, world_size=2)
+        batch = next(iter(make_loader(dataset, sampler, config.train.batch_size)))
+        trainer = Trainer(config, tmp_path / f"rank{rank}", dataset, source)
+        trainer.base_lr = scaled_lr(config.train, 2)  # the two-process run's learning rate
+        start = {name: copy.deepcopy(net.state_dict()) for name, net in trainer.networks.items()}
+        record = trainer.step(batch)
+        assert record["lr"] == step_records(run)[0]["lr"]
+        halves.append({name: copy.deepcopy(net.state_dict()) for name, net in trainer.networks.items()})
+        trainer.close()
+
+    for name, saved in (("model", ddp["model"]), (PEER, ddp["peers"][PEER])):
+        params = {n for n, _ in build_detector(config.model if name == "model" else config.colad.model)
+                  .named_parameters()}
+        assert params and set(saved) == set(start[name])
+        err = sep = floor = 0.0
+        for key, value in saved.items():
+            first, second = halves[0][name][key], halves[1][name][key]
+            if key not in params:  # buffers: rank 0's
+                assert torch.equal(value, first), (name, key)
+                continue
+            mean_update = (first - start[name][key] + second - start[name][key]) / 2
+            err += (value - start[name][key] - mean_update).double().square().sum().item()
+            sep += (first - second).double().square().sum().item()
+            # float32 rounding: one ulp of every weight (the two runs sum the gradients in other orders)
+            floor += (value.double().abs() * torch.finfo(value.dtype).eps).square().sum().item()
+        assert err <= floor, (name, err, floor)
+        # a network whose gradients were not averaged would keep rank 0's update, sep / 4 away: far above that
+        assert sep / 4 > 1e3 * floor, (name, sep, floor)
