@@ -30,11 +30,10 @@ sys.path.insert(0, str(REPO))
 
 from lad_pipeline.config import load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, make_loader  # noqa: E402
-from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
-from lad_pipeline.train.colearning import CoLearning  # noqa: E402
 from lad_pipeline.train.label_sources import SelfAssign  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
+from lad_pipeline.train.recipes import colad_source  # noqa: E402
 
 MODES = (("a", "CoLAD R-18 + R-50"), ("b", "PAA R-18 alone"), ("c", "PAA R-50 alone"))
 
@@ -52,9 +51,9 @@ def main() -> None:
     dataset = CocoViews(ann, image_dir, scales=config.data.scales, flip_prob=config.data.flip_prob,
                         seed=config.train.seed)
     batches = list(make_loader(dataset, dataset.train_keys(0), args.batch))
-    anchors = AnchorLayout.from_config(config.model)  # both networks share it (CoLAD requires it)
+    anchors = AnchorLayout.from_config(config.model)  # network 2 alone (c) on the anchors CoLAD shares
     sources = {
-        "a": (config, lambda d: CoLearning(build_detector(config.colad.model), config.assign, config.loss, anchors)),
+        "a": (config, colad_source(config)),
         "b": (config, lambda d: SelfAssign(config.assign, config.loss, anchors)),
         "c": (alone2, lambda d: SelfAssign(alone2.assign, alone2.loss, anchors)),
     }

@@ -45,7 +45,7 @@ KD_RECIPE = ('distill.method="kd"', "distill.cls_weight=10.0", "distill.min_iou=
 SOLAD_RECIPE = ('distill.method="solad"',)
 ROWS = ("paa", "lad", "kd", "solad", "colad")
 TITLES = {"paa": "PAA (own labels)", "lad": "LAD (teacher's labels, cached)", "kd": "KD (teacher's soft labels)",
-          "solad": "SoLAD (LAD + soft labels)", "colad": "CoLAD (with a ResNet-50, no teacher)"}
+          "solad": "SoLAD (LAD + soft labels)", "colad": "CoLAD (with a {peer}, no teacher)"}
 
 
 def lad(*args: object, threads: Optional[int] = None) -> None:
@@ -235,7 +235,7 @@ def write_markdown(r: dict, rows: list[str]) -> None:
     for name in rows:
         if name == "paa":
             continue
-        lines.append(f"| {TITLES[name]} | {_mean_sd(ap_[name])} | "
+        lines.append(f"| {TITLES[name].format(peer=r['peer'])} | {_mean_sd(ap_[name])} | "
                      f"{', '.join(f'{100 * g:+.1f}' for g in gain[name])} | "
                      f"{_verdict(gain[name], ap_['paa'], ap_[name])} |")
     if "lad" in rows and "solad" in rows:

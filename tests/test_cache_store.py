@@ -366,3 +366,20 @@ def test_cache_info_command(tmp_path):
     result = CliRunner().invoke(cache_info_command, [str(path), "--verify"])
     assert isinstance(result.exception, LadError) and "shard 000001 is missing" in str(result.exception)
     assert "FAILED" in result.output
+
+
+def test_verify_reports_a_malformed_shard_behind_a_valid_checksum(tmp_path):
+    # a writer bug, not disk damage: the checksum matches, the views table lacks a column
+    import zarr
+
+    from lad_pipeline.cache.schema import shard_checksum
+
+    path = tmp_path / "c.zarr"
+    write_store(path, 24, shard_size=8)
+    group = zarr.open_group(str(path / "shards" / "000001"), mode="r+")
+    arrays = {name: np.asarray(group[name][...]) for name in group.array_keys()}
+    arrays["views"] = np.ascontiguousarray(arrays["views"][:, :-1])
+    group.create_array("views", data=arrays["views"], overwrite=True)
+    group.attrs["checksum"] = shard_checksum(arrays)
+    bad = cache_info(path, verify=True)["verify"]
+    assert not bad["ok"] and bad["problems"] == ["shard 000001: views has shape (8, 8), expected (views, 9)"]

@@ -23,12 +23,11 @@ from toy_world import (
 from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, ViewSampler, collate_views, make_loader, normalize_and_pad
 from lad_pipeline.models import build_detector
-from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.train import colearning
 from lad_pipeline.train.colearning import PEER, CoLearning
 from lad_pipeline.train.label_sources import SelfAssign, StepInputs
 from lad_pipeline.train.loop import Trainer
-from lad_pipeline.train.recipes import train_dataset
+from lad_pipeline.train.recipes import colad_source, train_dataset
 from lad_pipeline.train.schedule import scaled_lr
 
 COLAD_CONFIG = REPO / "configs" / "toy_colad_r18_r50.toml"
@@ -207,30 +206,30 @@ def test_colad_two_process_step_is_the_mean_of_the_ranks_steps(world, tmp_path):
     config = load_config(run / "config.toml")
     dataset = train_dataset(config)
 
-    def source(device):
-        return CoLearning(build_detector(config.colad.model), config.assign, config.loss,
-                          AnchorLayout.from_config(config.model))
-
-    start, halves = None, []
+    halves = []
     for rank in range(2):
         sampler = ViewSampler(dataset.train_keys, config.train.batch_size, rank=rank, world_size=2)
         batch = next(iter(make_loader(dataset, sampler, config.train.batch_size)))
-        trainer = Trainer(config, tmp_path / f"rank{rank}", dataset, source)
+        trainer = Trainer(config, tmp_path / f"rank{rank}", dataset, colad_source(config))
         trainer.base_lr = scaled_lr(config.train, 2)  # the two-process run's learning rate
-        start = {name: copy.deepcopy(net.state_dict()) for name, net in trainer.networks.items()}
+        initial = {name: copy.deepcopy(net.state_dict()) for name, net in trainer.networks.items()}
+        if rank == 0:
+            start = initial
+            params = {name: {n for n, _ in net.named_parameters()} for name, net in trainer.networks.items()}
+        else:  # both ranks start from the same weights (the run's seed)
+            for name in start:
+                assert_same_tensors(initial[name], start[name], name)
         record = trainer.step(batch)
         assert record["lr"] == step_records(run)[0]["lr"]
         halves.append({name: copy.deepcopy(net.state_dict()) for name, net in trainer.networks.items()})
         trainer.close()
 
     for name, saved in (("model", ddp["model"]), (PEER, ddp["peers"][PEER])):
-        params = {n for n, _ in build_detector(config.model if name == "model" else config.colad.model)
-                  .named_parameters()}
-        assert params and set(saved) == set(start[name])
+        assert params[name] and set(saved) == set(start[name])
         err = sep = floor = 0.0
         for key, value in saved.items():
             first, second = halves[0][name][key], halves[1][name][key]
-            if key not in params:  # buffers: rank 0's
+            if key not in params[name]:  # buffers: rank 0's
                 assert torch.equal(value, first), (name, key)
                 continue
             mean_update = (first - start[name][key] + second - start[name][key]) / 2

@@ -22,6 +22,7 @@ from lad_pipeline.cache.schema import (
     SOFT_COLUMNS,
     SOFT_FIELDS,
     SOFT_OFFSETS,
+    VIEW_COLUMNS,
     ShardData,
     content_digest,
     soft_array_specs,
@@ -129,6 +130,8 @@ def _structure_problem(shard: ShardData) -> str | None:
     """Offsets that could slice wrongly, or values out of range (checked by --verify and finalize)."""
     off = shard.arrays["offsets"]
     n = shard.arrays["views"].shape[0]
+    if shard.arrays["views"].shape[1:] != (len(VIEW_COLUMNS),):
+        return f"views has shape {shard.arrays['views'].shape}, expected (views, {len(VIEW_COLUMNS)})"
     if off.shape != (n + 1, 4) or shard.arrays["scale_factor"].shape != (n, 2) or (off[0] != 0).any():
         return "offsets have the wrong shape or do not start at 0"
     if (np.diff(off, axis=0) < 0).any():
@@ -161,9 +164,10 @@ def _soft_structure_problem(shard: ShardData, soft: Optional[SoftContext]) -> st
         if a.dtype != dtype or a.shape != (rows,) + tail:
             return f"soft_{name} is {a.dtype} {a.shape}, expected {dtype} {(rows,) + tail}"
     for row in range(n):
-        problem = soft_problem(shard.soft(row), soft.anchors, shard.pad_size(row), soft.num_classes, soft.knobs)
+        meta = shard.meta[row]
+        problem = soft_problem(shard.soft(row), soft.anchors, meta.pad_size, soft.num_classes, soft.knobs)
         if problem:
-            return f"view {tuple(shard.key(row))}: soft record {problem}"
+            return f"view {tuple(meta.key)}: soft record {problem}"
     return None
 
 

@@ -329,6 +329,14 @@ class RowMeta(NamedTuple):
     has_ignore: bool
 
 
+def _row_meta(views: np.ndarray, scale_factor: np.ndarray) -> list[RowMeta]:
+    c = COLUMN
+    return [RowMeta(ViewKey(v[c["image_id"]], (v[c["scale_long"]], v[c["scale_short"]]), bool(v[c["flip"]])),
+                    (v[c["view_h"]], v[c["view_w"]]), (v[c["pad_h"]], v[c["pad_w"]]), (sf[0], sf[1]),
+                    bool(v[c["has_ignore"]]))
+            for v, sf in zip(views.tolist(), scale_factor.tolist())]
+
+
 class ShardData:
     """The decoded arrays of one shard, with per-view offsets and metadata as Python objects, so that a
     lookup only slices (it is on the training step's data path)."""
@@ -337,33 +345,16 @@ class ShardData:
         self.shard_id = shard_id
         self.arrays = arrays
         self.offsets: list[list[int]] = arrays["offsets"].tolist()
-        self.views: list[list[int]] = arrays["views"].tolist()
-        self.scale_factor: list[list[float]] = arrays["scale_factor"].tolist()
         self.has_soft = SOFT_OFFSETS in arrays
         self.soft_offsets: list[list[int]] = arrays[SOFT_OFFSETS].tolist() if self.has_soft else []
         self.nbytes = sum(a.nbytes for a in arrays.values())
-        c = COLUMN
-        self.meta: list[RowMeta] = [
-            RowMeta(ViewKey(v[c["image_id"]], (v[c["scale_long"]], v[c["scale_short"]]), bool(v[c["flip"]])),
-                    (v[c["view_h"]], v[c["view_w"]]), (v[c["pad_h"]], v[c["pad_w"]]), (sf[0], sf[1]),
-                    bool(v[c["has_ignore"]]))
-            for v, sf in zip(self.views, self.scale_factor)
-        ]
+        views, scale = arrays["views"], arrays["scale_factor"]
+        # a malformed shard (a writer bug behind a valid checksum) is left for cache/info.py to report
+        well_formed = views.shape[1:] == (len(VIEW_COLUMNS),) and scale.shape == (len(views), 2)
+        self.meta: list[RowMeta] = _row_meta(views, scale) if well_formed else []
 
     def __len__(self) -> int:
-        return len(self.views)
-
-    def key(self, row: int) -> ViewKey:
-        return self.meta[row].key
-
-    def view_size(self, row: int) -> tuple[int, int]:
-        return self.meta[row].view_size
-
-    def pad_size(self, row: int) -> tuple[int, int]:
-        return self.meta[row].pad_size
-
-    def has_ignore(self, row: int) -> bool:
-        return self.meta[row].has_ignore
+        return self.arrays["views"].shape[0]
 
     def rows(self, row: int, column: int, name: str) -> np.ndarray:
         return self.arrays[name][self.offsets[row][column]:self.offsets[row + 1][column]]
@@ -378,16 +369,16 @@ class ShardData:
 
     def record(self, row: int) -> ViewRecord:
         """The view at ``row`` as a ViewRecord (canonical dtypes, fresh arrays)."""
-        r = self.rows
+        r, meta = self.rows, self.meta[row]
         soft = self.soft(row)
         return ViewRecord(
-            key=self.key(row),
-            view_size=self.view_size(row),
-            pad_size=self.pad_size(row),
-            scale_factor=self.meta[row].scale_factor,
+            key=meta.key,
+            view_size=meta.view_size,
+            pad_size=meta.pad_size,
+            scale_factor=meta.scale_factor,
             boxes=r(row, 1, "gt_boxes").copy(),
             labels=r(row, 1, "gt_labels").astype(np.int64),
-            ignore=r(row, 2, "ignore_boxes").copy() if self.has_ignore(row) else None,
+            ignore=r(row, 2, "ignore_boxes").copy() if meta.has_ignore else None,
             cand_anchor=r(row, 0, "cand_anchor").astype(np.int64),
             cand_gt=r(row, 0, "cand_gt").astype(np.int64),
             cand_score=r(row, 0, "cand_score").copy(),

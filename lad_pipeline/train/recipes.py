@@ -5,7 +5,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -75,15 +75,22 @@ def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: 
     dataset = train_dataset(config)
     dataset.check_num_classes(config.colad.model.num_classes, "network 2 (colad.model)")
     resuming = resume and RunPaths(Path(out)).latest.exists()
+    source = colad_source(config, init=not resuming)
+    return Trainer(config, Path(out), dataset, source, resume=resume).fit()
+
+
+def colad_source(config: Config, *, init: bool = True) -> Callable[[torch.device], CoLearning]:
+    """The Trainer's CoLAD label source: network 2 built from ``[colad.model]``, from its ``init_from`` when
+    ``init`` (not when resuming: the checkpoint has it)."""
 
     def source(device: torch.device) -> CoLearning:
         network2 = build_detector(config.colad.model)
-        if config.colad.model.init_from and not resuming:
+        if init and config.colad.model.init_from:
             kind = load_init_weights(network2, config.colad.model.init_from)
             log.info("initialised network 2's %s from %s", kind, config.colad.model.init_from)
         return CoLearning(network2, config.assign, config.loss, AnchorLayout.from_config(config.model))
 
-    return Trainer(config, Path(out), dataset, source, resume=resume).fit()
+    return source
 
 
 def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache:
