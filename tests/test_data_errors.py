@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -150,3 +153,29 @@ def test_cli_reports_one_line_error(tmp_path):
         assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
         assert "is not empty" in result.output and "Traceback" not in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "notes.txt").exists()
+
+
+_HANG_UP_ON_A_WORKER = """
+import socket, sys, time
+from multiprocessing import resource_sharer
+from lad_pipeline.data.collate import _quiet_on_parent_exit
+if sys.argv[1] == "quiet":
+    _quiet_on_parent_exit(0)
+handle = resource_sharer.DupFd(0)  # a worker offers a batch's handle: its handle-passing thread starts
+main = socket.socket(socket.AF_UNIX)  # the main process connects, then stops mid-handshake
+main.connect(handle._id[0])
+main.close()
+time.sleep(1.0)
+sys.excepthook(ValueError, ValueError("another error"), None)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "quiet"])
+def test_worker_stays_quiet_when_the_main_process_hangs_up(mode):
+    # The main process stopping while it takes a batch from a worker is not an error of the worker; anything
+    # else a worker reports still prints. "default" shows that the hang-up does print without the hook.
+    result = subprocess.run([sys.executable, "-c", _HANG_UP_ON_A_WORKER, mode], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "another error" in result.stderr
+    assert ("resource_sharer" in result.stderr) == (mode == "default"), result.stderr

@@ -9,8 +9,11 @@ worker's traceback into the message.
 """
 from __future__ import annotations
 
-import threading
+import sys
+import traceback
 from dataclasses import dataclass, field
+from multiprocessing import resource_sharer
+from types import TracebackType
 from typing import Optional, Sequence, Union
 
 import torch
@@ -175,14 +178,20 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
 
 
 def _quiet_on_parent_exit(worker_id: int) -> None:
-    """In a worker: when the main process stops (Ctrl-C, SIGTERM, an error) while the worker hands it a
-    batch, the thread that passes the batch's shared memory sees its connection reset. That is the expected
-    end of the worker, not an error to print over the command's one line."""
-    default = threading.excepthook
+    """In a worker: when the main process stops (Ctrl-C, SIGTERM, an error) while it takes a batch's shared
+    memory from the worker, the worker's handle-passing thread (``multiprocessing.resource_sharer``) sees
+    its connection reset or closed. That is the expected end of the worker, not an error to print after the
+    command's one line. The thread reports through ``sys.excepthook`` itself (it catches everything), so
+    that is the hook narrowed here; any other exception still prints."""
+    default = sys.excepthook
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if args.exc_type is not None and issubclass(args.exc_type, (ConnectionError, EOFError)):
+    def hook(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, (ConnectionError, EOFError)) and _raised_in(tb, resource_sharer.__file__):
             return
-        default(args)
+        default(exc_type, exc, tb)
 
-    threading.excepthook = hook
+    sys.excepthook = hook
+
+
+def _raised_in(tb: Optional[TracebackType], filename: str) -> bool:
+    return any(frame.f_code.co_filename == filename for frame, _ in traceback.walk_tb(tb))
