@@ -6,8 +6,8 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -132,3 +132,25 @@ def interleaved_step_times(trainers: dict, batches: list, iters: int, warmup: in
             if n >= warmup:
                 times[mode].append(seconds)
     return times
+
+
+def round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios ``numerator[i] / denominator[i]`` of interleaved timings.
+
+    A round's modes run back to back, so each round's ratio is taken at one machine speed; a ratio of the
+    modes' medians mixes speeds when the host drifts during the run (seen: 40 % within minutes)."""
+    rounds = sorted(n / d for n, d in zip(numerator, denominator, strict=True))
+    median = statistics.median(rounds)
+    q1, _, q3 = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else [median] * 3
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+def report_ratios(times: dict[str, list[float]], pairs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``round_ratio`` of each named pair of modes (``{"cached_over_online": "ab"}`` is a over b), one line each."""
+    ratios = {}
+    for name, (x, y) in pairs.items():
+        r = ratios[name] = round_ratio(times[x], times[y])
+        of_medians = statistics.median(times[x]) / statistics.median(times[y])
+        print(f"{x}/{y} {name:<29}= {r['median']:.3f} (per round; quartiles {r['q1']:.3f}-{r['q3']:.3f}, "
+              f"ratio of the medians {of_medians:.3f})")
+    return ratios

@@ -1,6 +1,6 @@
 """Seconds per training iteration of a PAA R-50 student by where its labels come from (R-101 teacher).
 
-    python bench/train.py [--scale 320] [--batch 2] [--iters 5] [--warmup 2] [--images 14] [--data toy]
+    python bench/train.py [--scale 320] [--batch 2] [--iters 20] [--warmup 2] [--images 14] [--data toy]
 
 (a) cached LAD: ``CachedLabels`` over a label cache written first by ``cache-labels`` for every timed view;
 (b) online LAD: ``OnlineTeacher``, the R-101 teacher runs on every view of every step (mmdetection's LAD);
@@ -9,7 +9,8 @@
 
 Every mode times the product's own ``Trainer.step`` (normalise and pad on the device, forward, labels, loss,
 backward, SGD update) on the same preloaded batches, so data loading is excluded and the modes differ only
-in the label source. The modes take turns, one step each per round, and each reports its median.
+in the label source. The modes take turns, one step each per round, and each reports its median; a ratio is
+the median over rounds of that round's ratio (a round's steps share the machine's speed, which drifts).
 Views are coco128 images (``LAD_COCO128``, default ../shared/data/coco128) at one (long, short) scale;
 without coco128 the toy digits are used. Weights are random (nothing to download): timings depend on them
 only through PAA's candidate counts. Last two lines: ``cached_over_floor`` and the headline
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import cached_step_batches, interleaved_step_times, machine, step_bench_args, step_bench_data, write_result
+from common import (cached_step_batches, interleaved_step_times, machine, report_ratios, step_bench_args,
+                    step_bench_data, write_result)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,7 +68,7 @@ def configs(args, num_classes: int) -> tuple[Config, Config]:
 
 
 def main() -> None:
-    args = step_bench_args(__doc__)
+    args = step_bench_args(__doc__, iters=20)
     work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-train-")
     student_cfg, teacher_cfg = configs(args, num_classes)
 
@@ -115,8 +117,7 @@ def main() -> None:
                          "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].counts}
     assert results["a"]["misses"] == 0, "a cached view was missing: the timed steps ran the teacher"
 
-    a, b, c, d = (results[m]["s_per_iter"] for m in "abcd")
-    ratios = {"cached_over_floor": a / d, "cached_over_plain_paa": a / c, "cached_over_online": a / b}
+    d = results["d"]["s_per_iter"]
     print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale} "
           f"(views {', '.join(f'{w}x{h}' for h, w in pads)}), batch {args.batch}; PAA R-50 student, "
           f"PAA R-101 teacher; median of {args.iters} iterations after {args.warmup} warm-up")
@@ -126,17 +127,16 @@ def main() -> None:
         r = results[mode]
         print(f"({mode}) {name:<12}{what:<32}{r['s_per_iter']:>9.3f}{r['views_per_s']:>9.2f}"
               f"{r['s_per_iter'] / d:>9.2f}x")
+    ratios = report_ratios(times, {"cached_over_floor": "ad", "cached_over_plain_paa": "ac",
+                                   "cached_over_online": "ab"})
     write_result("train", {
         "machine": machine(), "data": data_name, "scale": [args.scale, args.scale], "batch": args.batch,
         "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": "PAA R-101",
         "cache_labels_s_per_view": cache_s / cached_views, "modes": results, "ratios": ratios,
-        "headline": {"cached_over_online": ratios["cached_over_online"]},
+        "headline": {"cached_over_online": ratios["cached_over_online"]["median"]},
     })
-    print(f"a/d cached_over_floor     = {ratios['cached_over_floor']:.3f}")
-    print(f"a/c cached_over_plain_paa = {ratios['cached_over_plain_paa']:.3f}")
-    print(f"a/b cached_over_online    = {ratios['cached_over_online']:.3f}")
-    print(f"cached_over_floor = {ratios['cached_over_floor']:.3f}")
-    print(f"headline: cached_over_online = {ratios['cached_over_online']:.3f}")
+    print(f"cached_over_floor = {ratios['cached_over_floor']['median']:.3f}")
+    print(f"headline: cached_over_online = {ratios['cached_over_online']['median']:.3f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
