@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 
-from common import interleaved_step_times, machine, round_ratio, step_bench_args, step_bench_data, write_result
+from common import interleaved_step_times, machine, report_ratios, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +62,6 @@ def main() -> None:
     for trainer in trainers.values():
         trainer.close()
     median = {mode: statistics.median(t) for mode, t in times.items()}
-    ratio = round_ratio(times["a"], [b + c for b, c in zip(times["b"], times["c"])])
 
     print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale}, batch {args.batch}; "
           f"median of {args.iters} iterations after {args.warmup} warm-up; random weights")
@@ -70,8 +69,7 @@ def main() -> None:
     for mode, name in MODES:
         print(f"({mode}) {name:<22}{median[mode]:>9.3f}")
     print(f"(b)+(c) two PAA steps      {median['b'] + median['c']:>9.3f}")
-    print(f"a / (b + c): ratio of the medians {median['a'] / (median['b'] + median['c']):.3f}; per round: median "
-          f"{ratio['median']:.3f}, quartiles {ratio['q1']:.3f}-{ratio['q3']:.3f}")
+    ratio = report_ratios(times, {"colad_over_two_paa": "abc"})["colad_over_two_paa"]
     write_result("colad", {"machine": machine(), "data": data_name, "scale": [args.scale, args.scale],
                            "batch": args.batch, "iters": args.iters, "warmup": args.warmup,
                            "s_per_iter": median, "times": times, "round_ratio": ratio,

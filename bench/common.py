@@ -145,12 +145,15 @@ def round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, f
     return {"median": median, "q1": q1, "q3": q3}
 
 
-def report_ratios(times: dict[str, list[float]], pairs: dict[str, str]) -> dict[str, dict[str, float]]:
-    """``round_ratio`` of each named pair of modes (``{"cached_over_online": "ab"}`` is a over b), one line each."""
-    ratios = {}
-    for name, (x, y) in pairs.items():
-        r = ratios[name] = round_ratio(times[x], times[y])
-        of_medians = statistics.median(times[x]) / statistics.median(times[y])
-        print(f"{x}/{y} {name:<29}= {r['median']:.3f} (per round; quartiles {r['q1']:.3f}-{r['q3']:.3f}, "
-              f"ratio of the medians {of_medians:.3f})")
-    return ratios
+def report_ratios(times: dict[str, list[float]], ratios: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``round_ratio`` of each named ratio of modes, one line each. ``"ab"`` is a over b; ``"abc"`` is a over
+    the sum of b and c (one CoLAD step against two plain steps)."""
+    out = {}
+    for name, (x, *ys) in ratios.items():
+        per_round = [sum(step) for step in zip(*(times[y] for y in ys))]
+        r = out[name] = round_ratio(times[x], per_round)
+        of_medians = statistics.median(times[x]) / sum(statistics.median(times[y]) for y in ys)
+        over = ys[0] if len(ys) == 1 else f"({'+'.join(ys)})"
+        print(f"{x}/{over:<5} {name:<29}= {r['median']:.3f} "
+              f"(per round; quartiles {r['q1']:.3f}-{r['q3']:.3f}, ratio of the medians {of_medians:.3f})")
+    return out

@@ -156,7 +156,7 @@ def test_cli_reports_one_line_error(tmp_path):
 
 
 _HANG_UP_ON_A_WORKER = """
-import socket, sys, time
+import socket, sys
 from multiprocessing import resource_sharer
 from lad_pipeline.data.collate import _quiet_on_parent_exit
 if sys.argv[1] == "quiet":
@@ -165,7 +165,7 @@ handle = resource_sharer.DupFd(0)  # a worker offers a batch's handle: its handl
 main = socket.socket(socket.AF_UNIX)  # the main process connects, then stops mid-handshake
 main.connect(handle._id[0])
 main.close()
-time.sleep(1.0)
+resource_sharer.stop(timeout=30)  # served in order: the thread has handled the hang-up once it stops
 sys.excepthook(ValueError, ValueError("another error"), None)
 """
 
