@@ -1,7 +1,6 @@
 """``lad eval``: COCO box metrics of a checkpoint or of a results JSON file."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -89,14 +88,9 @@ def _check_writable(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:
+    from lad_pipeline.runtime.atomic import atomic_write
+
     # Written aside, then renamed: an interrupted run never leaves a truncated metrics file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise LadError(f"cannot write metrics to {path}: {exc.strerror or exc}") from None
+    with atomic_write(path, "w", what="metrics") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
 

@@ -36,7 +36,7 @@ class LadGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LadError as exc:
-            _fail(str(exc))
+            _fail(exc.for_user())
         except KeyboardInterrupt as exc:
             click.echo(_ranked(f"interrupted: {exc}" if str(exc) else "interrupted"), err=True)
             sys.exit(130)

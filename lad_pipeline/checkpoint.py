@@ -6,7 +6,6 @@ an mmdetection model-zoo checkpoint maps onto it key for key.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pickle
@@ -20,6 +19,7 @@ from torch import nn
 
 from . import __version__
 from .errors import LadError
+from .runtime.atomic import atomic_write
 
 if TYPE_CHECKING:
     from .config import Config
@@ -173,53 +173,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[s
     A crash or a full disk never leaves a file at ``path`` that reads as complete, and never harms the one
     already there; a failure is a LadError naming the path and the cause, with the partial file removed.
     """
-    path = Path(path)
     payload = {"format": FORMAT, "lad_version": __version__, "config": dict(config), "model": model.state_dict()}
     payload.update(extra)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a file object, not a path: torch then reports a failed write as the OSError it is
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # an interrupt too: never leave the partial file behind
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        cause = _root_cause(exc)
-        if isinstance(cause, OSError):
-            raise LadError(f"cannot write checkpoint {path}: {cause.strerror or cause}") from None
-        if isinstance(cause, KeyboardInterrupt) and cause is not exc:
-            raise KeyboardInterrupt(*cause.args) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The OSError or interrupt behind ``exc`` when torch's zip writer, having met it, failed in its own words
-    (``RuntimeError: [enforce fail at inline_container.cc ...]``); else ``exc``."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (OSError, KeyboardInterrupt)):
-            return seen
-        seen = seen.__context__ or seen.__cause__
-    return exc
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: some file systems cannot open a directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    # a file object, not a path: torch then reports a failed write as the OSError it is
+    with atomic_write(path, "wb", what="checkpoint") as f:
+        torch.save(payload, f)
 
 
 def remove_partial_files(folder: str | os.PathLike) -> None:

@@ -4,10 +4,8 @@ Defaults are mmdetection's PAA 1x values, so a config file only states what diff
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import LadError
+from .runtime.atomic import atomic_write
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
 
@@ -94,6 +93,8 @@ class DistillConfig:
 
 @dataclass
 class TestConfig:
+    __test__ = False  # not a test class, though pytest's naming rule says so
+
     nms_pre: int = 1000
     score_thr: float = 0.05
     nms_iou: float = 0.6
@@ -432,12 +433,5 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(dump_toml(config.to_dict()))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", what="config") as f:
+        f.write(dump_toml(config.to_dict()))

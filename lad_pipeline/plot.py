@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import LadError
+from .runtime.atomic import atomic_write
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -104,13 +105,8 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Optional[Sequ
             ax.set_ylim(bottom=0)
         ax.legend(fontsize="small")
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp.png")
-        fig.savefig(tmp)
-        tmp.replace(out)
-    except OSError as exc:
-        raise LadError(f"cannot write {out}: {exc.strerror or exc}") from None
+    with atomic_write(out, "wb", what="plot") as f:
+        fig.savefig(f, format="png")
     return out
 
 

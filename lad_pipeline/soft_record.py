@@ -357,11 +357,3 @@ def rebuild_soft(
         weight=cat["weight"],
         min_iou=float(min_iou),
     )
-
-
-def record_size(num_anchors: int, num_entries: int, num_box: int, num_own: int, num_levels: int,
-                num_classes: int, knobs: SoftKnobs) -> int:
-    """Raw bytes of a record: ``5 N + 3 E + 12 K + 4 L C + r L (2 C + 8) + ceil(r A b / 8)``."""
-    r = knobs.bg_rank
-    return (5 * num_anchors + 3 * num_entries + 12 * num_box + 4 * num_levels * num_classes
-            + r * num_levels * (2 * num_classes + 8) + -(-r * num_own * knobs.bg_bits // 8))

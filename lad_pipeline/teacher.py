@@ -63,10 +63,3 @@ def teacher_assign_with_outputs(teacher: PAADetector, image: Tensor, target: Tar
     outputs it was made from: one forward pass serves the assignment and the soft labels."""
     outs = teacher_outputs(teacher, image, amp)
     return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, config=assign, loss=loss)[0], outs
-
-
-def teacher_assign(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
-                   assign: AssignConfig, loss: LossConfig, amp: bool = False) -> Assignment:
-    """The teacher's PAA assignment of one view ``image [3, Hp, Wp]`` padded on its own, on the
-    teacher's anchors (``teacher.anchors``); ``amp`` as in ``teacher_outputs``."""
-    return teacher_assign_with_outputs(teacher, image, target, pad_shape, assign, loss, amp)[0]

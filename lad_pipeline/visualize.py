@@ -33,8 +33,8 @@ from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes
 
 from .data.transforms import quiet_torchvision_io
-from .errors import LadError
 from .models.anchors import AnchorLayout
+from .runtime.atomic import atomic_write
 from .types import Assignment, Detections, Targets
 
 Color = tuple[int, int, int]
@@ -291,15 +291,6 @@ def write_png(image: Tensor, path: str | os.PathLike) -> Path:
     path = Path(path)
     with quiet_torchvision_io():
         data = encode_png(image.cpu().contiguous())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.numpy().tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise LadError(f"cannot write image {path}: {exc.strerror or exc}") from None
+    with atomic_write(path, "wb", what="image") as f:
+        f.write(data.numpy().tobytes())
     return path

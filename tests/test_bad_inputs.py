@@ -36,7 +36,7 @@ from toy_world import (  # noqa: E402
     _env,
 )
 
-from lad_pipeline import checkpoint as checkpoint_module  # noqa: E402
+from lad_pipeline.runtime import atomic as atomic_module  # noqa: E402
 from lad_pipeline.config import ALLOWED, BACKBONES, Config, config_from_dict  # noqa: E402
 from lad_pipeline.errors import LadError  # noqa: E402
 
@@ -474,12 +474,12 @@ def fail_nth_save(monkeypatch, n: int, error: BaseException) -> None:
 
     def fake_open(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
-        if "w" not in mode:
+        if "w" not in mode or ".pth." not in str(path):  # checkpoints only, not configs or metrics
             return f
         opened.append(path)
         return FullDisk(f, 1 << 20, error) if len(opened) == n else f
 
-    monkeypatch.setattr(checkpoint_module, "open", fake_open, raising=False)
+    monkeypatch.setattr(atomic_module, "open", fake_open, raising=False)
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):

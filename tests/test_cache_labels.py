@@ -11,7 +11,7 @@ from conftest import REPO
 from toy_world import assert_one_line_error, cache_args, lad, start_lad, tiny_config
 from lad_pipeline.cache import LabelCache, cache_info
 from lad_pipeline.data import CocoViews, normalize_and_pad
-from lad_pipeline.teacher import load_teacher, teacher_assign
+from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_store_holds_every_view_as_the_teacher_assigns_it(store, world):
     for key in list(cache.keys())[:6]:
         view = dataset.load_view(key)
         image, (pad,) = normalize_and_pad([view.image])
-        expected = teacher_assign(teacher, image[0], view.targets, pad, config.assign, config.loss)
+        expected, _ = teacher_assign_with_outputs(teacher, image[0], view.targets, pad, config.assign, config.loss)
         cached = cache.get(key)
         assert cached.pad_size == pad and tuple(cached.view_size) == tuple(view.view_size)
         for name in expected._fields:

@@ -181,8 +181,9 @@ def test_lookup_decodes_only_its_shard(tmp_path, monkeypatch):
 
 def test_create_refusals(tmp_path):
     write_store(tmp_path / "c.zarr", 4)
-    with pytest.raises(LadError, match="already exists.*--resume"):
+    with pytest.raises(LadError, match="already exists$") as exc:
         CacheWriter.create(tmp_path / "c.zarr", cache_attrs())
+    assert "--resume" in exc.value.hint and "--resume" in exc.value.for_user()  # CLI advice apart from the message
     (tmp_path / "file").write_text("x")
     with pytest.raises(LadError, match="is a file"):
         CacheWriter.create(tmp_path / "file", cache_attrs())
@@ -192,8 +193,9 @@ def test_create_refusals(tmp_path):
         CacheWriter.create(tmp_path / "other", cache_attrs(), overwrite=True)
     assert (tmp_path / "other" / "precious.txt").exists()
     CacheWriter.create(tmp_path / "c.zarr", cache_attrs(), overwrite=True)  # a cache may be replaced
-    with pytest.raises(LadError, match="not finalized.*--resume"):
+    with pytest.raises(LadError, match=r"not finalized\)$") as exc:
         LabelCache.open(tmp_path / "c.zarr")
+    assert "--resume" in exc.value.hint
     with pytest.raises(LadError, match="cannot create label cache"):  # parent is a file
         CacheWriter.create(tmp_path / "file" / "c.zarr", cache_attrs())
     if os.geteuid() != 0:  # root ignores permissions
@@ -251,8 +253,9 @@ def test_uncommitted_shards_read_as_missing(tmp_path):
     (path / "shards" / "000003" / "zarr.json").write_text(json.dumps(meta))
     assert writer.missing_shards(4) == [2, 3]
     assert writer.missing_shards(4, rank=1, world_size=2) == [3]
-    with pytest.raises(LadError, match=r"2 shard\(s\) missing \(000002, 000003\).*--resume"):
+    with pytest.raises(LadError, match=r"2 shard\(s\) missing \(000002, 000003\)") as exc:
         writer.finalize(4)
+    assert "--resume" in exc.value.hint
     for sid in writer.missing_shards(4):
         writer.write_shard(sid, records[sid * 4:(sid + 1) * 4])
     writer.finalize(4)
@@ -315,8 +318,9 @@ def test_info_and_verify(tmp_path):
     assert "verify           OK" in format_info(info)
     cache = LabelCache.open(path)
     shutil.rmtree(path / "shards" / "000002")
-    with pytest.raises(LadError, match="shard 000002 is missing.*--resume"):
+    with pytest.raises(LadError, match="shard 000002 is missing") as exc:
         cache.get(synthetic_view(17)[0])
+    assert "--resume" in exc.value.hint
     bad = cache_info(path, verify=True)["verify"]
     assert not bad["ok"] and "shard 000002 is missing" in bad["problems"]
     assert "FAILED" in format_info(cache_info(path, verify=True))
@@ -383,3 +387,17 @@ def test_verify_reports_a_malformed_shard_behind_a_valid_checksum(tmp_path):
     group.attrs["checksum"] = shard_checksum(arrays)
     bad = cache_info(path, verify=True)["verify"]
     assert not bad["ok"] and bad["problems"] == ["shard 000001: views has shape (8, 8), expected (views, 9)"]
+
+
+def test_an_unreadable_shard_is_an_error_not_a_missing_one(tmp_path):
+    """A shard whose metadata cannot be parsed is reported, not taken as uncommitted (which would let a resume
+    silently rewrite it); a shard folder without metadata is still just missing."""
+    path = tmp_path / "c.zarr"
+    writer = write_store(path, 16, shard_size=8)
+    (path / "shards" / "000001" / "zarr.json").write_text("{not json")
+    with pytest.raises(LadError, match="shard 000001 is unreadable") as exc:
+        writer.committed_shards()
+    assert "--resume" in exc.value.hint
+    shutil.rmtree(path / "shards" / "000001")
+    (path / "shards" / "000001").mkdir()
+    assert writer.committed_shards() == {0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lad_pipeline.boxes import box_iou
-from lad_pipeline import config as cfg  # not TestConfig by name: pytest would try to collect it
+from lad_pipeline.config import TestConfig
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Detections, HeadOutputs
@@ -37,7 +37,7 @@ def test_matches_mmdetection(golden, rescale):
     factors = [(float(w), float(h)) for w, h in expected["rescale_scale_factor"]] if rescale else None
     prefix = "rescaled_" if rescale else ""
     dets = postprocess(outs, _shapes(expected), factors)
-    unvoted = postprocess(outs, _shapes(expected), factors, config=cfg.TestConfig(score_voting=False))
+    unvoted = postprocess(outs, _shapes(expected), factors, config=TestConfig(score_voting=False))
     assert len(dets) == 2
     nan_rows = 0
     for i, (det, raw) in enumerate(zip(dets, unvoted)):
@@ -59,7 +59,7 @@ def test_matches_mmdetection(golden, rescale):
 
 def test_without_voting_is_nms_order(golden):
     outs, expected = golden
-    for det in postprocess(outs, _shapes(expected), config=cfg.TestConfig(score_voting=False)):
+    for det in postprocess(outs, _shapes(expected), config=TestConfig(score_voting=False)):
         assert len(det.scores) == 100
         assert (det.scores[:-1] >= det.scores[1:]).all()
 
@@ -78,7 +78,7 @@ def _synthetic(num_images: int = 1, pad: tuple[int, int] = (256, 320), cls_logit
 @pytest.mark.parametrize("voting", [True, False])
 def test_empty_image(voting):
     outs = _synthetic(num_images=2)  # every score ~ sqrt(sigmoid(-20) * 0.5): nothing above 0.05
-    dets = postprocess(outs, [(256, 320), (200, 300)], [(1.0, 1.0), (0.5, 0.5)], config=cfg.TestConfig(score_voting=voting))
+    dets = postprocess(outs, [(256, 320), (200, 300)], [(1.0, 1.0), (0.5, 0.5)], config=TestConfig(score_voting=voting))
     assert len(dets) == 2
     for det in dets:
         assert isinstance(det, Detections)

@@ -6,7 +6,6 @@ from lad_pipeline.cache.info import cache_info, format_info
 from lad_pipeline.cache.layout import GridLayout
 from lad_pipeline.cache.reader import CachedView, LabelCache
 from lad_pipeline.cache.schema import (
-    DEFAULT_SHARD_SIZE,
     SCHEMA_VERSION,
     ViewGeometry,
     ViewRecord,
@@ -17,7 +16,6 @@ from lad_pipeline.cache.schema import (
 from lad_pipeline.cache.writer import CacheWriter
 
 __all__ = [
-    "DEFAULT_SHARD_SIZE",
     "SCHEMA_VERSION",
     "CacheWriter",
     "CachedView",

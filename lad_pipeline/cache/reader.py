@@ -85,8 +85,11 @@ def committed_shards(path: str | os.PathLike, root: zarr.Group) -> set[int]:
     for name in names:
         try:
             attrs = zarr.open_group(root.store, path=f"{SHARDS}/{name}", mode="r").attrs
-        except Exception:
+        except zarr.errors.NodeNotFoundError:  # a shard folder whose metadata was never written
             continue
+        except (OSError, ValueError) as exc:  # unreadable is not uncommitted: resuming would rewrite it
+            raise LadError(f"label cache {path}: shard {name} is unreadable ({exc})",
+                           hint=f"delete {SHARDS}/{name} and run lad cache-labels --resume") from None
         if attrs.get("committed") is True:
             out.add(int(name))
     return out
@@ -99,18 +102,21 @@ def read_shard(path: str | os.PathLike, root: zarr.Group, shard_id: int) -> Shar
     try:
         group = zarr.open_group(root.store, path=f"{SHARDS}/{name}", mode="r")
         attrs = group.attrs.asdict()
-    except Exception:
-        raise LadError(f"{where} is missing; run lad cache-labels --resume") from None
+    except zarr.errors.NodeNotFoundError:
+        raise LadError(f"{where} is missing", hint="run lad cache-labels --resume") from None
+    except (OSError, ValueError) as exc:
+        raise LadError(f"{where} is unreadable ({exc})",
+                       hint=f"delete {SHARDS}/{name} and run lad cache-labels --resume") from None
     if attrs.get("committed") is not True:
-        raise LadError(f"{where} was never committed; run lad cache-labels --resume")
+        raise LadError(f"{where} was never committed", hint="run lad cache-labels --resume")
     try:
         arrays = {n: np.asarray(group[n][...]) for n in shard_array_names(root.attrs.asdict())}
     except Exception as exc:
-        raise LadError(f"{where} is corrupt ({type(exc).__name__}: {exc}); delete {SHARDS}/{name} and run "
-                       "lad cache-labels --resume") from None
+        raise LadError(f"{where} is corrupt ({type(exc).__name__}: {exc})",
+                       hint=f"delete {SHARDS}/{name} and run lad cache-labels --resume") from None
     if shard_checksum(arrays) != attrs.get("checksum"):
-        raise LadError(f"{where} is corrupt (checksum mismatch); delete {SHARDS}/{name} and run "
-                       "lad cache-labels --resume")
+        raise LadError(f"{where} is corrupt (checksum mismatch)",
+                       hint=f"delete {SHARDS}/{name} and run lad cache-labels --resume")
     return ShardData(shard_id, arrays)
 
 
@@ -163,12 +169,12 @@ class LabelCache:
         attrs = root.attrs.asdict()
         check_attrs(path, attrs, expect)
         if attrs.get("finalized") is not True:
-            raise LadError(f"label cache {path} is incomplete (not finalized); run lad cache-labels --resume")
+            raise LadError(f"label cache {path} is incomplete (not finalized)", hint="run lad cache-labels --resume")
         try:
             group = root[INDEX]
             keys, shard, row = group["keys"][...], group["shard"][...], group["row"][...]
         except Exception as exc:
-            raise LadError(f"label cache {path}: index is unreadable ({exc}); run lad cache-labels --resume") from None
+            raise LadError(f"label cache {path}: index is unreadable ({exc})", hint="run lad cache-labels --resume") from None
         index = {ViewKey(k[0], (k[1], k[2]), bool(k[3])): (s, r)
                  for k, s, r in zip(keys.tolist(), shard.tolist(), row.tolist())}
         cache = cls(path, attrs, index, max_cached_bytes)

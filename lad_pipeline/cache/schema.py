@@ -35,7 +35,6 @@ READABLE_VERSIONS = (1, 2)
 # The content digest keeps v1's definition for the hard part, so a hard-only store digests the same in
 # both versions; soft records extend each view's digest.
 DIGEST_TAG = f"{FORMAT}/v1"
-DEFAULT_SHARD_SIZE = 512
 
 # Caller-supplied root attributes that define what the cache contains. Resuming a store with any of
 # them different would mix two caches, so open_resume refuses (schema_version is added by the writer).

@@ -12,7 +12,6 @@ import os
 import shutil
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -50,6 +49,7 @@ from lad_pipeline.cache.schema import (
     validate_attrs,
 )
 from lad_pipeline.errors import LadError
+from lad_pipeline.runtime.atomic import fsync_dir, fsync_tree
 from lad_pipeline.soft_record import ROW_KINDS, SoftKnobs, SoftRecord
 from lad_pipeline.types import Assignment, Targets
 
@@ -73,26 +73,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush a freshly written shard so a rename never commits data still only in the page cache."""
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _store_exists(path: str | os.PathLike) -> bool:
     local = local_path(path)
     if local is not None:
@@ -105,8 +85,10 @@ def _store_exists(path: str | os.PathLike) -> bool:
     try:
         zarr.open_group(os.fspath(path), mode="r")
         return True
-    except Exception:
+    except zarr.errors.NodeNotFoundError:
         return False
+    except (OSError, ValueError) as exc:  # unreadable is not absent: never let it open the store for writing
+        raise LadError(f"cannot read label cache path {path}: {exc}") from None
 
 
 class CacheWriter:
@@ -130,8 +112,8 @@ class CacheWriter:
         root_attrs = _root_attrs(attrs, compression)
         if _store_exists(path):
             if not overwrite:
-                raise LadError(f"label cache {path} already exists; pass --resume to continue it or "
-                               "--overwrite to replace it")
+                raise LadError(f"label cache {path} already exists",
+                               hint="pass --resume to continue it or --overwrite to replace it")
             open_root(path)  # LadError unless it is a label cache
             local = local_path(path)
             if local is not None:
@@ -160,8 +142,8 @@ class CacheWriter:
             diff = first_difference(stored.get(field, "<missing>"), wanted.get(field, "<missing>"), field)
             if diff:
                 name, have, now = diff
-                raise LadError(f"cannot resume label cache {path}: {name} differs (cache: {have!r}, now: {now!r}); "
-                               "use --overwrite or another --out")
+                raise LadError(f"cannot resume label cache {path}: {name} differs (cache: {have!r}, now: {now!r})",
+                               hint="use --overwrite or another --out")
         return cls(path, stored)
 
     def make_record(self, key: Any, geometry: ViewGeometry, targets: Targets, assignment: Assignment, *,
@@ -229,14 +211,14 @@ class CacheWriter:
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
         self._write_arrays(group, arrays)
         group.attrs.update(meta)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = self._local / SHARDS / name
         if final.exists():  # rewriting a shard: move the old one aside first (rename cannot replace a dir)
             old = tmp_root / f"{name}-old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def finalize(self, num_shards: int) -> dict[str, Any]:
         """Check shards ``0..num_shards-1`` are all committed, write the index and the root's counts,
@@ -247,10 +229,10 @@ class CacheWriter:
         if missing:
             head = ", ".join(shard_name(s) for s in missing[:5])
             raise LadError(f"label cache {self.path}: {len(missing)} shard(s) missing ({head}"
-                           f"{', ...' if len(missing) > 5 else ''}); run lad cache-labels --resume")
+                           f"{', ...' if len(missing) > 5 else ''})", hint="run lad cache-labels --resume")
         if extra:
             raise LadError(f"label cache {self.path}: unexpected shard(s) {', '.join(map(shard_name, extra[:5]))} "
-                           f"beyond {num_shards}; rebuild with --overwrite")
+                           f"beyond {num_shards}", hint="rebuild it with --overwrite")
         self._root.attrs.update({"finalized": False})  # a crash mid-finalize must not read as finalized
         scan = scan_shards(self.path, self._root, range(num_shards))
         if scan.problems:
