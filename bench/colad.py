@@ -30,7 +30,6 @@ sys.path.insert(0, str(REPO))
 
 from lad_pipeline.config import load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, make_loader  # noqa: E402
-from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.train.label_sources import SelfAssign  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.train.recipes import colad_source  # noqa: E402
@@ -51,11 +50,10 @@ def main() -> None:
     dataset = CocoViews(ann, image_dir, scales=config.data.scales, flip_prob=config.data.flip_prob,
                         seed=config.train.seed)
     batches = list(make_loader(dataset, dataset.train_keys(0), args.batch))
-    anchors = AnchorLayout.from_config(config.model)  # network 2 alone (c) on the anchors CoLAD shares
     sources = {
         "a": (config, colad_source(config)),
-        "b": (config, lambda d: SelfAssign(config.assign, config.loss, anchors)),
-        "c": (alone2, lambda d: SelfAssign(alone2.assign, alone2.loss, anchors)),
+        "b": (config, lambda model, _: SelfAssign(config.assign, config.loss, model.anchors)),
+        "c": (alone2, lambda model, _: SelfAssign(alone2.assign, alone2.loss, model.anchors)),
     }
     trainers = {mode: Trainer(cfg, work / f"run-{mode}", dataset, factory) for mode, (cfg, factory) in sources.items()}
     times = interleaved_step_times(trainers, batches, args.iters, args.warmup)

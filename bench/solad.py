@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
-from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.label_sources import CachedLabels  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
@@ -99,13 +98,12 @@ def main() -> None:
     store_bytes = folder_bytes(store)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    anchors = AnchorLayout.from_config(solad_cfg.model)
     teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
     sources = {
-        "a": lambda d: CachedLabels(cache, lad_cfg.loss, anchors),
-        "b": lambda d: SoftCachedLabels(cache, solad_cfg.loss, anchors, solad_cfg.distill),
-        "c": lambda d: SoftOnlineTeacher(teacher, solad_cfg.assign, solad_cfg.loss, anchors, solad_cfg.distill,
-                                         solad_cfg.train.teacher_batch_padding),
+        "a": lambda model, _: CachedLabels(cache, lad_cfg.loss, model.anchors),
+        "b": lambda model, _: SoftCachedLabels(cache, solad_cfg.loss, model.anchors, solad_cfg.distill),
+        "c": lambda model, _: SoftOnlineTeacher(teacher, solad_cfg.assign, solad_cfg.loss, model.anchors,
+                                                solad_cfg.distill, solad_cfg.train.teacher_batch_padding),
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
     # machine's slow and fast moments fall on every mode alike

@@ -99,11 +99,11 @@ def main() -> None:
     teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
 
     sources = {
-        "a": lambda d: CachedLabels(cache, student_cfg.loss, anchors),
-        "b": lambda d: OnlineTeacher(teacher, student_cfg.assign, student_cfg.loss, anchors,
+        "a": lambda model, _: CachedLabels(cache, student_cfg.loss, model.anchors),
+        "b": lambda model, _: OnlineTeacher(teacher, student_cfg.assign, student_cfg.loss, model.anchors,
                                      student_cfg.train.teacher_batch_padding),
-        "c": lambda d: SelfAssign(student_cfg.assign, student_cfg.loss, anchors),
-        "d": lambda d: Precomputed(table, student_cfg.loss, anchors),
+        "c": lambda model, _: SelfAssign(student_cfg.assign, student_cfg.loss, model.anchors),
+        "d": lambda model, _: Precomputed(table, student_cfg.loss, model.anchors),
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
     # machine's slow and fast moments fall on every mode alike

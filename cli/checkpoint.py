@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import click
 
-from lad_pipeline.checkpoint import (checkpoint_format, export_network, file_sha256, first_non_finite, load_detector,
-                                     networks_in)
-from lad_pipeline.errors import LadError
 
 
 @click.command("checkpoint-info")
@@ -15,22 +12,26 @@ from lad_pipeline.errors import LadError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.num_classes=10.")
 def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
     """Load CHECKPOINT (ours or mmdetection's) into its detector and summarise it."""
-    model, config, contents = load_detector(checkpoint, config_path, overrides, teacher=teacher, network=1,
-                                            require_finite=False)  # reported below instead
+    from lad_pipeline.checkpoint import Checkpoint, first_non_finite
+    from lad_pipeline.errors import LadError
+
+    ckpt = Checkpoint.read(checkpoint)
+    model, config = ckpt.resolve(config_path, overrides, teacher=teacher, network=1,
+                                 require_finite=False)  # reported below instead
     click.echo(f"checkpoint   {checkpoint}")
-    click.echo(f"format       {checkpoint_format(contents)}")
-    click.echo(f"sha256       {file_sha256(checkpoint)}")
+    click.echo(f"format       {ckpt.format}")
+    click.echo(f"sha256       {ckpt.sha256}")
     networks = [model]
-    if len(networks_in(contents)) == 1:
+    if len(ckpt.networks) == 1:
         click.echo(f"model        {_describe(model, config.teacher.model if teacher else config.model)}")
     else:  # CoLAD: both networks are loaded, so both are checked
-        network2, config2, _ = load_detector(checkpoint, config_path, overrides, network=2, require_finite=False)
+        network2, config2 = ckpt.resolve(config_path, overrides, network=2, require_finite=False)
         networks.append(network2)
         click.echo(f"network 1    {_describe(model, config.model)}")
         click.echo(f"network 2    {_describe(network2, config2.model)}")
         click.echo(f"inference    network {config.colad.inference_network} (colad.inference_network)")
-    if "iteration" in contents:
-        click.echo(f"iteration    {contents['iteration']}")
+    if "iteration" in ckpt.contents:
+        click.echo(f"iteration    {ckpt.contents['iteration']}")
     click.echo("loads        all keys, no mismatches")
     bad = next(filter(None, (first_non_finite(net.state_dict()) for net in networks)), None)
     click.echo(f"finite       {'no, first: ' + bad if bad else 'yes'}")
@@ -51,5 +52,7 @@ def _describe(model, model_cfg) -> str:
               help="Plain detector checkpoint to write (a teacher for cache-labels, or for eval/show).")
 def export_network_command(checkpoint: str, network: int, out: str) -> None:
     """Write one network of CHECKPOINT (e.g. network 2 of a lad train-colad run) as a plain detector."""
+    from lad_pipeline.checkpoint import export_network
+
     config = export_network(checkpoint, out, network)
     click.echo(f"wrote {out}: network {network} ({config.model.backbone}, {config.model.num_classes} classes)")

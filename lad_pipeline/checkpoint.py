@@ -6,6 +6,7 @@ an mmdetection model-zoo checkpoint maps onto it key for key.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -22,7 +23,7 @@ from .errors import LadError
 from .runtime.atomic import atomic_write
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config, ModelConfig
     from .models import PAADetector
 
 FORMAT = "lad-checkpoint"
@@ -132,25 +133,10 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None,
-                    require_finite: bool = True) -> None:
-    """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error.
-
-    ``contents``: the file already read by ``read_checkpoint`` (it is not read again). Weights that are NaN
-    or inf anywhere are refused (``require_finite``) naming the first such tensor.
-    """
-    state = extract_state_dict(read_checkpoint(path) if contents is None else contents, path)
-    load_state_dict_strict(model, state, f"checkpoint {path}", require_finite=require_finite)
-
-
-def checkpoint_config(path: str | os.PathLike, *, contents: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The resolved config embedded in our checkpoints (None for mmdetection files), keys renamed since
-    the checkpoint was written under their new names."""
-    from .config import rename_old_keys
-
-    obj = read_checkpoint(path) if contents is None else contents
-    config = obj.get("config") if obj.get("format") == FORMAT else None
-    return rename_old_keys(dict(config)) if isinstance(config, Mapping) else None
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, require_finite: bool = True) -> None:
+    """Load our checkpoint or an mmdetection/mmengine one into ``model``, all keys or an error. Weights that are
+    NaN or inf anywhere are refused (``require_finite``) naming the first such tensor."""
+    Checkpoint.read(path).load_into(model, require_finite=require_finite)
 
 
 def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
@@ -194,75 +180,149 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def checkpoint_format(obj: Mapping[str, Any]) -> str:
-    """``lad``, ``mmdetection`` (mmdetection/mmengine container) or ``state dict`` (a bare one)."""
-    if obj.get("format") == FORMAT:
-        return "lad"
-    return "mmdetection" if "state_dict" in obj else "state dict"
+class Checkpoint:
+    """A checkpoint file read once, safely: ours, mmdetection's/mmengine's, or a bare state dict.
+
+    Everything a command needs of it comes from here without reading the file again: its format, sha256,
+    embedded config, the networks it holds, and detectors built from it for any role (a model to evaluate or
+    resume, a frozen teacher, network 2 of a CoLAD run).
+    """
+
+    def __init__(self, path: str | os.PathLike, contents: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.contents = dict(contents)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Checkpoint":
+        return cls(path, read_checkpoint(path))
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    @property
+    def format(self) -> str:
+        """``lad``, ``mmdetection`` (mmdetection/mmengine container) or ``state dict`` (a bare one)."""
+        if self.contents.get("format") == FORMAT:
+            return "lad"
+        return "mmdetection" if "state_dict" in self.contents else "state dict"
+
+    @property
+    def embedded_config(self) -> dict[str, Any] | None:
+        """The resolved config our checkpoints carry (None for mmdetection files), keys renamed since the file
+        was written under their new names."""
+        from .config import rename_old_keys
+
+        config = self.contents.get("config") if self.format == "lad" else None
+        return rename_old_keys(dict(config)) if isinstance(config, Mapping) else None
+
+    @property
+    def networks(self) -> list[int]:
+        """The detectors it holds: [1], or [1, 2] for a CoLAD run (network 2 under ``peers``)."""
+        peers = self.contents.get("peers") if self.format == "lad" else None
+        return [1, 2] if isinstance(peers, Mapping) and "colad" in peers else [1]
+
+    def state_dict(self, network: int = 1) -> dict[str, torch.Tensor]:
+        """One network's weights, with our key names."""
+        if network not in self.networks:
+            raise LadError(f"checkpoint {self.path} holds {len(self.networks)} network(s); network {network} "
+                           f"needs a checkpoint of lad train-colad")
+        if network == 2:
+            return dict(self.contents["peers"]["colad"])
+        return extract_state_dict(self.contents, self.path)
+
+    def load_into(self, model: nn.Module, *, network: int = 1, require_finite: bool = True) -> None:
+        what = f"network 2 of checkpoint {self.path}" if network == 2 else f"checkpoint {self.path}"
+        load_state_dict_strict(model, self.state_dict(network), what, require_finite=require_finite)
+
+    def config(self, config_path: str | os.PathLike | None = None,
+               overrides: tuple[str, ...] | list[str] = ()) -> "Config":
+        """The config a command runs with: ``config_path`` if given, else the one embedded in the file."""
+        from .config import config_from_dict, load_config
+
+        if config_path:
+            return load_config(config_path, overrides)
+        embedded = self.embedded_config
+        if embedded is None:
+            raise LadError(f"checkpoint {self.path} has no embedded config (an mmdetection file?)",
+                           hint="pass --config")
+        try:
+            return config_from_dict(embedded, overrides)
+        except LadError as exc:
+            raise LadError(f"checkpoint {self.path}, its embedded config or --set: {exc}") from None
+
+    def teacher_model_config(self, config: "Config | None") -> "ModelConfig":
+        """The architecture of the file as a teacher: embedded in our checkpoints, else the given config's
+        ``[teacher.model]`` (a LAD config, which names its teacher) or ``[model]`` (the teacher's own config)."""
+        from .config import config_from_dict
+
+        embedded = self.embedded_config
+        if embedded is not None:
+            return config_from_dict(embedded).model
+        if config is None:
+            raise LadError(f"teacher {self.path} has no embedded config (an mmdetection file?)",
+                           hint="pass --config")
+        return config.teacher.model if config.teacher.checkpoint else config.model
+
+    def detector(self, model_config: "ModelConfig", *, network: int = 1, device: torch.device | str | None = None,
+                 frozen: bool = False, require_finite: bool = True) -> "PAADetector":
+        """A detector of ``model_config`` with this file's weights (of ``network``), in eval mode on ``device``;
+        ``frozen``: without gradients, as a teacher is."""
+        from .models import build_detector
+
+        model = build_detector(model_config)
+        self.load_into(model, network=network, require_finite=require_finite)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        if frozen:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return model
+
+    def teacher(self, model_config: "ModelConfig", device: torch.device | str | None = None) -> "PAADetector":
+        """The frozen teacher: eval mode, no gradients (a teacher is never trained)."""
+        return self.detector(model_config, device=device, frozen=True)
+
+    def resolve(self, config_path: str | os.PathLike | None = None, overrides: tuple[str, ...] | list[str] = (),
+                *, teacher: bool = False, network: int | None = None, device: torch.device | str | None = None,
+                require_finite: bool = True) -> tuple["PAADetector", "Config"]:
+        """The detector a command runs and its config: the architecture from ``config_path`` (its
+        ``[teacher.model]`` with ``teacher``) or from the embedded config. Of a CoLAD checkpoint ``network`` picks
+        one (default ``colad.inference_network``), and the returned config describes that one as its ``[model]``.
+        Non-finite weights are refused unless ``require_finite`` is off (``lad checkpoint-info`` reports them)."""
+        from dataclasses import replace
+
+        config = self.config(config_path, overrides)
+        if network is None:
+            network = config.colad.inference_network if len(self.networks) == 2 else 1
+        if network == 2:
+            config = replace(config, model=config.colad.model)
+        model_config = config.teacher.model if teacher else config.model
+        return self.detector(model_config, network=network, device=device, require_finite=require_finite), config
 
 
 def resolve_config(checkpoint: str | os.PathLike | None, config_path: str | os.PathLike | None,
-                   overrides: tuple[str, ...] | list[str] = (), *,
-                   contents: Mapping[str, Any] | None = None) -> "Config":
-    """The config a command runs with: ``--config`` if given, else the one embedded in our checkpoint.
-
-    ``contents`` is the checkpoint already read (``read_checkpoint``), so that it is not read twice.
-    """
-    from .config import config_from_dict, load_config
+                   overrides: tuple[str, ...] | list[str] = ()) -> "Config":
+    """The config a command runs with: ``config_path`` if given, else the one embedded in ``checkpoint``."""
+    from .config import load_config
 
     if config_path:
         return load_config(config_path, overrides)
-    embedded = checkpoint_config(checkpoint, contents=contents) if checkpoint else None
-    if embedded is None:
-        raise LadError(f"checkpoint {checkpoint} has no embedded config (an mmdetection file?): pass --config")
-    try:
-        return config_from_dict(embedded, overrides)
-    except LadError as exc:
-        raise LadError(f"checkpoint {checkpoint}, its embedded config or --set: {exc}") from None
-
-
-def networks_in(contents: Mapping[str, Any]) -> list[int]:
-    """The detectors a checkpoint holds: [1], or [1, 2] for a CoLAD run (network 2 under ``peers``)."""
-    peers = contents.get("peers") if contents.get("format") == FORMAT else None
-    return [1, 2] if isinstance(peers, Mapping) and "colad" in peers else [1]
+    if not checkpoint:
+        raise LadError("no config: give a checkpoint with an embedded config, or a config file")
+    return Checkpoint.read(checkpoint).config(None, overrides)
 
 
 def load_detector(checkpoint: str | os.PathLike, config_path: str | os.PathLike | None = None,
                   overrides: tuple[str, ...] | list[str] = (), *, teacher: bool = False, network: int | None = None,
                   device: torch.device | str | None = None,
-                  require_finite: bool = True) -> tuple["PAADetector", "Config", dict[str, Any]]:
-    """Build the detector a checkpoint holds and load it, reading the file once.
-
-    The architecture comes from ``config_path`` (``[teacher.model]`` with ``teacher=True``) or from the
-    config embedded in our checkpoints. A CoLAD checkpoint holds two networks: ``network`` picks one (default:
-    ``colad.inference_network``), and the returned config describes that one as its ``[model]``. Returns the
-    model in eval mode on ``device``, the config, and the checkpoint's contents (iteration, format, ...).
-    Non-finite weights are refused unless ``require_finite`` is off (``lad checkpoint-info`` reports them).
-    """
-    from dataclasses import replace
-
-    from .models import build_detector
-
-    contents = read_checkpoint(checkpoint)
-    config = resolve_config(checkpoint, config_path, overrides, contents=contents)
-    held = networks_in(contents)
-    if network is None:
-        network = config.colad.inference_network if len(held) == 2 else 1
-    if network not in held:
-        raise LadError(f"checkpoint {checkpoint} holds {len(held)} network(s); network {network} needs a "
-                       f"checkpoint of lad train-colad")
-    if network == 2:
-        config = replace(config, model=config.colad.model)
-    model = build_detector(config.teacher.model if teacher else config.model)
-    if network == 2:
-        load_state_dict_strict(model, contents["peers"]["colad"], f"network 2 of checkpoint {checkpoint}",
-                               require_finite=require_finite)
-    else:
-        load_checkpoint(model, checkpoint, contents=contents, require_finite=require_finite)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model, config, contents
+                  require_finite: bool = True) -> tuple["PAADetector", "Config", Checkpoint]:
+    """``Checkpoint.read(checkpoint).resolve(...)``, with the checkpoint: the detector, its config, the file."""
+    ckpt = Checkpoint.read(checkpoint)
+    model, config = ckpt.resolve(config_path, overrides, teacher=teacher, network=network, device=device,
+                                 require_finite=require_finite)
+    return model, config, ckpt
 
 
 def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, network: int,

@@ -1,46 +1,26 @@
 """The frozen teacher: loading it from our checkpoint or an mmdetection one, and its assignment of one view."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
 
 import torch
 from torch import Tensor
 
 from .assign import paa_assign
-from .checkpoint import checkpoint_config, load_checkpoint
-from .config import AssignConfig, Config, LossConfig, ModelConfig, config_from_dict
-from .errors import LadError
-from .models import PAADetector, build_detector
+from .checkpoint import Checkpoint
+from .config import AssignConfig, Config, LossConfig, ModelConfig
+from .models import PAADetector
 from .types import Assignment, HeadOutputs, Targets
 
 
-def teacher_model_config(checkpoint: str, config: Config | None, *,
-                         contents: Mapping[str, Any] | None = None) -> ModelConfig:
-    """The teacher's architecture: embedded in our checkpoints, else the config's ``[teacher.model]``.
-
-    A LAD config names its teacher (``teacher.checkpoint``) and describes it in ``[teacher.model]``;
-    any other config is taken to be the teacher's own training config, described by ``[model]``.
-    """
-    embedded = checkpoint_config(checkpoint, contents=contents)
-    if embedded is not None:
-        return config_from_dict(embedded).model
-    if config is None:
-        raise LadError(f"teacher {checkpoint} has no embedded config (an mmdetection file?): pass --config")
-    return config.teacher.model if config.teacher.checkpoint else config.model
+def teacher_model_config(checkpoint: str | os.PathLike, config: Config | None) -> ModelConfig:
+    """The architecture of the teacher in ``checkpoint`` (see ``Checkpoint.teacher_model_config``)."""
+    return Checkpoint.read(checkpoint).teacher_model_config(config)
 
 
-def load_teacher(checkpoint: str, model_config: ModelConfig, device: torch.device, *,
-                 contents: Mapping[str, Any] | None = None) -> PAADetector:
-    """A detector in eval mode, without gradients: a teacher is never trained.
-
-    ``contents``: the checkpoint already read (``read_checkpoint``), so that it is read once.
-    """
-    model = build_detector(model_config)
-    load_checkpoint(model, checkpoint, contents=contents)
-    model.eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def load_teacher(checkpoint: str | os.PathLike, model_config: ModelConfig, device: torch.device) -> PAADetector:
+    """The frozen teacher in ``checkpoint`` (see ``Checkpoint.teacher``)."""
+    return Checkpoint.read(checkpoint).teacher(model_config, device)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from conftest import GOLDEN, REPO
 from toy_world import assert_one_line_error, lad as run_lad
 from mmdet_recipe import SEED_SMALL, load_manifest, recipe_state_dict
 from lad_pipeline.checkpoint import (
-    checkpoint_config,
+    Checkpoint,
     load_checkpoint,
     load_init_weights,
     resolve_config,
@@ -36,7 +36,10 @@ def test_own_checkpoint_round_trip_embeds_config(small_mmdet_ckpt, tmp_path):
     load_checkpoint(model, small_mmdet_ckpt)
     ours = tmp_path / "ours.pth"
     save_checkpoint(ours, model, config.to_dict(), iteration=7)
-    assert checkpoint_config(ours)["model"]["backbone"] == "resnet18"
+    ckpt = Checkpoint.read(ours)
+    assert ckpt.embedded_config["model"]["backbone"] == "resnet18"
+    assert (ckpt.format, ckpt.networks, ckpt.contents["iteration"]) == ("lad", [1], 7)
+    assert Checkpoint.read(small_mmdet_ckpt).format == "mmdetection" and Checkpoint.read(small_mmdet_ckpt).embedded_config is None
     again = build_detector(resolve_config(ours, None).model)
     load_checkpoint(again, ours)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):

@@ -215,12 +215,10 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
     """SIGINT arriving between the optimizer update and the end of the step used to save the updated
     weights under the previous iteration number (a resumed run then repeated that step)."""
     from lad_pipeline.data import CocoViews
-    from lad_pipeline.models.anchors import AnchorLayout
     from lad_pipeline.train.label_sources import SelfAssign
     from lad_pipeline.train.loop import Trainer
 
     config = tiny_config("train.max_iters=6", "train.checkpoint_every=100")
-    anchors = AnchorLayout.from_config(config.model)
     dataset = CocoViews(world.ann, world.images, scales=config.data.scales, flip_prob=config.data.flip_prob,
                         seed=config.train.seed)
     steps = []
@@ -230,8 +228,8 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
         if len(steps) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt right here, mid-step
 
-    trainer = Trainer(config, tmp_path / "interrupted", dataset, 
-                      lambda device: SelfAssign(config.assign, config.loss, anchors))
+    trainer = Trainer(config, tmp_path / "interrupted", dataset,
+                      lambda model, _: SelfAssign(config.assign, config.loss, model.anchors))
     handle = trainer.optimizer.register_step_post_hook(signal_after_update)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -241,8 +239,8 @@ def test_signal_inside_a_step_stops_after_it_with_a_consistent_checkpoint(world,
     state = checkpoint(tmp_path / "interrupted" / "checkpoints" / "latest.pth")
     assert state["iteration"] == 3
 
-    reference = Trainer(config, tmp_path / "reference", dataset, 
-                      lambda device: SelfAssign(config.assign, config.loss, anchors))
+    reference = Trainer(config, tmp_path / "reference", dataset,
+                      lambda model, _: SelfAssign(config.assign, config.loss, model.anchors))
     for batch in reference._batches():  # three whole iterations, as fit runs them
         reference.step(batch)
         reference.iteration += 1

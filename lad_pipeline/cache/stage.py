@@ -12,9 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 from ..cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
-from ..checkpoint import file_sha256, read_checkpoint
+from ..checkpoint import Checkpoint
 from ..config import Config, ModelConfig
 from ..data import CocoViews, make_loader, normalize_and_pad
 from ..errors import LadError
@@ -23,7 +22,7 @@ from ..boxes import DELTA_STDS
 from ..runtime import distributed as dist
 from ..runtime.progress import Progress
 from ..soft_record import SoftKnobs, encode_soft
-from ..teacher import load_teacher, teacher_assign_with_outputs, teacher_model_config
+from ..teacher import teacher_assign_with_outputs
 
 log = logging.getLogger("lad")
 
@@ -34,12 +33,12 @@ def transform_attrs(config: Config) -> dict:
             "padding": "own", "color": "rgb"}
 
 
-def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher_ckpt: str,
+def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher: Checkpoint,
                 ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int,
                 soft: Optional[SoftKnobs] = None) -> dict:
     attrs = {
-        "teacher_sha256": file_sha256(teacher_ckpt),
-        "teacher_checkpoint": str(teacher_ckpt),
+        "teacher_sha256": teacher.sha256,
+        "teacher_checkpoint": str(teacher.path),
         "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign), "loss": asdict(config.loss)},
         "anchor": anchor_attrs(teacher_anchors, config.data.size_divisor),
         "transform": transform_attrs(config),
@@ -75,9 +74,9 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
     scales = [list(s) for s in (scales or config.data.scales)]
-    contents = read_checkpoint(teacher_ckpt)
-    teacher_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
-    teacher = load_teacher(teacher_ckpt, teacher_cfg, device, contents=contents)
+    checkpoint = Checkpoint.read(teacher_ckpt)
+    teacher_cfg = checkpoint.teacher_model_config(config)
+    teacher = checkpoint.teacher(teacher_cfg, device)
     dataset = CocoViews(ann, images, scales=scales, flip_prob=0.0, train=True,
                         skip_bad_images=config.data.skip_bad_images)
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
@@ -85,7 +84,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         soft.validate(teacher_cfg.num_classes)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
-    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, teacher_ckpt, ann, variants, scales, shard_size, soft)
+    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None

@@ -1,168 +1,68 @@
-"""The one training loop. PAA, online LAD and cached LAD differ only in their LabelSource (labels and loss)."""
+"""The one training loop. PAA, online LAD, cached LAD, SoLAD and CoLAD differ only in their LabelSource (labels
+and loss); what happens around the steps (progress, metrics, checkpoints, validation, signals) is in hooks."""
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
-import os
-import random
-import signal
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import (first_non_finite, load_init_weights, read_checkpoint, remove_partial_files,
-                          save_checkpoint)
-from ..config import Config, save_config
+from ..checkpoint import Checkpoint, first_non_finite, load_init_weights, load_state_dict_strict, save_checkpoint
+from ..config import Config
 from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
-from ..models import build_detector
-from ..types import HeadOutputs
+from ..models import PAADetector, build_detector
 from ..runtime import distributed as dist
-from .label_sources import LabelSource, StepInputs
-from ..runtime.progress import MetricsLog, Progress, add_file_log
+from ..runtime.progress import MetricsLog
 from ..runtime.tensorboard import TensorBoardLog
+from ..types import HeadOutputs
+from .hooks import CheckpointHook, Hook, MetricsHook, ProgressHook, SignalHook, ValidationHook
+from .label_sources import LabelSource, StepInputs
+from .rng import epoch_seed, restore_rng_state, rng_state, seed_everything
+from .run_dir import RunDir
 from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
 from .validation import Validator
 
 log = logging.getLogger("lad")
 COUNTS = ("hits", "misses")  # label-cache hits and misses, summed over ranks
-
-
-@dataclass
-class RunPaths:
-    root: Path
-    checkpoints: Path = field(init=False)
-    latest: Path = field(init=False)
-    final: Path = field(init=False)
-    metrics: Path = field(init=False)
-    log: Path = field(init=False)
-    config: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.checkpoints = self.root / "checkpoints"
-        self.latest = self.checkpoints / "latest.pth"
-        self.final = self.checkpoints / "final.pth"
-        self.metrics = self.root / "metrics.jsonl"
-        self.log = self.root / "train.log"
-        self.config = self.root / "config.toml"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 1) % 2**63
+SourceFactory = Callable[[PAADetector, torch.device], LabelSource]
 
 
 class NonFiniteLoss(LadError):
     pass
 
 
-class StepGuard:
-    """Makes a training step atomic with respect to SIGINT and SIGTERM.
+class Trainer:
+    """Trains ``config.model`` on ``dataset`` with the labels of the source that ``source_factory`` makes for the
+    model, into the run directory ``run_dir``.
 
-    A signal between steps (e.g. while waiting for data) interrupts at once; one that arrives during a step
-    is held until the step is done, so an interrupted run always stops on a whole number of iterations and
-    its saved state is that of an iteration boundary (weights, optimizer, BN statistics, RNG and iteration
-    count agree, and ``--resume`` continues exactly). A second signal during the same step interrupts at
-    once and marks the in-memory state ``torn`` (not to be saved).
+    ``step(batch)`` is one iteration (forward, labels, loss, optimizer step); ``fit()`` runs the schedule and
+    calls the hooks (``hooks.py``) around the steps. Everything that can refuse the input (the run directory,
+    init_from, the teacher, the batch size, the state to resume) is checked before the run directory is created
+    or changed.
     """
 
-    def __init__(self) -> None:
-        self.in_step = self.pending = self.torn = False
-
-    def handler(self, signum, frame) -> None:
-        if self.in_step and not self.pending:
-            self.pending = True
-            return
-        if self.in_step:
-            self.torn = True
-        raise KeyboardInterrupt
-
-    @contextmanager
-    def step(self):
-        self.in_step = True
-        try:
-            yield
-        finally:
-            self.in_step = False
-        if self.pending:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-            yield self
-            return
-        signals = [signal.SIGINT, signal.SIGTERM]  # a scheduler's SIGTERM saves like Ctrl-C
-        previous = [signal.getsignal(s) for s in signals]
-        for s in signals:
-            signal.signal(s, self.handler)
-        try:
-            yield self
-        finally:
-            for s, p in zip(signals, previous):
-                signal.signal(s, p)
-
-
-def _rng_state() -> dict:
-    # numpy's state holds an ndarray: stored as a tensor so the checkpoint stays weights_only-loadable
-    np_state = np.random.get_state(legacy=False)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                       "gauss": float(np_state["gauss"])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
-                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Trainer:
-    """Trains ``config.model`` on ``dataset`` with the labels of ``source`` into the run directory."""
-
-    def __init__(self, config: Config, run_dir: Path, dataset: CocoViews,
-                 source_factory: Callable[[torch.device], LabelSource], *, resume: bool = False,
-                 summary_extra: Optional[dict] = None) -> None:
+    def __init__(self, config: Config, run_dir: Path, dataset: CocoViews, source_factory: SourceFactory, *,
+                 resume: bool = False, summary_extra: Optional[dict] = None) -> None:
         self.config = config
-        self.paths = RunPaths(Path(run_dir))
         self.rank, self.world, self.device = dist.init_from_env()
         self.main = self.rank == 0
+        self.run_dir = RunDir(run_dir, main=self.main)
         self.dataset = dataset
         self.resume = resume
         self.summary_extra = summary_extra or {}
-        self._log_handler: Optional[logging.Handler] = None
-        self._lock: Optional[int] = None
-        # Everything that can refuse the input (the run directory, init_from, the teacher, the batch size, the
-        # state to resume) is checked before the run directory is created or changed.
-        self._check_run_dir()
+        self.metrics: Optional[MetricsLog] = None
+        self.run_dir.check(resume)
         seed_everything(config.train.seed)
         self.model = build_detector(config.model).to(self.device)
         notes = []  # logged once train.log exists
         if config.model.init_from and not self._has_checkpoint():
             kind = load_init_weights(self.model, config.model.init_from)
             notes.append(f"initialised the {kind} from {config.model.init_from}")
-        self.source = source_factory(self.device)
+        self.source = source_factory(self.model, self.device)
         # networks trained along with the student (CoLAD's network 2): same optimizer, DDP and checkpoints
         self.peers = {name: net.to(self.device) for name, net in self.source.peers().items()}
         self.networks = nn.ModuleDict({"model": self.model, **self.peers})
@@ -185,80 +85,37 @@ class Trainer:
         self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
         self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
         if self._has_checkpoint():
-            self._load_state(self.paths.latest)
-            notes.append(f"resumed from {self.paths.latest} at iteration {self.iteration}")
-        self.validator = Validator(config, self.device) if config.train.eval_every > 0 else None
-        self._create_run_dir()
+            self._load_state(self.run_dir.latest)
+            notes.append(f"resumed from {self.run_dir.latest} at iteration {self.iteration}")
+        validator = Validator(config, self.device) if config.train.eval_every > 0 else None
+        self.run_dir.create(config)
+        dist.barrier()
         for note in notes:
             log.info(note)
         board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
-        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main, mirror=board)
+        self.metrics = MetricsLog(self.run_dir.metrics, enabled=self.main, mirror=board)
+        self.hooks: list[Hook] = [ProgressHook(), MetricsHook(config.train.log_every),
+                                  CheckpointHook(config.train.checkpoint_every)]
+        if validator is not None:
+            self.hooks.append(ValidationHook(validator, config.train.eval_every))
+        self.signals = SignalHook()
+        self.hooks.append(self.signals)  # last: it ends an iteration only after every other hook is done with it
+        for hook in self.hooks:
+            hook.trainer = self
 
-    # -- run directory and state ------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
     def _has_checkpoint(self) -> bool:
-        return self.resume and self.paths.latest.exists()
-
-    def _check_run_dir(self) -> None:
-        root = self.paths.root
-        if not self.main:
-            return
-        try:
-            used = root.exists() and any(root.iterdir())
-        except OSError as exc:
-            raise LadError(f"cannot use run directory {root}: {exc.strerror or exc}") from None
-        if used and not self.resume:
-            raise LadError(f"run directory {root} is not empty: pass --resume to continue it, or choose another --out")
-
-    def _create_run_dir(self) -> None:
-        if self.main:
-            try:
-                self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-                self._lock_run_dir()
-                remove_partial_files(self.paths.checkpoints)  # of a process killed while saving
-                save_config(self.config, self.paths.config)
-                self._log_handler = add_file_log(self.paths.log)
-            except OSError as exc:
-                self.close()
-                where = exc.filename or self.paths.root
-                raise LadError(f"cannot write run directory {self.paths.root} ({where}): "
-                               f"{exc.strerror or exc}") from None
-        dist.barrier()
-
-    def _lock_run_dir(self) -> None:
-        """One training process per run directory: a second one (same --out) is refused, not interleaved.
-
-        An flock: the kernel releases it when the holder exits, however it exits (kill -9 included).
-        """
-        fd = os.open(self.paths.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LadError(f"run directory {self.paths.root} is in use by another lad process; wait for it "
-                               f"to end or choose another --out") from None
-            return  # a file system without locks: run unlocked
-        self._lock = fd
-
-    def _log_to_file(self, message: str) -> None:
-        if self._log_handler is not None:
-            self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
+        return self.resume and self.run_dir.latest.exists()
 
     def close(self) -> None:
-        """Stop mirroring the ``lad`` log into this run's train.log, close the TensorBoard events and release the
-        run directory (``fit`` does it when it ends)."""
-        if getattr(self, "metrics", None) is not None:
+        """Close the metrics (and TensorBoard events), stop mirroring the log into train.log and release the run
+        directory (``fit`` does it when it ends)."""
+        if self.metrics is not None:
             self.metrics.close()
-        if self._log_handler is not None:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
-        if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor releases the flock
-            self._lock = None
+        self.run_dir.close()
 
     def _state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
+        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": rng_state(),
                  "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
         if self.peers:
             state["peers"] = {name: net.state_dict() for name, net in self.peers.items()}
@@ -269,36 +126,44 @@ class Trainer:
             bad = first_non_finite(self.model.state_dict())
             if bad is not None:  # a step can overflow the weights while its loss was still finite
                 raise NonFiniteLoss(f"the weights became non-finite at iteration {self.iteration} (tensor {bad}); "
-                                    f"not saved: {self._last_good()}")
+                                    f"not saved: {self.last_good()}")
             try:
                 save_checkpoint(path, self.model, self.config.to_dict(), **self._state())
             except LadError as exc:
-                raise LadError(f"{exc}; {self._last_good()}, continue with --resume once it can be written") from None
-        if path == self.paths.latest:
+                raise LadError(f"{exc}; {self.last_good()}",
+                               hint="continue with --resume once it can be written") from None
+        if path == self.run_dir.latest:
             self.saved_iteration = self.iteration
 
-    def _write_metrics(self, record: dict) -> None:
+    def write_metrics(self, record: dict) -> None:
+        assert self.metrics is not None
         try:
             self.metrics.write(record)
         except OSError as exc:
-            raise LadError(f"cannot write {self.paths.metrics}: {exc.strerror or exc}; {self._last_good()}") from None
+            raise LadError(f"cannot write {self.run_dir.metrics}: {exc.strerror or exc}; {self.last_good()}") from None
 
     def _load_state(self, path: Path) -> None:
-        state = read_checkpoint(path)
-        from ..checkpoint import extract_state_dict, load_state_dict_strict
-
-        load_state_dict_strict(self.model, extract_state_dict(state, path), f"checkpoint {path}")
+        checkpoint = Checkpoint.read(path)
+        checkpoint.load_into(self.model)
+        state = checkpoint.contents
         saved_peers = state.get("peers", {})
         if set(saved_peers) != set(self.peers):
             raise LadError(f"checkpoint {path} holds the networks {sorted(['model', *saved_peers])} but this run "
-                           f"trains {sorted(self.networks)}: resume it with the command that started it")
+                           f"trains {sorted(self.networks)}", hint="resume it with the command that started it")
         for name, net in self.peers.items():
             load_state_dict_strict(net, saved_peers[name], f"network {name!r} of checkpoint {path}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = self.saved_iteration = int(state["iteration"])
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
+
+    def last_good(self) -> str:
+        """What is on disk to continue from, for error messages."""
+        if self.saved_iteration is None:
+            return (f"no checkpoint was saved yet (train.checkpoint_every is {self.config.train.checkpoint_every}), "
+                    f"{self.run_dir.latest} does not exist")
+        return f"{self.run_dir.latest} keeps iteration {self.saved_iteration}"
 
     # -- data -------------------------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
@@ -306,7 +171,7 @@ class Trainer:
                               world_size=self.world, epoch=epoch, start_iter=start)
         # A resumed run opens one loader more (mid-epoch) than an uninterrupted one; drawing worker seeds from
         # the global RNG would put it out of step. A generator seeded by (seed, epoch) leaves it alone.
-        generator = torch.Generator().manual_seed(_epoch_seed(self.config.train.seed, epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(self.config.train.seed, epoch))
         return make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
                            pin_memory=self.device.type == "cuda", generator=generator)
 
@@ -342,7 +207,7 @@ class Trainer:
         if not torch.isfinite(loss):
             # iterations count from 1, as in metrics.jsonl and the progress line
             raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; stopped: "
-                                f"{self._last_good()}")
+                                f"{self.last_good()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
@@ -353,12 +218,6 @@ class Trainer:
         stats = self._count(labels)
         return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, **stats, "lr": lr,
                 "num_pos": labels.num_pos}
-
-    def _last_good(self) -> str:
-        if self.saved_iteration is None:
-            return (f"no checkpoint was saved yet (train.checkpoint_every is {self.config.train.checkpoint_every}), "
-                    f"{self.paths.latest} does not exist")
-        return f"{self.paths.latest} keeps iteration {self.saved_iteration}"
 
     def _count(self, labels) -> dict[str, float]:
         """Add this step's label hits and misses of every rank to ``self.counts``; the source's ratios
@@ -371,61 +230,46 @@ class Trainer:
         pairs = zip(totals[2::2], totals[3::2])
         return {name: num / den if den else float("nan") for name, (num, den) in zip(stats, pairs)}
 
-    def _validate(self) -> None:
-        for network in self.networks.values():  # every rank scores its share with the checkpoint's model
-            dist.broadcast_buffers(network)
-        record = self.validator.run(dict(self.networks.items()))
-        self.metrics.write({"iter": self.iteration, "epoch": self.iteration / self.iters_per_epoch, **record})
-        if self.main:
-            log.info("iteration %d: val AP %.4f", self.iteration, record.get("val_AP", 0.0))
-
     def fit(self) -> dict:
+        """Run the schedule from the current iteration; the run's summary (also the last line of metrics.jsonl)."""
         try:
             return self._fit()
         finally:
+            for hook in self.hooks:
+                hook.close()
             self.close()
 
     def _fit(self) -> dict:
-        train = self.config.train
         if self.iteration >= self.schedule.total_iters:
             log.info("run already complete at iteration %d", self.iteration)
-        progress = Progress(self.schedule.total_iters, "train", "it", initial=self.iteration, enabled=self.main)
-        guard = StepGuard()
+        for hook in self.hooks:
+            hook.before_train()
         try:
-            with guard.installed():
-                for batch in self._batches():
-                    with guard.step():  # a signal now stops after this iteration is logged and saved
-                        record = self.step(batch)
-                        self.iteration += 1
-                        progress.update(1, loss=record["loss"], lr=record["lr"])
-                        if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
-                            self._write_metrics({"iter": self.iteration,
-                                                 "epoch": self.iteration / self.iters_per_epoch,
-                                                 **record, **self.counts})
-                        if self.iteration % train.checkpoint_every == 0:
-                            self.save(self.paths.latest)
-                        if self.validator is not None and (self.iteration % train.eval_every == 0
-                                                           or self.iteration == self.schedule.total_iters):
-                            self._validate()
+            for batch in self._batches():
+                for hook in self.hooks:
+                    hook.before_step()
+                record = self.step(batch)
+                self.iteration += 1
+                for hook in self.hooks:
+                    hook.after_step(record)
         except KeyboardInterrupt:
-            progress.close()
-            if guard.torn:  # stopped inside a step: the state in memory is not an iteration's
-                message = f"stopped inside iteration {self.iteration + 1}: nothing saved, {self._last_good()}"
+            torn = self.signals.torn  # stopped inside an iteration: the state in memory is not an iteration's
+            for hook in self.hooks:
+                hook.on_interrupt(torn)
+            if torn:
+                message = f"stopped inside iteration {self.iteration + 1}: nothing saved, {self.last_good()}"
             else:
-                if self.saved_iteration != self.iteration:
-                    self.save(self.paths.latest)
-                message = f"stopped at iteration {self.iteration}: saved {self.paths.latest}, continue with --resume"
+                message = (f"stopped at iteration {self.iteration}: saved {self.run_dir.latest}, "
+                           "continue with --resume")
             # into train.log only: on the terminal the command says it in its one line, from the exception
-            self._log_to_file(message)
+            self.run_dir.log_to_file(message)
             raise KeyboardInterrupt(message) from None
-        progress.close()
-        self.save(self.paths.latest)
-        self.save(self.paths.final)
-        summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.counts,
+        for hook in self.hooks:
+            hook.after_train()
+        summary = {"iterations": self.iteration, "final": str(self.run_dir.final), **self.counts,
                    **self.summary_extra}
-        self._write_metrics({"summary": summary})
+        self.write_metrics({"summary": summary})
         if self.main:
             log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
-                     self.counts["hits"], self.counts["misses"], self.paths.final)
+                     self.counts["hits"], self.counts["misses"], self.run_dir.final)
         return summary
-

@@ -10,16 +10,16 @@ from typing import Callable, Optional
 import torch
 
 from ..cache import LabelCache, anchor_attrs, annotation_fingerprint
-from ..checkpoint import file_sha256, load_init_weights, read_checkpoint
+from ..checkpoint import Checkpoint, load_init_weights
 from ..config import Config
 from ..data import CocoViews
 from ..errors import LadError
-from ..models import build_detector
+from ..models import PAADetector, build_detector
 from ..models.anchors import AnchorLayout
-from ..teacher import load_teacher, teacher_model_config
 from .colearning import CoLearning
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
-from .loop import RunPaths, Trainer
+from .loop import Trainer
+from .run_dir import RunDir
 from .soft_labels import SOFT_METHODS, SoftCachedLabels, SoftOnlineTeacher, check_soft_setup
 
 log = logging.getLogger("lad")
@@ -61,9 +61,10 @@ def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images
     needs_no_teacher(config, "train-teacher")
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
-    anchors = AnchorLayout.from_config(config.model)  # the layout the Trainer's detector is built with
-    return Trainer(config, Path(out), dataset, lambda device: SelfAssign(config.assign, config.loss, anchors),
-                   resume=resume).fit()
+    def source(model: PAADetector, device: torch.device) -> SelfAssign:
+        return SelfAssign(config.assign, config.loss, model.anchors)
+
+    return Trainer(config, Path(out), dataset, source, resume=resume).fit()
 
 
 def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
@@ -74,21 +75,21 @@ def train_colad(config: Config, out: str, *, ann: Optional[str] = None, images: 
     config = with_train_data(config, ann, images)
     dataset = train_dataset(config)
     dataset.check_num_classes(config.colad.model.num_classes, "network 2 (colad.model)")
-    resuming = resume and RunPaths(Path(out)).latest.exists()
+    resuming = resume and RunDir(out).latest.exists()
     source = colad_source(config, init=not resuming)
     return Trainer(config, Path(out), dataset, source, resume=resume).fit()
 
 
-def colad_source(config: Config, *, init: bool = True) -> Callable[[torch.device], CoLearning]:
+def colad_source(config: Config, *, init: bool = True) -> Callable[[PAADetector, torch.device], CoLearning]:
     """The Trainer's CoLAD label source: network 2 built from ``[colad.model]``, from its ``init_from`` when
     ``init`` (not when resuming: the checkpoint has it)."""
 
-    def source(device: torch.device) -> CoLearning:
+    def source(model: PAADetector, device: torch.device) -> CoLearning:
         network2 = build_detector(config.colad.model)
         if init and config.colad.model.init_from:
             kind = load_init_weights(network2, config.colad.model.init_from)
             log.info("initialised network 2's %s from %s", kind, config.colad.model.init_from)
-        return CoLearning(network2, config.assign, config.loss, AnchorLayout.from_config(config.model))
+        return CoLearning(network2, config.assign, config.loss, model.anchors)
 
     return source
 
@@ -114,44 +115,45 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     teacher_ckpt = teacher or config.teacher.checkpoint or None
     if teacher_ckpt and not Path(teacher_ckpt).is_file():
         raise LadError(f"teacher checkpoint {teacher_ckpt} not found")
+    # read once: its hash, its architecture and, at the first view that needs it, the teacher itself
+    teacher_file = Checkpoint.read(teacher_ckpt) if teacher_ckpt else None
     label_cache = open_cache_for(config, cache, dataset) if cache else None
     distill = config.distill
     soft = distill.method in SOFT_METHODS
     check_soft_setup(distill, cache=cache or None, cache_attrs=label_cache.attrs if label_cache else None,
                      teacher_batch_padding=config.train.teacher_batch_padding)
-    if label_cache is not None and teacher_ckpt and fallback:
+    if label_cache is not None and teacher_file is not None and fallback:
         cached_sha = label_cache.attrs.get("teacher_sha256")
-        if cached_sha != file_sha256(teacher_ckpt):
+        if cached_sha != teacher_file.sha256:
             raise LadError(f"teacher {teacher_ckpt} is not the teacher that made {cache} "
                            f"(teacher_sha256 differs: cache {str(cached_sha)[:12]}..., given "
-                           f"{file_sha256(teacher_ckpt)[:12]}...)")
-    if teacher_ckpt and (label_cache is None or fallback):  # its positives must name the student's anchors
-        differ = AnchorLayout.from_config(teacher_model_config(teacher_ckpt, config)).differences(
-            AnchorLayout.from_config(config.model))
+                           f"{teacher_file.sha256[:12]}...)")
+    teacher_cfg = teacher_file.teacher_model_config(config) if teacher_file is not None else None
+    if teacher_cfg is not None and (label_cache is None or fallback):  # its positives must name the student's anchors
+        differ = AnchorLayout.from_config(teacher_cfg).differences(AnchorLayout.from_config(config.model))
         if differ:
             raise LadError(f"teacher {teacher_ckpt} has other anchors than the student (teacher vs student "
                            f"model.{'; model.'.join(differ)}): LAD needs one anchor layout")
 
-    anchors = AnchorLayout.from_config(config.model)
+    def source(model: PAADetector, device: torch.device) -> LabelSource:
+        anchors = model.anchors
 
-    def source(device: torch.device) -> LabelSource:
-        def teacher_model():
-            contents = read_checkpoint(teacher_ckpt)
-            model_cfg = teacher_model_config(teacher_ckpt, config, contents=contents)
-            return load_teacher(teacher_ckpt, model_cfg, device, contents=contents)
+        def teacher_model() -> PAADetector:
+            assert teacher_file is not None and teacher_cfg is not None
+            return teacher_file.teacher(teacher_cfg, device)
 
         def online() -> OnlineTeacher:
             return OnlineTeacher(teacher_model(), config.assign, config.loss, anchors,
                                  config.train.teacher_batch_padding)
 
         if label_cache is None:
-            if not teacher_ckpt:
-                raise LadError("train-student needs --cache, --teacher, or both")
+            if teacher_file is None:
+                raise LadError("train-student needs a label cache, a teacher, or both", hint="pass --cache and/or --teacher")
             if soft:
                 return SoftOnlineTeacher(teacher_model(), config.assign, config.loss, anchors, distill,
                                          config.train.teacher_batch_padding)
             return online()
-        misses = online if (teacher_ckpt and fallback) else None
+        misses = online if (teacher_file is not None and fallback) else None
         if soft:
             return SoftCachedLabels(label_cache, config.loss, anchors, distill, misses)
         return CachedLabels(label_cache, config.loss, anchors, misses)
