@@ -151,7 +151,7 @@ def teacher_throughput(out: Path, n_views: int, scale: tuple[int, int]) -> dict:
     from lad_pipeline.checkpoint import save_checkpoint
     from lad_pipeline.config import load_config
     from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad
-    from lad_pipeline.cache.stage import cache_labels
+    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.models import build_detector
 
     repo = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.data import normalize_and_pad  # noqa: E402
-from lad_pipeline.cache.stage import cache_labels  # noqa: E402
+from lad_pipeline.cache_labels import cache_labels  # noqa: E402
 from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign, StepInputs  # noqa: E402
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402

@@ -78,7 +78,7 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
     its soft labels for SoLAD/KD (docs/cache-format.md, "Soft labels")."""
     from lad_pipeline.checkpoint import resolve_config
     from lad_pipeline.runtime import distributed
-    from lad_pipeline.cache.stage import cache_labels
+    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.soft_record import SoftKnobs
 
     if resume and overwrite:

@@ -25,7 +25,7 @@ from toy_world import shared_world, tiny_config  # noqa: E402
 
 from lad_pipeline.assign import paa_assign  # noqa: E402
 from lad_pipeline.cache import LabelCache  # noqa: E402
-from lad_pipeline.cache.stage import cache_labels  # noqa: E402
+from lad_pipeline.cache_labels import cache_labels  # noqa: E402
 from lad_pipeline.checkpoint import load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
 from lad_pipeline.config import load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, normalize_and_pad  # noqa: E402

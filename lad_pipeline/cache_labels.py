@@ -12,17 +12,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
-from ..checkpoint import Checkpoint
-from ..config import Config, ModelConfig
-from ..data import CocoViews, make_loader, normalize_and_pad
-from ..errors import LadError
-from ..models.anchors import AnchorLayout
-from ..boxes import DELTA_STDS
-from ..runtime import distributed as dist
-from ..runtime.progress import Progress
-from ..soft_record import SoftKnobs, encode_soft
-from ..teacher import teacher_assign_with_outputs
+from .cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
+from .checkpoint import Checkpoint
+from .config import Config, ModelConfig
+from .data import CocoViews, make_loader, normalize_and_pad
+from .errors import LadError
+from .models.anchors import AnchorLayout
+from .boxes import DELTA_STDS
+from .runtime import distributed as dist
+from .runtime.progress import Progress
+from .soft_record import SoftKnobs, encode_soft
+from .teacher import teacher_assign_with_outputs
 
 log = logging.getLogger("lad")
 
