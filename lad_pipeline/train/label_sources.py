@@ -155,28 +155,28 @@ class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
     def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
-                 batch_padding: bool = False) -> None:
+                 batch_padding: bool = False, precision: str = "fp32") -> None:
         super().__init__(loss, anchors)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.config = assign
         self.batch_padding = batch_padding
+        self.precision = precision  # lad_pipeline.teacher.TEACHER_PRECISIONS
 
     def run(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
             batch_sizes: list[tuple[int, int]], *, assign: bool = True, outputs: bool = False) -> TeacherRun:
         """The teacher on ``images``: its assignments on the batch grid (``assign``) and its outputs
         (``outputs``: each view's own grid at the top left of the batch grid, zeros beyond)."""
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
-            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                outs = self.teacher(images.float())
+            outs = teacher_outputs(self.teacher, images, self.precision)
             assignments = (paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, config=self.config,
                                       loss=self.loss_config) if assign else [])
             return TeacherRun(assignments, outs if outputs else None)
         assignments, views = [], []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
-            own = teacher_outputs(self.teacher, image[:, :h, :w])
+            own = teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
             if assign:
                 a = paa_assign(own, [target], [(h, w)], anchors=self.teacher.anchors, config=self.config,
                                loss=self.loss_config)[0]

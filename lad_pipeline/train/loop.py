@@ -116,26 +116,34 @@ class StepGuard:
                 signal.signal(s, p)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     # numpy's state holds an ndarray: stored as a tensor so the checkpoint stays weights_only-loadable
     np_state = np.random.get_state(legacy=False)
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                        "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                        "gauss": float(np_state["gauss"])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # the GPU this process trains on, not every visible one
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints hold one state per GPU that was visible
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":  # a run saved on a CPU has no CUDA state to restore
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _setup(world: int, batch_size: int, device: torch.device, amp: bool) -> dict:
+    """What a checkpoint records of the setup that wrote it: resuming in the same one is exact."""
+    return {"world_size": world, "batch_size": batch_size, "device": device.type, "amp": amp}
 
 
 class Trainer:
@@ -146,7 +154,7 @@ class Trainer:
                  summary_extra: Optional[dict] = None) -> None:
         self.config = config
         self.paths = RunPaths(Path(run_dir))
-        self.rank, self.world, self.device = dist.init_from_env()
+        self.rank, self.world, self.device = dist.init_from_env(config.train.device)
         self.main = self.rank == 0
         self.dataset = dataset
         self.resume = resume
@@ -185,8 +193,8 @@ class Trainer:
         self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
         self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
         if self._has_checkpoint():
-            self._load_state(self.paths.latest)
-            notes.append(f"resumed from {self.paths.latest} at iteration {self.iteration}")
+            setup_note = self._load_state(self.paths.latest)
+            notes += [f"resumed from {self.paths.latest} at iteration {self.iteration}", *setup_note]
         self.validator = Validator(config, self.device) if config.train.eval_every > 0 else None
         self._create_run_dir()
         for note in notes:
@@ -258,8 +266,9 @@ class Trainer:
             self._lock = None
 
     def _state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": _rng_state(),
-                 "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
+        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                 "rng": _rng_state(self.device), "scaler": self.scaler.state_dict(), "counts": dict(self.counts),
+                 "setup": _setup(self.world, self.config.train.batch_size, self.device, self.amp)}
         if self.peers:
             state["peers"] = {name: net.state_dict() for name, net in self.peers.items()}
         return state
@@ -283,7 +292,8 @@ class Trainer:
         except OSError as exc:
             raise LadError(f"cannot write {self.paths.metrics}: {exc.strerror or exc}; {self._last_good()}") from None
 
-    def _load_state(self, path: Path) -> None:
+    def _load_state(self, path: Path) -> list[str]:
+        """Load the state to resume; returns what to log about it."""
         state = read_checkpoint(path)
         from ..checkpoint import extract_state_dict, load_state_dict_strict
 
@@ -294,11 +304,31 @@ class Trainer:
                            f"trains {sorted(self.networks)}: resume it with the command that started it")
         for name, net in self.peers.items():
             load_state_dict_strict(net, saved_peers[name], f"network {name!r} of checkpoint {path}")
+        note = self._check_setup(path, state.get("setup"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():  # a run saved without AMP starts a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = self.saved_iteration = int(state["iteration"])
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], self.device)
+        return [note] if note else []
+
+    def _check_setup(self, path: Path, saved: Optional[dict]) -> Optional[str]:
+        """Resume on another device, device count or precision, but not with another total batch (the
+        iteration count, schedule and learning rate are counted in total batches). Only the same setup
+        continues bit for bit."""
+        now = _setup(self.world, self.config.train.batch_size, self.device, self.amp)
+        if saved is None or saved == now:  # checkpoints from before the setup was recorded: trusted
+            return None
+        total_saved, total_now = saved["world_size"] * saved["batch_size"], self.world * self.config.train.batch_size
+        if total_saved != total_now:
+            raise LadError(f"checkpoint {path} was trained with {saved['world_size']} process(es) x "
+                           f"train.batch_size {saved['batch_size']} = {total_saved} images per step, this run has "
+                           f"{self.world} x {self.config.train.batch_size} = {total_now}: resume with the same total "
+                           f"(torchrun --nproc_per_node, --set train.batch_size)")
+        differ = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) != now[k])
+        return (f"resuming a run saved in another setup ({differ}): it continues, but not bit for bit as the "
+                f"original setup would")
 
     # -- data -------------------------------------------------------------------------------------
     def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
