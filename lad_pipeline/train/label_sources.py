@@ -44,7 +44,7 @@ def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequ
     """
     if anchors.feature_sizes(pad_shape) == [tuple(s) for s in batch_sizes]:
         return own
-    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device)
+    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device, non_blocking=True)
     gt = torch.full((sum(h * w for h, w in batch_sizes),), IGNORED, dtype=torch.int64, device=index.device)
     gt[index] = own.gt_index
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
@@ -105,8 +105,11 @@ class Labels(NamedTuple):
     stats: Optional[dict[str, tuple[float, float]]] = None
 
     @property
-    def num_pos(self) -> int:
-        return sum(a.num_pos for a in self.assignments)
+    def num_pos(self) -> Tensor | int:
+        """Positives of the batch: a device tensor, so that the loop reads it only when it logs."""
+        if not self.assignments:
+            return 0
+        return torch.stack([(a.gt_index >= 0).sum() for a in self.assignments]).sum()
 
 
 class LabelSource:
@@ -224,12 +227,14 @@ class CachedLabels(LabelSource):
             if tuple(view.pad_size) != tuple(batch.pad_shapes[i]):
                 raise LadError(f"cached view {key} has padded size {tuple(view.pad_size)} but the data pipeline "
                                f"gives {tuple(batch.pad_shapes[i])}: the cache was made with other transforms")
+            # host arrays read from the store, copied without waiting for the device
             device = batch.images.device
             own = view.assignment
-            own = own._replace(**{f: getattr(own, f).to(device) for f in own._fields})
+            own = own._replace(**{f: getattr(own, f).to(device, non_blocking=True) for f in own._fields})
             found.views[i] = view
             found.assignments[i] = to_batch_grid(own, batch.pad_shapes[i], batch_sizes, self.cache.layout.anchors)
-            found.targets[i] = view.targets.to(device)  # the GT indices refer to the cached targets
+            # the GT indices refer to the cached targets
+            found.targets[i] = view.targets.to(device, non_blocking=True)
         return found
 
     def online(self, first_miss: ViewKey) -> OnlineTeacher:

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (first_non_finite, load_init_weights, read_checkpoint, remove_partial_files,
@@ -192,6 +192,7 @@ class Trainer:
         self.iteration = 0
         self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
         self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
+        self._first_bad: Optional[Tensor] = None  # see _watch_finite
         if self._has_checkpoint():
             setup_note = self._load_state(self.paths.latest)
             notes += [f"resumed from {self.paths.latest} at iteration {self.iteration}", *setup_note]
@@ -358,7 +359,8 @@ class Trainer:
             log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration + 1)
             return {"loss": float("nan"), "lr": 0.0, "num_pos": 0}
         images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)
-        targets = [t.to(self.device) for t in batch.targets]
+        # pinned by the loader on CUDA: the copies overlap the forward instead of waiting for the device
+        targets = [t.to(self.device, non_blocking=True) for t in batch.targets]
         lr = set_lr(self.optimizer, self.base_lr, self.schedule, self.iteration)
         self.networks.train()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -369,10 +371,7 @@ class Trainer:
         labels = self.source.labels(inputs, outs)
         losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            # iterations count from 1, as in metrics.jsonl and the progress line
-            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; stopped: "
-                                f"{self._last_good()}")
+        self._watch_finite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
@@ -381,8 +380,31 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         stats = self._count(labels)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, **stats, "lr": lr,
+        # device values, read on the host only when the loop looks at them (read_record): no sync per step
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}, **stats, "lr": lr,
                 "num_pos": labels.num_pos}
+
+    def _watch_finite(self, loss: Tensor) -> None:
+        """Remember, on the device, the iteration and value of the first non-finite loss; ``read_record``
+        raises NonFiniteLoss for it. Checking every step on the host would wait for the device each step."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=loss.device)
+        now = torch.stack([loss.new_full((), self.iteration + 1, dtype=torch.float64), loss.double()])
+        first = self._first_bad
+        self._first_bad = torch.where(~torch.isfinite(loss) & (first[0] < 0), now, first)
+
+    def read_record(self, record: dict) -> dict:
+        """``record`` with its device values as floats, read in one host sync; NonFiniteLoss naming the first
+        iteration since the last read whose loss was not finite (the weights it stepped are never saved)."""
+        names = [k for k, v in record.items() if isinstance(v, Tensor)]
+        values = [record[k].double().reshape(()) for k in names]
+        if self._first_bad is not None:
+            values += list(self._first_bad)
+        read = torch.stack(values).tolist() if values else []
+        if self._first_bad is not None and read[-2] >= 0:
+            # iterations count from 1, as in metrics.jsonl and the progress line
+            raise NonFiniteLoss(f"loss is {read[-1]} at iteration {int(read[-2])}; stopped: {self._last_good()}")
+        return {**record, **{k: int(v) if k == "num_pos" else v for k, v in zip(names, read)}}
 
     def _last_good(self) -> str:
         if self.saved_iteration is None:
@@ -421,21 +443,28 @@ class Trainer:
             log.info("run already complete at iteration %d", self.iteration)
         progress = Progress(self.schedule.total_iters, "train", "it", initial=self.iteration, enabled=self.main)
         guard = StepGuard()
+        shown: dict = {}  # the progress line's loss and lr, as of the last step read
         try:
             with guard.installed():
                 for batch in self._batches():
                     with guard.step():  # a signal now stops after this iteration is logged and saved
                         record = self.step(batch)
                         self.iteration += 1
-                        progress.update(1, loss=record["loss"], lr=record["lr"])
-                        if self.iteration % train.log_every == 0 or self.iteration == self.schedule.total_iters:
+                        last = self.iteration == self.schedule.total_iters
+                        logs = self.iteration % train.log_every == 0 or last
+                        saves = self.iteration % train.checkpoint_every == 0
+                        validates = self.validator is not None and (self.iteration % train.eval_every == 0 or last)
+                        if logs or saves or validates:  # the only steps that wait for the device
+                            record = self.read_record(record)
+                            shown = {"loss": record["loss"], "lr": record["lr"]}
+                        progress.update(1, **shown)
+                        if logs:
                             self._write_metrics({"iter": self.iteration,
                                                  "epoch": self.iteration / self.iters_per_epoch,
                                                  **record, **self.counts})
-                        if self.iteration % train.checkpoint_every == 0:
+                        if saves:
                             self.save(self.paths.latest)
-                        if self.validator is not None and (self.iteration % train.eval_every == 0
-                                                           or self.iteration == self.schedule.total_iters):
+                        if validates:
                             self._validate()
         except KeyboardInterrupt:
             progress.close()
