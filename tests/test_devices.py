@@ -208,3 +208,33 @@ def test_cache_records_how_its_teacher_ran_and_a_fallback_in_another_precision_i
     result = lad(*args, "--no-fallback", "--set", "data.flip_prob=0.0")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["misses"] == 0
+
+
+# -- validation's data workers, DDP's buffers ----------------------------------------------------------------
+def test_validation_decodes_images_in_the_configured_workers(world, monkeypatch):
+    from lad_pipeline.data import collate
+    from lad_pipeline.models import build_detector
+    from lad_pipeline.train.validation import Validator
+
+    val = world.ann.parents[1] / "val"
+    config = tiny_config(f"data.val_ann={json.dumps(str(val / 'annotations.json'))}",
+                         f"data.val_images={json.dumps(str(val / 'images'))}", "data.num_workers=2")
+    workers = []
+    real = collate.make_loader
+
+    def recording(dataset, keys, batch_size, num_workers=0, **kwargs):
+        workers.append(num_workers)
+        return real(dataset, keys, batch_size, num_workers, **kwargs)
+
+    monkeypatch.setattr("lad_pipeline.evaluate.inference.make_loader", recording)
+    record = Validator(config, torch.device("cpu")).run({"model": build_detector(config.model)})
+    assert workers == [2] and "val_AP" in record
+
+
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_ddp_broadcasts_buffers_only_when_batchnorm_learns_its_statistics(norm_eval):
+    from lad_pipeline.models import build_detector
+
+    model = build_detector(tiny_config(f"model.norm_eval={str(norm_eval).lower()}").model).eval()
+    assert loop.buffers_change_in_training(model) is (not norm_eval)
+    assert not model.training  # its mode is left as it was

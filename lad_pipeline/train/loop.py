@@ -141,6 +141,18 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def buffers_change_in_training(net: nn.Module) -> bool:
+    """Whether a training forward of ``net`` updates buffers (BatchNorm statistics in training mode). Only then
+    must DDP broadcast rank 0's buffers before each forward; with every BatchNorm frozen (``model.norm_eval``)
+    that broadcast would be a collective per step for nothing."""
+    was_training = net.training
+    net.train()
+    changing = any(m.training and m.track_running_stats for m in net.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    net.train(was_training)
+    return changing
+
+
 def _setup(world: int, batch_size: int, device: torch.device, amp: bool) -> dict:
     """What a checkpoint records of the setup that wrote it: resuming in the same one is exact."""
     return {"world_size": world, "batch_size": batch_size, "device": device.type, "amp": amp}
@@ -174,8 +186,8 @@ class Trainer:
         # networks trained along with the student (CoLAD's network 2): same optimizer, DDP and checkpoints
         self.peers = {name: net.to(self.device) for name, net in self.source.peers().items()}
         self.networks = nn.ModuleDict({"model": self.model, **self.peers})
-        self.forwards = {name: DistributedDataParallel(net) if self.world > 1 else net
-                         for name, net in self.networks.items()}
+        self.forwards = {name: DistributedDataParallel(net, broadcast_buffers=buffers_change_in_training(net))
+                         if self.world > 1 else net for name, net in self.networks.items()}
         self.optimizer = build_optimizer(self.networks, config.train, self.world)
         self.base_lr = scaled_lr(config.train, self.world)
         self.keys_per_epoch = len(dataset.train_keys(0))
