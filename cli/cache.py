@@ -8,7 +8,8 @@ import click
 from lad_pipeline.cache import cache_info, format_info
 from lad_pipeline.errors import LadError
 
-from .options import ann_option, config_option, images_option, parse_scales, resume_option, set_option
+from .options import (ann_option, config_option, device_option, images_option, parse_scales, resume_option,
+                      set_option)
 
 
 @click.command("cache-info")
@@ -64,13 +65,15 @@ def _soft_options(command):
 @click.option("--scales", help="LONGxSHORT[,LONGxSHORT...] (default: data.scales of the config).")
 @click.option("--num-workers", type=click.IntRange(min=0), help="Image-decoding processes (default data.num_workers).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Views per shard.")
-@click.option("--amp", is_flag=True, help="Run the teacher in fp16 on CUDA (default fp32: exact, deterministic).")
+@click.option("--amp", is_flag=True, help="Run the teacher in fp16 on CUDA (default teacher.precision, fp32: exact, "
+              "deterministic, TF32 off).")
+@device_option
 @resume_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing label cache at --out.")
 @_soft_options
 @set_option
 def cache_labels_command(teacher: str, config_path: str | None, ann: str | None, images: str | None, out: str,
-                         variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool,
+                         variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool, device: str | None,
                          resume: bool, overwrite: bool, soft: bool, soft_min_iou: float, soft_floor: float,
                          soft_top_k: int, soft_max_confident: int, soft_bg_rank: int, soft_bg_bits: str,
                          overrides: tuple[str, ...]) -> None:
@@ -88,8 +91,8 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
     config = resolve_config(teacher, config_path, overrides)
     attrs = cache_labels(config, teacher, out, ann=ann, images=images,
                          variants=[v.strip() for v in variants.split(",") if v.strip()], scales=parse_scales(scales),
-                         resume=resume, overwrite=overwrite, num_workers=num_workers, shard_size=shard_size, amp=amp,
-                         soft=knobs)
+                         resume=resume, overwrite=overwrite, num_workers=num_workers, shard_size=shard_size,
+                         precision="fp16" if amp else None, device=device, soft=knobs)
     if distributed.is_main():
         counts = attrs.get("counts", {})
         click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

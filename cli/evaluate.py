@@ -11,6 +11,8 @@ import click
 from lad_pipeline.evaluate.coco_eval import evaluate_coco
 from lad_pipeline.errors import LadError
 
+from .options import device_option
+
 
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint to run on the images.")
@@ -25,9 +27,10 @@ from lad_pipeline.errors import LadError
               help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="metrics.json",
               help="Write the metrics as JSON here (default: print only).")
+@device_option
 def eval_command(checkpoint: str | None, config_path: str | None, detections: str | None, ann: str | None,
                  images: str | None, batch_size: int | None, num_workers: int | None, network: int | None,
-                 out: str | None) -> None:
+                 out: str | None, device: str | None) -> None:
     """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
     if (checkpoint is None) == (detections is None):
         raise click.UsageError("give exactly one of --checkpoint and --detections")
@@ -38,7 +41,7 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
             raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
         results: Any = detections
     else:
-        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network)
+        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network, device)
         from lad_pipeline.runtime import distributed
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
@@ -57,13 +60,14 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
 
 
 def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
-               batch_size: int | None, num_workers: int | None, network: int | None) -> tuple[list[dict], str]:
+               batch_size: int | None, num_workers: int | None, network: int | None,
+               device: str | None) -> tuple[list[dict], str]:
     """COCO results of the checkpoint and the annotation file they refer to."""
     # imported here: evaluating a results file needs neither the model nor the data pipeline
     from lad_pipeline.evaluate.inference import run_inference
 
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
-                         batch_size=batch_size, num_workers=num_workers, network=network)
+                         batch_size=batch_size, num_workers=num_workers, network=network, device=device)
 
 
 def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> str:

@@ -12,6 +12,20 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 resume_option = click.option("--resume", is_flag=True, help="Continue an interrupted run in the same --out.")
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    import torch
+
+    try:
+        return value if value is None else str(torch.device(value))
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a torch device (cpu, cuda, cuda:N)") from None
+
+
+device_option = click.option(
+    "--device", metavar="DEVICE", callback=_check_device, help="Where the models run: cpu, cuda or cuda:N (default: the config's train.device, "
+    "else cuda when PyTorch sees a GPU); under torchrun, cuda is each process's LOCAL_RANK GPU.")
+
+
 def parse_scales(text: str | None) -> list[list[int]] | None:
     """``1333x800,1000x600`` -> [[1333, 800], [1000, 600]]."""
     if not text:

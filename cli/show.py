@@ -9,6 +9,8 @@ import click
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
 
+from .options import device_option
+
 VARIANTS = ("identity", "hflip")
 
 
@@ -38,7 +40,7 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="Image directory.")
 @click.option("--score-thr", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Draw detections scoring above this.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@device_option
 @click.option("--network", type=click.IntRange(1, 2),
               help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
@@ -48,18 +50,12 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
                  device: Optional[str], network: Optional[int], out: Optional[str], zoom: int) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
-    import torch
-
     from lad_pipeline.data import CocoViews, read_image
     from lad_pipeline.evaluate.predictor import Predictor
+    from lad_pipeline.runtime.distributed import resolve_device
     from lad_pipeline.visualize import draw_detections, write_png
 
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise click.BadParameter(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
-                                 param_hint="--device") from None
-    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
+    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=resolve_device(device), network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)

@@ -7,7 +7,7 @@ import click
 
 from lad_pipeline.runtime import distributed
 
-from .options import ann_option, config_option, images_option, resume_option, set_option
+from .options import ann_option, config_option, device_option, images_option, resume_option, set_option
 
 amp_option = click.option("--amp", is_flag=True, help="Mixed precision on CUDA (same as --set train.amp=true).")
 tensorboard_option = click.option(
@@ -18,7 +18,7 @@ out_option = click.option("--out", required=True, type=click.Path(file_okay=Fals
 
 
 def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, out: str, amp: bool,
-            tensorboard: str | None):
+            tensorboard: str | None, device: str | None = None):
     from pathlib import Path
 
     from lad_pipeline.config import load_config
@@ -27,6 +27,8 @@ def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, o
     overrides = (*overrides, "train.amp=true") if amp else overrides
     if tensorboard:  # a TOML string, so that any path survives the override parser
         overrides = (*overrides, "train.tensorboard=" + json.dumps(tensorboard))
+    if device:
+        overrides = (*overrides, "train.device=" + json.dumps(device))
     saved = Path(out) / "config.toml"
     if resume and saved.is_file():  # a resumed run continues with the config it started with
         return load_config(saved, overrides)
@@ -38,7 +40,7 @@ def _config(config_path: str | None, overrides: tuple[str, ...], resume: bool, o
 def run_options(command):
     """The options every training command takes, in help order."""
     for option in reversed((config_option, ann_option, images_option, out_option, resume_option, amp_option,
-                            tensorboard_option, set_option)):
+                            tensorboard_option, device_option, set_option)):
         command = option(command)
     return command
 
@@ -50,11 +52,11 @@ def _report(summary: dict) -> None:
 
 @click.command("train-teacher")
 @run_options
-def train_teacher_command(config_path, ann, images, out, resume, amp, tensorboard, overrides) -> None:
+def train_teacher_command(config_path, ann, images, out, resume, amp, tensorboard, device, overrides) -> None:
     """Train a PAA detector on its own label assignment (plain PAA)."""
     from lad_pipeline.train.recipes import train_teacher
 
-    config = _config(config_path, overrides, resume, out, amp, tensorboard)
+    config = _config(config_path, overrides, resume, out, amp, tensorboard, device)
     _report(train_teacher(config, out, ann=ann, images=images, resume=resume))
 
 
@@ -65,21 +67,21 @@ def train_teacher_command(config_path, ann, images, out, resume, amp, tensorboar
 @click.option("--no-fallback", is_flag=True, help="A view missing from the cache is an error, not an online teacher run.")
 @run_options
 def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume, amp, tensorboard,
-                          overrides) -> None:
+                          device, overrides) -> None:
     """Train a student from its teacher (LAD, or SoLAD / KD by the config's distill.method): labels cached, with
     the online teacher as fallback, or all online."""
     from lad_pipeline.train.recipes import train_student
 
-    config = _config(config_path, overrides, resume, out, amp, tensorboard)
+    config = _config(config_path, overrides, resume, out, amp, tensorboard, device)
     _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,
                           images=images, resume=resume))
 
 
 @click.command("train-colad")
 @run_options
-def train_colad_command(config_path, ann, images, out, resume, amp, tensorboard, overrides) -> None:
+def train_colad_command(config_path, ann, images, out, resume, amp, tensorboard, device, overrides) -> None:
     """Co-learning LAD: train [model] and [colad.model] together, each teaching the other."""
     from lad_pipeline.train.recipes import train_colad
 
-    config = _config(config_path, overrides, resume, out, amp, tensorboard)
+    config = _config(config_path, overrides, resume, out, amp, tensorboard, device)
     _report(train_colad(config, out, ann=ann, images=images, resume=resume))

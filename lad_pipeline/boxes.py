@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .runtime.device import constant
+
 EPS = 1e-6  # mmdetection's bbox_overlaps floor
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of PAA's config (means are 0)
 WH_RATIO_CLIP = 16 / 1000
@@ -34,7 +36,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> Tensor:
     ih = (torch.min(b1[..., 3], b2[..., 3]) - torch.max(b1[..., 1], b2[..., 1])).clamp_(min=0)
     overlap = iw.mul_(ih)
     union = (box_area(boxes1)[:, None] + box_area(boxes2)[None, :]).sub_(overlap)
-    return overlap.div_(torch.max(union, union.new_tensor([eps])))
+    return overlap.div_(union.clamp_(min=eps))
 
 
 def box_iof(boxes: Tensor, regions: Tensor, eps: float = EPS) -> Tensor:
@@ -44,7 +46,7 @@ def box_iof(boxes: Tensor, regions: Tensor, eps: float = EPS) -> Tensor:
     rb = torch.min(boxes[:, None, 2:], regions[None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     area = box_area(boxes)[:, None]
-    return wh[..., 0] * wh[..., 1] / torch.max(area, area.new_tensor([eps]))
+    return wh[..., 0] * wh[..., 1] / area.clamp(min=eps)
 
 
 def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
@@ -52,11 +54,10 @@ def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> tuple[Tenso
     area1, area2 = box_area(boxes1), box_area(boxes2)
     wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     overlap = wh[..., 0] * wh[..., 1]
-    floor = area1.new_tensor([eps])
-    union = torch.max(area1 + area2 - overlap, floor)
+    union = (area1 + area2 - overlap).clamp(min=eps)
     iou = overlap / union
     enclose_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
-    enclose = torch.max(enclose_wh[..., 0] * enclose_wh[..., 1], floor)
+    enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return iou, iou - (enclose - union) / enclose
 
 
@@ -73,7 +74,7 @@ def decode(
     ``max_shape`` (H, W) clips the boxes to the image, as mmdetection does at test time only.
     PAA never encodes: its box loss is a GIoU on decoded boxes (``reg_decoded_bbox=True``).
     """
-    d = deltas * deltas.new_tensor(stds)
+    d = deltas * constant(stds, deltas.device, deltas.dtype)
     centre = (anchors[..., :2] + anchors[..., 2:]) * 0.5
     size = anchors[..., 2:] - anchors[..., :2]
     limit = abs(math.log(wh_ratio_clip))

@@ -22,7 +22,7 @@ from .boxes import DELTA_STDS
 from .runtime import distributed as dist
 from .runtime.progress import Progress
 from .soft_record import SoftKnobs, encode_soft
-from .teacher import teacher_assign_with_outputs
+from .teacher import resolve_precision, teacher_assign_with_outputs
 
 log = logging.getLogger("lad")
 
@@ -35,7 +35,9 @@ def transform_attrs(config: Config) -> dict:
 
 def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher: Checkpoint,
                 ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int,
-                soft: Optional[SoftKnobs] = None) -> dict:
+                soft: Optional[SoftKnobs] = None, device: str = "cpu", precision: str = "fp32") -> dict:
+    """The store's root attributes (docs/cache-format.md); ``device`` (a device type) and ``precision``: how the
+    teacher runs (``TEACHER_MODE_FIELDS``)."""
     attrs = {
         "teacher_sha256": teacher.sha256,
         "teacher_checkpoint": str(teacher.path),
@@ -48,6 +50,8 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
         "scales": [list(s) for s in scales],
         "ignore_iof_thr": config.assign.ignore_iof_thr,
         "shard_size": shard_size,
+        "teacher_device": device,
+        "teacher_precision": precision,
     }
     if soft is not None:
         attrs["soft"] = soft.to_attrs()
@@ -60,13 +64,16 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
 def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[str] = None,
                  images: Optional[str] = None, variants: Sequence[str] = ("identity", "hflip"),
                  scales: Optional[Sequence[Sequence[int]]] = None, resume: bool = False, overwrite: bool = False,
-                 num_workers: Optional[int] = None, shard_size: int = 256, amp: bool = False,
-                 soft: Optional[SoftKnobs] = None) -> dict:
+                 num_workers: Optional[int] = None, shard_size: int = 256, precision: Optional[str] = None,
+                 device: Optional[str] = None, soft: Optional[SoftKnobs] = None) -> dict:
     """Write the teacher's assignment of every view; returns the finalized store's root attributes.
 
-    ``soft``: also store each view's soft record (``encode_soft`` with these knobs) from the same forward.
+    ``precision``: the teacher's (``TEACHER_PRECISIONS``; default the config's ``teacher.precision``);
+    ``device``: ``init_from_env``'s (default the config's ``train.device``). ``soft``: also store each view's
+    soft record (``encode_soft`` with these knobs) from the same forward.
     """
-    rank, world, device = dist.init_from_env()
+    rank, world, device = dist.init_from_env(device or config.train.device)
+    precision = resolve_precision(precision or config.teacher.precision, device, config.train.amp)
     if Path(out).is_file():
         raise LadError(f"--out {out} is a file; give a directory path for the label cache")
     ann = ann or config.data.ann
@@ -84,7 +91,8 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         soft.validate(teacher_cfg.num_classes)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
-    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft)
+    attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft,
+                        device.type, precision)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None
@@ -112,7 +120,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
             pad = (int(image.shape[-2]), int(image.shape[-1]))
             target = batch.targets[0].to(device)
             assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
-                                                             config.loss, amp=amp)
+                                                             config.loss, precision)
             record = None
             if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
                 record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class ModelConfig:
 class TeacherConfig:
     checkpoint: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
+    # the online teacher's arithmetic on CUDA (lad_pipeline.teacher.TEACHER_PRECISIONS): "fp32" is exact (TF32
+    # off), "tf32" and "fp16" are faster and not bit-exact, "student" follows train.amp (fp16 with it, else fp32)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -137,6 +141,7 @@ class TrainConfig:
     eval_every: int = 0  # > 0: COCO AP on data.val_ann every this many iterations and at the end (metrics.jsonl)
     tensorboard: str = ""  # a directory: the scalars of metrics.jsonl also as TensorBoard event files
     teacher_batch_padding: bool = False  # True: the online teacher sees the batch-padded tensor (mmdetection)
+    device: str = ""  # cpu, cuda (under torchrun: the GPU of LOCAL_RANK) or cuda:N; "": cuda when there is one
 
 
 @dataclass
@@ -192,6 +197,8 @@ POSITIVE_RGB = Allowed(lambda v: len(v) == 3 and min(v) > 0, "three positive num
 # the FPN's levels are C3-C5 (strides 8, 16, 32) and then stride-2 convolutions, one per extra level
 STRIDES = Allowed(lambda v: len(v) >= 3 and v == [8 * 2**i for i in range(len(v))],
                   "8, 16, 32 and then doubling, e.g. [8, 16, 32, 64, 128]")
+DEVICE = Allowed(lambda v: re.fullmatch(r"(cpu|cuda(:\d+)?|mps)?", v) is not None,
+                 'cpu, cuda, cuda:N or mps ("": cuda when PyTorch sees a GPU, else cpu)')
 EPOCH_STEPS = Allowed(lambda v: all(e >= 1 for e in v) and v == sorted(v), "epochs >= 1 in ascending order")
 GROUPS_OF_32 = Allowed(lambda v: v >= 32 and v % 32 == 0,
                        "a positive multiple of 32 (the head's GroupNorm has 32 groups)")
@@ -213,6 +220,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
     TeacherConfig: {
         "checkpoint": PATH,
         "model": ANY,  # a table: its keys are ModelConfig's
+        "precision": one_of("fp32", "tf32", "fp16", "student"),
     },
     AssignConfig: {
         "topk": at_least(1),
@@ -279,6 +287,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "eval_every": at_least(0),  # 0: no validation during training
         "tensorboard": PATH,
         "teacher_batch_padding": ANY,
+        "device": DEVICE,
     },
 }
 

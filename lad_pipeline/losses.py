@@ -24,6 +24,7 @@ from torchvision.ops import sigmoid_focal_loss
 from .boxes import aligned_iou, decode
 from .config import LossConfig
 from .models.anchors import AnchorLayout
+from .runtime.device import upload
 from .types import IGNORED, Assignment, HeadOutputs, Targets
 
 FLOAT32_EPS = 1.1920929e-07  # mmdetection's avg_factor guard, torch.finfo(torch.float32).eps
@@ -99,7 +100,7 @@ def _loss(
     trained = gt_index != IGNORED
     img, anchor = (gt_index >= 0).nonzero(as_tuple=True)
     num_pos = int(img.numel())
-    gt_offsets = torch.tensor([0] + [len(t.boxes) for t in targets], device=cls.device).cumsum(0)
+    gt_offsets = upload([0] + [len(t.boxes) for t in targets], cls.device).cumsum(0)
     row = gt_offsets[img] + gt_index[img, anchor]
     labels = torch.cat([t.labels for t in targets]).to(cls.device)[row]
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -9,6 +11,7 @@ from torch import Tensor
 from .assign import paa_assign
 from .checkpoint import Checkpoint
 from .config import AssignConfig, Config, LossConfig, ModelConfig
+from .errors import LadError
 from .models import PAADetector
 from .types import Assignment, HeadOutputs, Targets
 
@@ -23,23 +26,52 @@ def load_teacher(checkpoint: str | os.PathLike, model_config: ModelConfig, devic
     return Checkpoint.read(checkpoint).teacher(model_config, device)
 
 
-@torch.no_grad()
-def teacher_outputs(teacher: PAADetector, image: Tensor, amp: bool = False) -> HeadOutputs:
-    """The teacher's outputs (float32, batch of one) on one view ``image [3, Hp, Wp]`` padded on its own.
+TEACHER_PRECISIONS = ("fp32", "tf32", "fp16")  # and "student" in the config: train.amp decides
 
-    fp32 unless ``amp`` (CUDA only): fp16 noise can flip GMM decisions, so caches default to fp32.
+
+def resolve_precision(setting: str, device: torch.device, student_amp: bool = False) -> str:
+    """The precision a teacher runs in on ``device``: ``teacher.precision`` with ``student`` resolved (fp16
+    when the student trains with AMP, else fp32); on a CPU always fp32 (TF32 and fp16 are CUDA's)."""
+    if setting == "student":
+        setting = "fp16" if student_amp else "fp32"
+    if setting not in TEACHER_PRECISIONS:
+        raise LadError(f"teacher precision {setting!r} is not one of {', '.join(TEACHER_PRECISIONS)} or student")
+    return setting if device.type == "cuda" else "fp32"
+
+
+@contextmanager
+def teacher_arithmetic(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the enclosed forward in ``precision``: fp16 autocast for ``fp16``; TF32 convolutions and matmuls
+    only for ``tf32`` (cuDNN allows TF32 convolutions by default on Ampere and newer: ``fp32`` turns them
+    off, so an fp32 teacher is exact). The global flags are restored afterwards."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=precision == "fp16" and device.type == "cuda"):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: PAADetector, image: Tensor, precision: str = "fp32") -> HeadOutputs:
+    """The teacher's outputs (float32) on one view ``image [3, Hp, Wp]`` padded on its own (a batch of one),
+    or on views of one padded shape ``[N, 3, Hp, Wp]``.
+
+    ``precision`` (``TEACHER_PRECISIONS``; CUDA only, fp32 elsewhere): fp16 noise can flip GMM decisions, so
+    caches default to fp32.
     """
-    amp = amp and image.device.type == "cuda"
-    with torch.autocast(image.device.type, dtype=torch.float16, enabled=amp):
-        outs = teacher(image[None] if amp else image[None].float())
+    images = image[None] if image.dim() == 3 else image
+    with teacher_arithmetic(precision, images.device):
+        outs = teacher(images if precision == "fp16" else images.float())
     return HeadOutputs(*[[t.float() for t in level] for level in outs])
 
 
 @torch.no_grad()
 def teacher_assign_with_outputs(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
                                 assign: AssignConfig, loss: LossConfig,
-                                amp: bool = False) -> tuple[Assignment, HeadOutputs]:
+                                precision: str = "fp32") -> tuple[Assignment, HeadOutputs]:
     """The teacher's PAA assignment of one view padded on its own, on the teacher's anchors, and the head
     outputs it was made from: one forward pass serves the assignment and the soft labels."""
-    outs = teacher_outputs(teacher, image, amp)
+    outs = teacher_outputs(teacher, image, precision)
     return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, config=assign, loss=loss)[0], outs

@@ -33,9 +33,10 @@ class Targets(NamedTuple):
     labels: Tensor
     ignore: Optional[Tensor] = None
 
-    def to(self, device: torch.device | str) -> "Targets":
-        ignore = None if self.ignore is None else self.ignore.to(device)
-        return Targets(self.boxes.to(device), self.labels.to(device), ignore)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Targets":
+        ignore = None if self.ignore is None else self.ignore.to(device, non_blocking=non_blocking)
+        return Targets(self.boxes.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
+                       ignore)
 
 
 class HeadOutputs(NamedTuple):

@@ -17,7 +17,7 @@ def _val(world):
 
 def test_eval_checkpoint_one_and_two_processes_agree(world, tmp_path):
     one = lad("eval", "--checkpoint", world.teacher, *_val(world), "--out", tmp_path / "one.json",
-              "--num-workers", "0")
+              "--num-workers", "0", "--device", "cpu")
     assert one.returncode == 0, one.stderr
     assert "Average Precision" in one.stdout
     metrics = json.loads((tmp_path / "one.json").read_text())
@@ -29,7 +29,7 @@ def test_eval_checkpoint_one_and_two_processes_agree(world, tmp_path):
     assert {k: metrics[k] for k in STAT_NAMES} == {k: direct[k] for k in STAT_NAMES}
 
     two = torchrun(2, "eval", "--checkpoint", world.teacher, *_val(world), "--out", tmp_path / "two.json",
-                   "--num-workers", "0")
+                   "--num-workers", "0", "--device", "cpu")
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 1  # rank 0 reports
     gathered = json.loads((tmp_path / "two.json").read_text())

@@ -24,9 +24,10 @@ STUDENT_CONFIG = REPO / "configs" / "toy_student_r18.toml"
 
 # 128 px views: the toy images (96-144 px a side, several aspect ratios) pad to 128x128, 96x128 or 128x96,
 # so batches mix padded sizes. warmup_iters is shortened so that the lr is not ~0 for the whole run; no
-# validation during training (the toy configs' train.eval_every) unless a test asks for it.
+# validation during training (the toy configs' train.eval_every) unless a test asks for it. On the CPU, also
+# where a GPU is: the tests compare the CLI's results bit for bit with in-process CPU ones.
 TINY = ("data.scales=[[128, 128]]", "data.num_workers=0", "train.batch_size=2", "train.max_iters=4",
-        "train.log_every=1", "train.warmup_iters=2", "train.eval_every=0")
+        "train.log_every=1", "train.warmup_iters=2", "train.eval_every=0", "train.device=cpu")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def shared_world(tmp_path_factory) -> World:
 
 def cache_args(world: World, out: Path, variants: str = "identity,hflip", *extra: str) -> list[str]:
     return ["cache-labels", "--teacher", world.teacher, "--config", STUDENT_CONFIG, *world.data_args(),
-            "--out", out, "--variants", variants, *set_args(), *extra]
+            "--out", out, "--variants", variants, "--device", "cpu", *set_args(), *extra]
 
 
 # Intra-op threads of the processes that build label caches. On CPU the teacher's convolutions sum in an order

@@ -142,7 +142,7 @@ def fit_gmm(
         history: tuple[list[Tensor], ...] = ([], [], [])  # weight / sqrt(2 pi), mean, var after each M-step
         bounds: list[Tensor] = []  # lower bound of each E-step, [N, 1, 1]
         check_every = 1 if dev.type == "cpu" else 4  # each look is a host sync: cheap on CPU only
-        reg = torch.tensor(reg_covar, dtype=torch.float64, device=dev)
+        reg = torch.full((), reg_covar, dtype=torch.float64, device=dev)
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         seen = torch.zeros(n_sets, 1, 1, dtype=torch.bool, device=dev)  # converged at some iteration so far
         for it in range(max_iter):

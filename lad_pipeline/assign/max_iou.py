@@ -49,21 +49,21 @@ def max_iou_assign(
       out of the assignment altogether, so it can never receive positives;
     * ignore regions (``ignore_iof_thr > 0``) apply even to an image without GTs (mmdetection skips them).
     """
-    result = torch.full((anchors.shape[0],), IGNORED, dtype=torch.int64, device=anchors.device)
-    inside = valid.nonzero().squeeze(1)
-    boxes = anchors[inside]
+    # Every anchor is scored and the invalid ones are IGNORED at the end: selecting the valid ones first
+    # (nonzero) would make the host wait for the device once per image.
     if ignore_iof_thr > 0 and ignore_boxes is not None and ignore_boxes.numel() > 0:
-        ignored = box_iof(boxes, ignore_boxes.to(boxes)).amax(dim=1) > ignore_iof_thr
+        ignored = box_iof(anchors, ignore_boxes.to(anchors)).amax(dim=1) > ignore_iof_thr
     else:
-        ignored = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    if gt_boxes.shape[0] == 0 or boxes.shape[0] == 0:
-        result[inside] = torch.full_like(inside, NEGATIVE).masked_fill_(ignored, IGNORED)
-        return result
+        ignored = torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    if gt_boxes.shape[0] == 0 or anchors.shape[0] == 0:
+        out = torch.full(ignored.shape, NEGATIVE, dtype=torch.int64, device=anchors.device).masked_fill_(ignored, IGNORED)
+        return out.masked_fill_(~valid, IGNORED)
 
-    gt = gt_boxes.to(boxes)
-    iou = box_iou(gt, boxes)  # [G, A_valid]
+    gt = gt_boxes.to(anchors)
+    iou = box_iou(gt, anchors)  # [G, A]
     iou = iou.masked_fill(degenerate_boxes(gt, pad_shape)[:, None], 0.0)
     iou = iou.masked_fill(ignored[None, :], -1.0)  # mmdetection's marking of ignored anchors
+    iou = iou.masked_fill(~valid[None, :], -1.0)  # invalid anchors: never any GT's maximum (it must be > 0)
     max_iou, argmax = iou.max(dim=0)
     out = torch.full_like(argmax, IGNORED)
     out = torch.where((max_iou >= 0) & (max_iou < neg_iou_thr), NEGATIVE, out)
@@ -74,5 +74,4 @@ def max_iou_assign(
     order = torch.arange(1, at_max.shape[0] + 1, device=iou.device, dtype=torch.int32)[:, None]
     last = (at_max * order).amax(dim=0).long() - 1  # -1: at no GT's maximum
     out = torch.where(last >= 0, last, out)
-    result[inside] = out
-    return result
+    return out.masked_fill_(~valid, IGNORED)

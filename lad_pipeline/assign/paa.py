@@ -25,6 +25,7 @@ from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..losses import focal_loss_terms
 from ..models.anchors import AnchorLayout
+from ..runtime.device import upload
 from ..types import IGNORED, NEGATIVE, Assignment, HeadOutputs, Targets
 from .gmm import fit_gmm, fit_gmm_sklearn, split_positives
 from .max_iou import max_iou_assign
@@ -93,7 +94,7 @@ def find_candidates(
     sizes = [tuple(t.shape[-2:]) for t in outs.cls]
     level_anchors = anchors.grid_anchors(sizes, device=dev)
     priors = torch.cat(level_anchors)
-    level_start = torch.tensor([0] + [len(a) for a in level_anchors], device=dev).cumsum(0)
+    level_start = upload([0] + [len(a) for a in level_anchors], dev).cumsum(0)
 
     pre = torch.stack([
         max_iou_assign(priors, t.boxes, anchors.valid_flags(sizes, pad, device=dev), pad, t.ignore,
@@ -104,7 +105,7 @@ def find_candidates(
     gt_index = torch.full_like(pre, NEGATIVE).masked_fill_(pre == IGNORED, IGNORED)
     img, anchor = (pre >= 0).nonzero(as_tuple=True)  # candidates, in (image, anchor) order
     gt_local = pre[img, anchor]
-    gt_offsets = torch.tensor([0] + [len(t.boxes) for t in targets], device=dev).cumsum(0)
+    gt_offsets = upload([0] + [len(t.boxes) for t in targets], dev).cumsum(0)
     gid = gt_offsets[img] + gt_local  # GT index within the batch
     level = torch.bucketize(anchor, level_start[1:], right=True)
 
@@ -164,11 +165,13 @@ def _paa_scores(
     logits = anchors.new_empty(len(anchor), num_classes)
     deltas = anchors.new_empty(len(anchor), 4)
     for lvl, (cls, reg) in enumerate(zip(outs.cls, outs.reg)):
-        rows = (level == lvl).nonzero().squeeze(1)
-        offset = anchor[rows] - level_start[lvl]
+        # every candidate gathers at a clamped position of this level and keeps the rows of its own level:
+        # selecting the level's rows first (nonzero) would make the host wait for the device at each level
+        rows = (level == lvl)[:, None]
+        offset = (anchor - level_start[lvl]).clamp_(0, cls.shape[-2] * cls.shape[-1] - 1)
         y, x = offset // cls.shape[-1], offset % cls.shape[-1]
-        logits[rows] = cls[img[rows], :, y, x].float()
-        deltas[rows] = reg[img[rows], :, y, x].float()
+        logits = torch.where(rows, cls[img, :, y, x].float(), logits)
+        deltas = torch.where(rows, reg[img, :, y, x].float(), deltas)
     onehot = torch.zeros_like(logits)
     onehot[torch.arange(len(anchor), device=anchor.device), gt_labels] = 1.0
     focal = focal_loss_terms(logits, onehot, focal_gamma, focal_alpha).sum(-1)
@@ -177,6 +180,9 @@ def _paa_scores(
 
 
 def _check_labels(targets: Sequence[Targets], num_classes: int) -> None:
+    labels = torch.cat([t.labels for t in targets])
+    if not labels.numel() or not bool(((labels < 0) | (labels >= num_classes)).any()):  # one look for the batch
+        return
     for i, t in enumerate(targets):
         if t.labels.numel() and (int(t.labels.min()) < 0 or int(t.labels.max()) >= num_classes):
             raise LadError(f"labels of image {i} in the batch must lie in 0..{num_classes - 1} (the head's classes), "
@@ -187,8 +193,8 @@ def _check_finite(outs: HeadOutputs) -> None:
     """LadError naming the first image whose head outputs hold NaN or inf: they must never reach the GMM."""
     # a per-image sum is NaN/inf whenever an element is (40x faster than isfinite); a finite sum that
     # overflowed is told apart by the exact test, which only runs when the screen fires
-    screen = [torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in outs]
-    if all(bool(torch.isfinite(s).all()) for s in screen):
+    screen = torch.cat([torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in outs])
+    if bool(torch.isfinite(screen).all()):  # one look at the device for the whole batch
         return
     names = ("classification", "regression", "IoU")
     bad = [torch.stack([~torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]).any(dim=0) for tensors in outs]

@@ -54,6 +54,11 @@ REQUIRED_ATTRS = IDENTITY_FIELDS[1:]
 # Identity fields only soft-label stores have: the record knobs (``SoftKnobs.to_attrs()``) and what the
 # teacher side fixes for a rebuild (class count, delta stds).
 SOFT_IDENTITY_FIELDS = ("soft", "soft_teacher")
+# How the teacher ran: ``teacher_device`` (``cpu`` or ``cuda``) and ``teacher_precision`` (fp32, tf32 or
+# fp16; lad_pipeline.teacher.TEACHER_PRECISIONS). Stores written before they existed lack them. Labels of
+# another precision are other labels: resuming in another precision, or a fallback teacher in another one,
+# is refused; another device only rounds differently, which is warned about.
+TEACHER_MODE_FIELDS = ("teacher_device", "teacher_precision")
 ANCHOR_LAYOUT_FIELDS = ("strides", "octave_base_scale", "size_divisor")
 
 # name -> (storage dtype, trailing shape). Leading dim: N views ("views", "scale_factor"),

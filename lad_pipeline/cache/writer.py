@@ -144,6 +144,11 @@ class CacheWriter:
                 name, have, now = diff
                 raise LadError(f"cannot resume label cache {path}: {name} differs (cache: {have!r}, now: {now!r})",
                                hint="use --overwrite or another --out")
+        if "teacher_precision" in stored and stored["teacher_precision"] != wanted.get("teacher_precision"):
+            raise LadError(f"cannot resume label cache {path}: teacher_precision differs (cache: "
+                           f"{stored['teacher_precision']!r}, now: {wanted.get('teacher_precision')!r})",
+                           hint=f"run the teacher in {stored['teacher_precision']} (--amp is fp16, teacher.precision) "
+                                "or use --overwrite")
         return cls(path, stored)
 
     def make_record(self, key: Any, geometry: ViewGeometry, targets: Targets, assignment: Assignment, *,

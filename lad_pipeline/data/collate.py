@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import LadError
+from ..runtime.device import constant
 from ..types import Targets, ViewKey
 from .transforms import View
 
@@ -147,8 +148,8 @@ def normalize_and_pad(images: Sequence[Tensor], mean: Sequence[float] = MEAN, st
     sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
     pad_shapes = [(_round_up(h, size_divisor), _round_up(w, size_divisor)) for h, w in sizes]
     hb, wb = max(p[0] for p in pad_shapes), max(p[1] for p in pad_shapes)
-    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(3, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(3, 1, 1)
+    mean_t = constant(mean, device).view(3, 1, 1)
+    std_t = constant(std, device).view(3, 1, 1)
     batch = torch.zeros(len(images), 3, hb, wb, dtype=torch.float32, device=device)
     for n, (image, (h, w)) in enumerate(zip(images, sizes)):
         # uint8 crosses to the device (non-blocking from pinned memory), the float work happens there

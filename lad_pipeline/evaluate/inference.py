@@ -49,10 +49,14 @@ def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 
 
 def run_inference(checkpoint: str, config: Optional[str] = None, ann: Optional[str] = None,
                   images: Optional[str] = None, batch_size: Optional[int] = None,
-                  num_workers: Optional[int] = None, network: Optional[int] = None) -> tuple[list[dict], str]:
-    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file."""
-    _, _, device = dist.init_from_env()
-    predictor = Predictor.from_checkpoint(checkpoint, config, device=device, network=network)
+                  num_workers: Optional[int] = None, network: Optional[int] = None,
+                  device: Optional[str] = None) -> tuple[list[dict], str]:
+    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file.
+
+    ``device``: as ``init_from_env`` takes it (default: CUDA when PyTorch sees a GPU, not the device the
+    checkpoint was trained on)."""
+    _, _, chosen = dist.init_from_env(device)
+    predictor = Predictor.from_checkpoint(checkpoint, config, device=chosen, network=network)
     dataset = eval_dataset(predictor.config, ann, images)
     dataset.check_num_classes(predictor.num_classes)
     workers = predictor.config.data.num_workers if num_workers is None else num_workers

@@ -4,7 +4,10 @@ The loop (``Trainer.fit``) calls every hook, in the order given, at these points
 
 - ``before_train()`` once, before the first batch is drawn;
 - ``before_step()`` and ``after_step(record)`` around each iteration (``trainer.iteration`` already counts it
-  in ``after_step``; ``record`` holds the step's losses and statistics);
+  in ``after_step``; ``record`` holds the step's losses and statistics). The losses stay on the device unless
+  some hook's ``reads_values()`` says it will look at this iteration's: then they are read, in one host sync,
+  as floats (and a non-finite loss since the last read stops training). Steps no hook reads never wait for
+  the device;
 - ``on_interrupt(torn)`` when SIGINT or SIGTERM stops training (``torn``: inside a step, so the state in memory
   is not an iteration's and must not be saved);
 - ``after_train()`` once, when the schedule is done;
@@ -36,6 +39,10 @@ class Hook:
     def before_step(self) -> None:
         pass
 
+    def reads_values(self) -> bool:
+        """Whether ``after_step`` of the iteration just done needs the record's values on the host."""
+        return False
+
     def after_step(self, record: dict[str, Any]) -> None:
         pass
 
@@ -58,9 +65,12 @@ class ProgressHook(Hook):
     def before_train(self) -> None:
         t = self.trainer
         self.progress = Progress(t.schedule.total_iters, "train", "it", initial=t.iteration, enabled=t.main)
+        self.shown: dict[str, float] = {}  # loss and lr as of the last iteration whose values were read
 
     def after_step(self, record: dict[str, Any]) -> None:
-        self.progress.update(1, loss=record["loss"], lr=record["lr"])
+        if isinstance(record["loss"], float):
+            self.shown = {"loss": record["loss"], "lr": record["lr"]}
+        self.progress.update(1, **self.shown)
 
     def on_interrupt(self, torn: bool) -> None:
         self.progress.close()
@@ -76,9 +86,12 @@ class MetricsHook(Hook):
     def __init__(self, every: int) -> None:
         self.every = every
 
+    def reads_values(self) -> bool:
+        return self.trainer.iteration % self.every == 0 or self._last_iteration()
+
     def after_step(self, record: dict[str, Any]) -> None:
         t = self.trainer
-        if t.iteration % self.every == 0 or self._last_iteration():
+        if self.reads_values():
             t.write_metrics({"iter": t.iteration, "epoch": t.iteration / t.iters_per_epoch, **record, **t.counts})
 
 
@@ -89,8 +102,11 @@ class CheckpointHook(Hook):
     def __init__(self, every: int) -> None:
         self.every = every
 
+    def reads_values(self) -> bool:  # a non-finite loss must stop the run before its weights are saved
+        return self.trainer.iteration % self.every == 0
+
     def after_step(self, record: dict[str, Any]) -> None:
-        if self.trainer.iteration % self.every == 0:
+        if self.reads_values():
             self.trainer.save(self.trainer.run_dir.latest)
 
     def on_interrupt(self, torn: bool) -> None:
@@ -109,9 +125,12 @@ class ValidationHook(Hook):
     def __init__(self, validator: "Validator", every: int) -> None:
         self.validator, self.every = validator, every
 
+    def reads_values(self) -> bool:
+        return self.trainer.iteration % self.every == 0 or self._last_iteration()
+
     def after_step(self, record: dict[str, Any]) -> None:
         t = self.trainer
-        if t.iteration % self.every != 0 and not self._last_iteration():
+        if not self.reads_values():
             return
         for network in t.networks.values():  # every rank scores its share with the checkpoint's model
             dist.broadcast_buffers(network)

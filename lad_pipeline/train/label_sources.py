@@ -44,7 +44,7 @@ def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequ
     """
     if anchors.feature_sizes(pad_shape) == [tuple(s) for s in batch_sizes]:
         return own
-    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device)
+    index = anchors.own_grid_index(batch_sizes, pad_shape).to(own.gt_index.device, non_blocking=True)
     gt = torch.full((sum(h * w for h, w in batch_sizes),), IGNORED, dtype=torch.int64, device=index.device)
     gt[index] = own.gt_index
     return own._replace(gt_index=gt, cand_anchor=index[own.cand_anchor])
@@ -105,8 +105,11 @@ class Labels(NamedTuple):
     stats: Optional[dict[str, tuple[float, float]]] = None
 
     @property
-    def num_pos(self) -> int:
-        return sum(a.num_pos for a in self.assignments)
+    def num_pos(self) -> Tensor | int:
+        """Positives of the batch: a device tensor, so that the loop reads it only when it logs."""
+        if not self.assignments:
+            return 0
+        return torch.stack([(a.gt_index >= 0).sum() for a in self.assignments]).sum()
 
 
 class LabelSource:
@@ -155,28 +158,28 @@ class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
     def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
-                 batch_padding: bool = False) -> None:
+                 batch_padding: bool = False, precision: str = "fp32") -> None:
         super().__init__(loss, anchors)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.config = assign
         self.batch_padding = batch_padding
+        self.precision = precision  # lad_pipeline.teacher.TEACHER_PRECISIONS
 
     def run(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
             batch_sizes: list[tuple[int, int]], *, assign: bool = True, outputs: bool = False) -> TeacherRun:
         """The teacher on ``images``: its assignments on the batch grid (``assign``) and its outputs
         (``outputs``: each view's own grid at the top left of the batch grid, zeros beyond)."""
         if self.batch_padding:  # mmdetection: the teacher sees the student's batch tensor
-            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                outs = self.teacher(images.float())
+            outs = teacher_outputs(self.teacher, images, self.precision)
             assignments = (paa_assign(outs, targets, pad_shapes, anchors=self.teacher.anchors, config=self.config,
                                       loss=self.loss_config) if assign else [])
             return TeacherRun(assignments, outs if outputs else None)
         assignments, views = [], []
         for image, target, (h, w) in zip(images, targets, pad_shapes):
             # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
-            own = teacher_outputs(self.teacher, image[:, :h, :w])
+            own = teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
             if assign:
                 a = paa_assign(own, [target], [(h, w)], anchors=self.teacher.anchors, config=self.config,
                                loss=self.loss_config)[0]
@@ -224,12 +227,14 @@ class CachedLabels(LabelSource):
             if tuple(view.pad_size) != tuple(batch.pad_shapes[i]):
                 raise LadError(f"cached view {key} has padded size {tuple(view.pad_size)} but the data pipeline "
                                f"gives {tuple(batch.pad_shapes[i])}: the cache was made with other transforms")
+            # host arrays read from the store, copied without waiting for the device
             device = batch.images.device
             own = view.assignment
-            own = own._replace(**{f: getattr(own, f).to(device) for f in own._fields})
+            own = own._replace(**{f: getattr(own, f).to(device, non_blocking=True) for f in own._fields})
             found.views[i] = view
             found.assignments[i] = to_batch_grid(own, batch.pad_shapes[i], batch_sizes, self.cache.layout.anchors)
-            found.targets[i] = view.targets.to(device)  # the GT indices refer to the cached targets
+            # the GT indices refer to the cached targets
+            found.targets[i] = view.targets.to(device, non_blocking=True)
         return found
 
     def online(self, first_miss: ViewKey) -> OnlineTeacher:

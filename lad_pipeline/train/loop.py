@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import Checkpoint, first_non_finite, load_init_weights, load_state_dict_strict, save_checkpoint
@@ -35,6 +35,23 @@ class NonFiniteLoss(LadError):
     pass
 
 
+def buffers_change_in_training(net: nn.Module) -> bool:
+    """Whether a training forward of ``net`` updates buffers (BatchNorm statistics in training mode). Only then
+    must DDP broadcast rank 0's buffers before each forward; with every BatchNorm frozen (``model.norm_eval``)
+    that broadcast would be a collective per step for nothing."""
+    was_training = net.training
+    net.train()
+    changing = any(m.training and m.track_running_stats for m in net.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    net.train(was_training)
+    return changing
+
+
+def _setup(world: int, batch_size: int, device: torch.device, amp: bool) -> dict:
+    """What a checkpoint records of the setup that wrote it: resuming in the same one is exact."""
+    return {"world_size": world, "batch_size": batch_size, "device": device.type, "amp": amp}
+
+
 class Trainer:
     """Trains ``config.model`` on ``dataset`` with the labels of the source that ``source_factory`` makes for the
     model, into the run directory ``run_dir``.
@@ -48,7 +65,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, dataset: CocoViews, source_factory: SourceFactory, *,
                  resume: bool = False, summary_extra: Optional[dict] = None) -> None:
         self.config = config
-        self.rank, self.world, self.device = dist.init_from_env()
+        self.rank, self.world, self.device = dist.init_from_env(config.train.device)
         self.main = self.rank == 0
         self.run_dir = RunDir(run_dir, main=self.main)
         self.dataset = dataset
@@ -66,8 +83,8 @@ class Trainer:
         # networks trained along with the student (CoLAD's network 2): same optimizer, DDP and checkpoints
         self.peers = {name: net.to(self.device) for name, net in self.source.peers().items()}
         self.networks = nn.ModuleDict({"model": self.model, **self.peers})
-        self.forwards = {name: DistributedDataParallel(net) if self.world > 1 else net
-                         for name, net in self.networks.items()}
+        self.forwards = {name: DistributedDataParallel(net, broadcast_buffers=buffers_change_in_training(net))
+                         if self.world > 1 else net for name, net in self.networks.items()}
         self.optimizer = build_optimizer(self.networks, config.train, self.world)
         self.base_lr = scaled_lr(config.train, self.world)
         self.keys_per_epoch = len(dataset.train_keys(0))
@@ -84,9 +101,10 @@ class Trainer:
         self.iteration = 0
         self.saved_iteration: Optional[int] = None  # the iteration latest.pth holds, once known
         self.counts = dict.fromkeys(COUNTS, 0)  # over every rank
+        self._first_bad: Optional[Tensor] = None  # see _watch_finite
         if self._has_checkpoint():
-            self._load_state(self.run_dir.latest)
-            notes.append(f"resumed from {self.run_dir.latest} at iteration {self.iteration}")
+            setup_note = self._load_state(self.run_dir.latest)
+            notes += [f"resumed from {self.run_dir.latest} at iteration {self.iteration}", *setup_note]
         validator = Validator(config, self.device) if config.train.eval_every > 0 else None
         self.run_dir.create(config)
         dist.barrier()
@@ -115,8 +133,9 @@ class Trainer:
         self.run_dir.close()
 
     def _state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration, "rng": rng_state(),
-                 "scaler": self.scaler.state_dict(), "counts": dict(self.counts)}
+        state = {"optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                 "rng": rng_state(self.device), "scaler": self.scaler.state_dict(), "counts": dict(self.counts),
+                 "setup": _setup(self.world, self.config.train.batch_size, self.device, self.amp)}
         if self.peers:
             state["peers"] = {name: net.state_dict() for name, net in self.peers.items()}
         return state
@@ -142,7 +161,8 @@ class Trainer:
         except OSError as exc:
             raise LadError(f"cannot write {self.run_dir.metrics}: {exc.strerror or exc}; {self.last_good()}") from None
 
-    def _load_state(self, path: Path) -> None:
+    def _load_state(self, path: Path) -> list[str]:
+        """Load the state to resume; returns what to log about it."""
         checkpoint = Checkpoint.read(path)
         checkpoint.load_into(self.model)
         state = checkpoint.contents
@@ -152,11 +172,31 @@ class Trainer:
                            f"trains {sorted(self.networks)}", hint="resume it with the command that started it")
         for name, net in self.peers.items():
             load_state_dict_strict(net, saved_peers[name], f"network {name!r} of checkpoint {path}")
+        note = self._check_setup(path, state.get("setup"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():  # a run saved without AMP starts a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
         self.iteration = self.saved_iteration = int(state["iteration"])
         self.counts.update({k: int(v) for k, v in state.get("counts", {}).items() if k in self.counts})
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.device)
+        return [note] if note else []
+
+    def _check_setup(self, path: Path, saved: Optional[dict]) -> Optional[str]:
+        """Resume on another device, device count or precision, but not with another total batch (the
+        iteration count, schedule and learning rate are counted in total batches). Only the same setup
+        continues bit for bit."""
+        now = _setup(self.world, self.config.train.batch_size, self.device, self.amp)
+        if saved is None or saved == now:  # checkpoints from before the setup was recorded: trusted
+            return None
+        total_saved, total_now = saved["world_size"] * saved["batch_size"], self.world * self.config.train.batch_size
+        if total_saved != total_now:
+            raise LadError(f"checkpoint {path} was trained with {saved['world_size']} process(es) x "
+                           f"train.batch_size {saved['batch_size']} = {total_saved} images per step, this run has "
+                           f"{self.world} x {self.config.train.batch_size} = {total_now}",
+                           hint="resume with the same total (torchrun --nproc_per_node, --set train.batch_size)")
+        differ = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) != now[k])
+        return (f"resuming a run saved in another setup ({differ}): it continues, but not bit for bit as the "
+                f"original setup would")
 
     def last_good(self) -> str:
         """What is on disk to continue from, for error messages."""
@@ -193,7 +233,8 @@ class Trainer:
             log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration + 1)
             return {"loss": float("nan"), "lr": 0.0, "num_pos": 0}
         images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)
-        targets = [t.to(self.device) for t in batch.targets]
+        # pinned by the loader on CUDA: the copies overlap the forward instead of waiting for the device
+        targets = [t.to(self.device, non_blocking=True) for t in batch.targets]
         lr = set_lr(self.optimizer, self.base_lr, self.schedule, self.iteration)
         self.networks.train()
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -204,10 +245,7 @@ class Trainer:
         labels = self.source.labels(inputs, outs)
         losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            # iterations count from 1, as in metrics.jsonl and the progress line
-            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}; stopped: "
-                                f"{self.last_good()}")
+        self._watch_finite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.train.grad_clip > 0:
@@ -216,8 +254,31 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         stats = self._count(labels)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, **stats, "lr": lr,
+        # device values, read on the host only when a hook looks at them (read_record): no sync per step
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}, **stats, "lr": lr,
                 "num_pos": labels.num_pos}
+
+    def _watch_finite(self, loss: Tensor) -> None:
+        """Remember, on the device, the iteration and value of the first non-finite loss; ``read_record``
+        raises NonFiniteLoss for it. Checking every step on the host would wait for the device each step."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=loss.device)
+        now = torch.stack([loss.new_full((), self.iteration + 1, dtype=torch.float64), loss.double()])
+        first = self._first_bad
+        self._first_bad = torch.where(~torch.isfinite(loss) & (first[0] < 0), now, first)
+
+    def read_record(self, record: dict) -> dict:
+        """``record`` with its device values as floats, read in one host sync; NonFiniteLoss naming the first
+        iteration since the last read whose loss was not finite (the weights it stepped are never saved)."""
+        names = [k for k, v in record.items() if isinstance(v, Tensor)]
+        values = [record[k].double().reshape(()) for k in names]
+        if self._first_bad is not None:
+            values += list(self._first_bad)
+        read = torch.stack(values).tolist() if values else []
+        if self._first_bad is not None and read[-2] >= 0:
+            # iterations count from 1, as in metrics.jsonl and the progress line
+            raise NonFiniteLoss(f"loss is {read[-1]} at iteration {int(read[-2])}; stopped: {self.last_good()}")
+        return {**record, **{k: int(v) if k == "num_pos" else v for k, v in zip(names, read)}}
 
     def _count(self, labels) -> dict[str, float]:
         """Add this step's label hits and misses of every rank to ``self.counts``; the source's ratios
@@ -250,6 +311,8 @@ class Trainer:
                     hook.before_step()
                 record = self.step(batch)
                 self.iteration += 1
+                if any(hook.reads_values() for hook in self.hooks):  # the only steps that wait for the device
+                    record = self.read_record(record)
                 for hook in self.hooks:
                     hook.after_step(record)
         except KeyboardInterrupt:

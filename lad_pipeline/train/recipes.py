@@ -16,6 +16,7 @@ from ..data import CocoViews
 from ..errors import LadError
 from ..models import PAADetector, build_detector
 from ..models.anchors import AnchorLayout
+from ..teacher import resolve_precision
 from .colearning import CoLearning
 from .label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign
 from .loop import Trainer
@@ -101,6 +102,22 @@ def open_cache_for(config: Config, cache: str, dataset: CocoViews) -> LabelCache
     return LabelCache.open(cache, expect=expect)
 
 
+def check_fallback_mode(cache: LabelCache, device: torch.device, precision: str) -> None:
+    """Refuse an online fallback teacher that runs in another precision than the one that made ``cache``
+    (its misses would get other labels than its hits); warn when only the device type differs (rounding).
+    Stores written before the teacher's mode was recorded are not checked."""
+    made = cache.attrs.get("teacher_precision")
+    if made is not None and made != precision:
+        raise LadError(f"label cache {cache.path} was made by a teacher in {made} (teacher_precision) but the "
+                       f"online fallback teacher would run in {precision}: set teacher.precision = \"{made}\" "
+                       f"(a GPU is needed for tf32 and fp16), or train with --no-fallback")
+    device_type = cache.attrs.get("teacher_device")
+    if device_type is not None and device_type != device.type:
+        log.warning("label cache %s was made by a teacher on %s (teacher_device), the online fallback teacher runs "
+                    "on %s: cache misses get labels rounded differently from its hits", cache.path, device_type,
+                    device.type)
+
+
 def train_student(config: Config, out: str, *, cache: Optional[str] = None, teacher: Optional[str] = None,
                   fallback: bool = True, ann: Optional[str] = None, images: Optional[str] = None,
                   resume: bool = False) -> dict:
@@ -138,20 +155,24 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     def source(model: PAADetector, device: torch.device) -> LabelSource:
         anchors = model.anchors
 
+        precision = resolve_precision(config.teacher.precision, device, config.train.amp)
+        if label_cache is not None and teacher_file is not None and fallback:
+            check_fallback_mode(label_cache, device, precision)
+
         def teacher_model() -> PAADetector:
             assert teacher_file is not None and teacher_cfg is not None
             return teacher_file.teacher(teacher_cfg, device)
 
         def online() -> OnlineTeacher:
             return OnlineTeacher(teacher_model(), config.assign, config.loss, anchors,
-                                 config.train.teacher_batch_padding)
+                                 config.train.teacher_batch_padding, precision)
 
         if label_cache is None:
             if teacher_file is None:
                 raise LadError("train-student needs a label cache, a teacher, or both", hint="pass --cache and/or --teacher")
             if soft:
                 return SoftOnlineTeacher(teacher_model(), config.assign, config.loss, anchors, distill,
-                                         config.train.teacher_batch_padding)
+                                         config.train.teacher_batch_padding, precision)
             return online()
         misses = online if (teacher_file is not None and fallback) else None
         if soft:

@@ -19,7 +19,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 1) % 2**63
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
     """Every generator the step draws from. numpy's key is stored as a tensor so that the checkpoint stays
     loadable with ``weights_only``."""
     np_state = np.random.get_state(legacy=False)
@@ -27,16 +27,19 @@ def rng_state() -> dict:
              "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                        "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
                        "gauss": float(np_state["gauss"])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # the GPU this process trains on, not every visible one
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints hold one state per GPU that was visible
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":  # a run saved on a CPU has no CUDA state to restore
+        torch.cuda.set_rng_state(cuda, device)

@@ -51,7 +51,7 @@ class Validator:
             config = replace(self.config, model=getattr(network, "config", self.config.model))
             with torch.random.fork_rng(devices=[]):  # the training run's random stream is left alone
                 results = predict_dataset(Predictor(network, config, self.device), self.dataset, BATCH_SIZE,
-                                          progress=False)
+                                          num_workers=self.config.data.num_workers, progress=False)
             if dist.is_main():
                 metrics = evaluate_coco(self.dataset.ann_file, results)
                 prefix = "val_" if name == "model" else f"val_{name}_"
