@@ -30,7 +30,9 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 
 
 @click.command("show")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Detector checkpoint.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint.")
+@click.option("--onnx", type=click.Path(dir_okay=False), metavar="MODEL.onnx",
+              help="Detector graph of lad export (instead of --checkpoint), run by onnxruntime.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Model config (default: the one embedded in the checkpoint).")
 @click.option("--image-id", required=True, type=int, help="COCO image id to run on.")
@@ -44,8 +46,9 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
 @click.option("--zoom", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Draw on the image enlarged this many times (small images, e.g. the toy digits).")
-def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann: str, images: str, score_thr: float,
-                 device: Optional[str], network: Optional[int], out: Optional[str], zoom: int) -> None:
+def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Optional[str], image_id: int, ann: str,
+                 images: str, score_thr: float, device: Optional[str], network: Optional[int], out: Optional[str],
+                 zoom: int) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
     import torch
@@ -59,7 +62,12 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     except RuntimeError:
         raise click.BadParameter(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
                                  param_hint="--device") from None
-    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
+    if (checkpoint is None) == (onnx is None):
+        raise click.UsageError("give exactly one of --checkpoint and --onnx")
+    if onnx is not None:
+        predictor = Predictor.from_onnx(onnx)
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)

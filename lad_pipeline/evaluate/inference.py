@@ -47,12 +47,17 @@ def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 
     return [r for part in gathered for r in part]
 
 
-def run_inference(checkpoint: str, config: Optional[str] = None, ann: Optional[str] = None,
+def run_inference(checkpoint: Optional[str] = None, config: Optional[str] = None, ann: Optional[str] = None,
                   images: Optional[str] = None, batch_size: Optional[int] = None,
-                  num_workers: Optional[int] = None, network: Optional[int] = None) -> tuple[list[dict], str]:
-    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file."""
+                  num_workers: Optional[int] = None, network: Optional[int] = None,
+                  onnx: Optional[str] = None) -> tuple[list[dict], str]:
+    """``lad eval --checkpoint`` (or ``--onnx``, a graph of ``lad export``, instead of the checkpoint): the
+    detector's COCO results on the evaluation split, and its annotation file."""
     _, _, device = dist.init_from_env()
-    predictor = Predictor.from_checkpoint(checkpoint, config, device=device, network=network)
+    if onnx is not None:
+        predictor = Predictor.from_onnx(onnx)
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, config, device=device, network=network)
     dataset = eval_dataset(predictor.config, ann, images)
     dataset.check_num_classes(predictor.num_classes)
     workers = predictor.config.data.num_workers if num_workers is None else num_workers
