@@ -27,12 +27,19 @@ class DeployedDetector(nn.Module):
         all_boxes, all_scores = [], []
         for level, (cls, reg, iou) in enumerate(zip(cls_levels, reg_levels, iou_levels)):
             batch, num_classes = cls.shape[0], cls.shape[1]
-            cls_p = cls.float().permute(0, 2, 3, 1).reshape(batch, -1, num_classes).sigmoid()
-            iou_p = iou.float().permute(0, 2, 3, 1).reshape(batch, -1, 1).sigmoid()
+            cls_p = _sigmoid(cls.float().permute(0, 2, 3, 1).reshape(batch, -1, num_classes))
+            iou_p = _sigmoid(iou.float().permute(0, 2, 3, 1).reshape(batch, -1, 1))
             deltas = reg.float().permute(0, 2, 3, 1).reshape(batch, -1, 4)
             all_scores.append((cls_p * iou_p).sqrt())
             all_boxes.append(decode(level_anchors(self.anchors, level, cls)[None], deltas))
         return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1)
+
+
+def _sigmoid(x: Tensor) -> Tensor:
+    """``x.sigmoid()`` as ``1 / (1 + exp(-x))``: onnxruntime's Sigmoid kernel (1.32, CPU) approximates to an
+    absolute error of about 1e-7, which is a relative error past 1e-3 below a logit of -10 and past 100 % below
+    -15, where the scores of most anchors lie; Exp and Reciprocal keep the relative error near 1e-7."""
+    return torch.reciprocal(1 + torch.exp(-x))
 
 
 def level_anchors(layout: AnchorLayout, level: int, feature: Tensor) -> Tensor:
