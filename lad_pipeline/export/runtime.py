@@ -32,10 +32,11 @@ class OnnxDetector:
 
     ``config`` is the one recorded in the graph (model, normalisation, input scale, test settings) and
     ``anchors`` its anchor layout. ``providers``: onnxruntime execution providers (default: CUDA when this
-    onnxruntime has it, else CPU).
+    onnxruntime has it, else CPU); ``threads``: onnxruntime's intra-op threads (default: its own choice).
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, path: str | os.PathLike, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None) -> None:
         ort = require("onnxruntime", "running an ONNX model")
         self.path = str(path)
         if not Path(path).is_file():
@@ -45,6 +46,8 @@ class OnnxDetector:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: a foreign graph's warnings are not ours to print
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(self.path, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own classes, each derived from Exception only
