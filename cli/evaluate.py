@@ -33,6 +33,8 @@ def eval_command(checkpoint: str | None, config_path: str | None, onnx: str | No
     """COCO bbox AP of a checkpoint (--checkpoint), an exported graph (--onnx) or a results file (--detections)."""
     if sum(x is not None for x in (checkpoint, onnx, detections)) != 1:
         raise click.UsageError("give exactly one of --checkpoint, --onnx and --detections")
+    if onnx is not None and (config_path is not None or network is not None):
+        raise click.UsageError("--config and --network go with --checkpoint; a graph records its own config")
     if out is not None:  # before the work, not after it
         _check_writable(Path(out))
     if detections is not None:

@@ -64,6 +64,8 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
                                  param_hint="--device") from None
     if (checkpoint is None) == (onnx is None):
         raise click.UsageError("give exactly one of --checkpoint and --onnx")
+    if onnx is not None and (config_path is not None or network is not None):
+        raise click.UsageError("--config and --network go with --checkpoint; a graph records its own config")
     if onnx is not None:
         predictor = Predictor.from_onnx(onnx)
     else:

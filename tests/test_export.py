@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) 
 from lad_pipeline.checkpoint import load_detector, save_checkpoint  # noqa: E402
 from lad_pipeline.config import load_config  # noqa: E402
 from lad_pipeline.data import read_image  # noqa: E402
+from lad_pipeline.errors import LadError  # noqa: E402
 from lad_pipeline.evaluate.predictor import Predictor  # noqa: E402
 from lad_pipeline.export import DeployedDetector, OnnxDetector, export_onnx  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
@@ -265,6 +266,18 @@ def test_bad_onnx_files_one_line_each(world, trained, tmp_path):
     onnx.save(other, str(tmp_path / "other_with_meta.onnx"))
     assert_one_line_error(lad("show", "--onnx", tmp_path / "other_with_meta.onnx", "--image-id", "1", *val),
                           "not the lad detector its metadata describes", "inputs x [1,10]")
+
+    # a graph whose recorded anchor layout is not the one it decodes on: found at the first batch
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    model = {**json.loads(meta["model"]), "strides": [8, 16, 32, 64]}
+    meta.update(model=json.dumps(model), anchor_layout=json.dumps({"strides": [8, 16, 32, 64],
+                                                                     "octave_base_scale": model["octave_base_scale"]}))
+    del proto.metadata_props[:]
+    helper.set_model_props(proto, meta)
+    onnx.save(proto, str(tmp_path / "four_levels.onnx"))
+    with pytest.raises(LadError, match="gives 341 anchors for a 128x128 input but the anchor layout it records has 340"):
+        Predictor.from_onnx(tmp_path / "four_levels.onnx").predict([torch.zeros(3, 128, 128, dtype=torch.uint8)])
 
     # a graph of 5 classes against annotations of 10
     export_onnx(save_teacher(tmp_path / "five.pth", 0, "model.num_classes=5"), tmp_path / "five.onnx")

@@ -70,6 +70,12 @@ class OnnxDetector:
         """``boxes [B, A, 4]`` and ``scores [B, A, C]`` (CPU float32) of ``images [B, 3, H, W]``."""
         array = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
         boxes, scores = self.session.run(list(OUTPUTS), {INPUT: array})
+        pad = (int(images.shape[-2]), int(images.shape[-1]))
+        expected = self.anchors.num_anchors(self.anchors.feature_sizes(pad))
+        if boxes.shape[1] != expected:
+            raise LadError(f"ONNX model {self.path} gives {boxes.shape[1]} anchors for a {pad[0]}x{pad[1]} input but "
+                           f"the anchor layout it records has {expected}: its metadata is not its own; export it "
+                           "again with lad export")
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
     def _check_signature(self) -> None:
