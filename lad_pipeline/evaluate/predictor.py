@@ -22,8 +22,8 @@ from ..checkpoint import load_detector
 from ..config import Config
 from ..data import keep_ratio_size, normalize_and_pad
 from ..data.transforms import resize_image
-from ..models import PAADetector
 from ..export.runtime import OnnxDetector
+from ..models import PAADetector
 from ..postprocess import postprocess, postprocess_decoded
 from ..types import Detections
 

@@ -8,6 +8,7 @@ that fails at input sizes other than the example's.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import checkpoint_format, file_sha256, load_detector, networks_in
+from ..checkpoint import Checkpoint
 from ..errors import LadError
+from ..runtime.atomic import atomic_write
 from .graph import DeployedDetector
 from .metadata import INPUT, OUTPUTS, build_metadata
 from .runtime import OnnxDetector, require
@@ -46,32 +48,31 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, networ
     """Write the detector of ``checkpoint`` (ours or mmdetection's with ``config_path``) as an ONNX graph at ``out``.
 
     A CoLAD checkpoint holds two detectors: ``network`` (1 or 2) says which. Non-finite weights are refused.
-    The graph is written aside, checked by onnx and against PyTorch under onnxruntime, then moved into place.
+    The graph is checked by onnx and run by onnxruntime against PyTorch before it is written (atomically).
     """
     onnx = require("onnx", "lad export")
     require("onnxruntime", "lad export")
-    model, config, contents = load_detector(checkpoint, config_path, network=network, device="cpu")
-    if network is None and len(networks_in(contents)) == 2:
-        raise LadError(f"checkpoint {checkpoint} is a CoLAD run holding two detectors: pass --network 1 or 2 "
-                       f"(its colad.inference_network is {config.colad.inference_network})")
+    ckpt = Checkpoint.read(checkpoint)
+    if network is None and len(ckpt.networks) == 2:
+        raise LadError(f"checkpoint {checkpoint} is a CoLAD run holding two detectors", hint="pass --network 1 or 2")
+    model, config = ckpt.resolve(config_path, network=network, device="cpu")
     deployed = DeployedDetector(model).eval()  # eval() here too: the exporter restores the wrapper's mode after
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        _trace(deployed, partial)
-        proto = onnx.load(str(partial))
+    with tempfile.TemporaryDirectory(prefix="lad-export-") as scratch:
+        traced = Path(scratch) / "graph.onnx"
+        _trace(deployed, traced)
+        proto = onnx.load(str(traced))
         _name_class_dim(proto, config.model.num_classes)
-        source = {"checkpoint": Path(checkpoint).name, "sha256": file_sha256(checkpoint),
-                  "format": checkpoint_format(contents), "network": network or 1}
+        source = {"checkpoint": Path(checkpoint).name, "sha256": ckpt.sha256, "format": ckpt.format,
+                  "network": network or 1}
         onnx.helper.set_model_props(proto, build_metadata(config, source))
         proto.doc_string = f"PAA detector ({config.model.backbone}, {config.model.num_classes} classes) exported by lad"
         onnx.checker.check_model(proto)
-        onnx.save(proto, str(partial))
-        box_error, score_error = _check_against_torch(deployed, partial)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+        data = proto.SerializeToString()
+        traced.write_bytes(data)
+        box_error, score_error = _check_against_torch(deployed, traced)
+    with atomic_write(out, "wb", what="ONNX model") as f:
+        f.write(data)
+    out = Path(out)
     return ExportReport(out, out.stat().st_size, config.model.backbone, config.model.num_classes, network,
                         box_error, score_error)
 
@@ -107,7 +108,7 @@ def _check_against_torch(deployed: DeployedDetector, path: Path) -> tuple[float,
           and torch.allclose(ort_scores, scores, rtol=SCORE_RTOL, atol=SCORE_ATOL))
     if not ok:
         raise LadError(f"the exported graph disagrees with PyTorch (boxes up to {box_error:.2e} px, scores up to "
-                       f"{score_error:.2e} relative): it was not written; please report this with the checkpoint")
+                       f"{score_error:.2e} relative), so it was not written", hint="please report this with the checkpoint")
     return box_error, score_error
 
 

@@ -47,31 +47,31 @@ def config_from_metadata(meta: Mapping[str, str], path: str) -> Config:
     """
     if meta.get("lad_format") != FORMAT:
         raise LadError(f"ONNX model {path} was not exported by lad (its metadata has no lad_format "
-                       f"{FORMAT!r}); export a detector with lad export")
+                       f"{FORMAT!r})", hint="export a detector with lad export")
     try:
         version = int(meta.get("lad_format_version", ""))
     except ValueError:
         version = -1
     if version != FORMAT_VERSION:
         raise LadError(f"ONNX model {path} has lad graph format version {meta.get('lad_format_version')!r}, "
-                       f"this lad {__version__} reads version {FORMAT_VERSION}; export it again with this lad")
+                       f"this lad {__version__} reads version {FORMAT_VERSION}", hint="export it again with this lad")
     if meta.get("outputs") != ",".join(OUTPUTS):
         raise LadError(f"ONNX model {path} outputs {meta.get('outputs')!r}, lad post-processes "
-                       f"{','.join(OUTPUTS)!r}; export it again with lad export")
+                       f"{','.join(OUTPUTS)!r}", hint="export it again with lad export")
     try:
         sections = {"model": json.loads(meta["model"]), "test": json.loads(meta["test"]),
                     "data": json.loads(meta["normalization"])}
         anchors = json.loads(meta["anchor_layout"])
         num_classes = int(meta["num_classes"])
     except (KeyError, ValueError, TypeError) as exc:
-        raise LadError(f"ONNX model {path} has unreadable lad metadata ({type(exc).__name__}: {exc}); "
-                       "export it again with lad export") from None
+        raise LadError(f"ONNX model {path} has unreadable lad metadata ({type(exc).__name__}: {exc})",
+                       hint="export it again with lad export") from None
     if not all(isinstance(v, dict) for v in sections.values()) or not isinstance(anchors, dict):
-        raise LadError(f"ONNX model {path} has malformed lad metadata; export it again with lad export")
+        raise LadError(f"ONNX model {path} has malformed lad metadata", hint="export it again with lad export")
     try:
         config = config_from_dict(sections)
     except LadError as exc:
-        raise LadError(f"ONNX model {path}, its lad metadata: {exc}") from None
+        raise LadError(f"ONNX model {path}, its lad metadata: {exc}", hint="export it again with lad export") from None
     recorded = {"num_classes": num_classes, "strides": anchors.get("strides"),
                 "octave_base_scale": anchors.get("octave_base_scale")}
     model = config.model
@@ -79,5 +79,5 @@ def config_from_metadata(meta: Mapping[str, str], path: str) -> Config:
     differ = [f"{k} {recorded[k]} vs {actual[k]}" for k in recorded if recorded[k] != actual[k]]
     if differ:
         raise LadError(f"ONNX model {path} has inconsistent lad metadata ({'; '.join(differ)} in its model "
-                       "config); export it again with lad export")
+                       "config)", hint="export it again with lad export")
     return config

@@ -24,7 +24,7 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise LadError(f"{purpose} needs the {module} package, which is not installed; {EXTRA_HINT}") from None
+        raise LadError(f"{purpose} needs the {module} package, which is not installed", hint=EXTRA_HINT) from None
 
 
 class OnnxDetector:
@@ -52,12 +52,11 @@ class OnnxDetector:
             self.session = ort.InferenceSession(self.path, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own classes, each derived from Exception only
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LadError(f"ONNX model {path} cannot be loaded ({reason}); is it complete? export it again "
-                           "with lad export") from None
+            raise LadError(f"ONNX model {path} cannot be loaded ({reason}): is it complete?", hint="export it again with lad export") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("lad_format") is None:
-            raise LadError(f"ONNX model {path} is not a lad detector ({self._signature()}, no lad metadata); "
-                           "export one with lad export")
+            raise LadError(f"ONNX model {path} is not a lad detector ({self._signature()}, no lad metadata)",
+                           hint="export one with lad export")
         self.config: Config = config_from_metadata(meta, self.path)
         self.anchors = AnchorLayout.from_config(self.config.model)
         self._check_signature()
@@ -74,8 +73,7 @@ class OnnxDetector:
         expected = self.anchors.num_anchors(self.anchors.feature_sizes(pad))
         if boxes.shape[1] != expected:
             raise LadError(f"ONNX model {self.path} gives {boxes.shape[1]} anchors for a {pad[0]}x{pad[1]} input but "
-                           f"the anchor layout it records has {expected}: its metadata is not its own; export it "
-                           "again with lad export")
+                           f"the anchor layout it records has {expected}: its metadata is not its own", hint="export it again with lad export")
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
     def _check_signature(self) -> None:
@@ -90,7 +88,7 @@ class OnnxDetector:
             want = (f"input {INPUT} {_shape(expected[INPUT])}; outputs "
                     + ", ".join(f"{n} {_shape(expected[n])}" for n in OUTPUTS) + " (float32)")
             raise LadError(f"ONNX model {self.path} is not the lad detector its metadata describes: it has "
-                           f"{self._signature()}, a lad graph has {want}; export it again with lad export")
+                           f"{self._signature()}, a lad graph has {want}", hint="export it again with lad export")
 
     def _signature(self) -> str:
         """``inputs images [batch,3,height,width]; outputs ...`` of the loaded graph, for messages."""
