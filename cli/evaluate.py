@@ -1,4 +1,4 @@
-"""``lad eval``: COCO box metrics of a checkpoint or of a results JSON file."""
+"""``lad eval``: COCO box metrics of a checkpoint, an exported ONNX graph or a results JSON file."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,8 @@ from .options import device_option
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint to run on the images.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Model config (with --checkpoint).")
+@click.option("--onnx", type=click.Path(dir_okay=False), metavar="MODEL.onnx",
+              help="Detector graph of lad export, run by onnxruntime, to run on the images.")
 @click.option("--detections", type=click.Path(dir_okay=False), metavar="RESULTS.json",
               help="COCO results file (list of image_id, category_id, bbox, score) to evaluate.")
 @click.option("--ann", type=click.Path(dir_okay=False), help="COCO annotation file (ground truth).")
@@ -28,12 +30,14 @@ from .options import device_option
 @click.option("--out", type=click.Path(dir_okay=False), metavar="metrics.json",
               help="Write the metrics as JSON here (default: print only).")
 @device_option
-def eval_command(checkpoint: str | None, config_path: str | None, detections: str | None, ann: str | None,
-                 images: str | None, batch_size: int | None, num_workers: int | None, network: int | None,
-                 out: str | None, device: str | None) -> None:
-    """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
-    if (checkpoint is None) == (detections is None):
-        raise click.UsageError("give exactly one of --checkpoint and --detections")
+def eval_command(checkpoint: str | None, config_path: str | None, onnx: str | None, detections: str | None,
+                 ann: str | None, images: str | None, batch_size: int | None, num_workers: int | None,
+                 network: int | None, out: str | None, device: str | None) -> None:
+    """COCO bbox AP of a checkpoint (--checkpoint), an exported graph (--onnx) or a results file (--detections)."""
+    if sum(x is not None for x in (checkpoint, onnx, detections)) != 1:
+        raise click.UsageError("give exactly one of --checkpoint, --onnx and --detections")
+    if onnx is not None and (config_path is not None or network is not None):
+        raise click.UsageError("--config and --network go with --checkpoint; a graph records its own config")
     if out is not None:  # before the work, not after it
         _check_writable(Path(out))
     if detections is not None:
@@ -41,7 +45,8 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
             raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
         results: Any = detections
     else:
-        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network, device)
+        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network, onnx,
+                                  device)
         from lad_pipeline.runtime import distributed
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
@@ -52,22 +57,23 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
     if out is not None:
         record = {k: v for k, v in metrics.items() if k != "summary"}
         record["ann_file"] = str(ann)
-        record["source"] = str(detections or checkpoint)
+        record["source"] = str(detections or checkpoint or onnx)
         if network is not None:
             record["network"] = network
         _write_json_atomic(Path(out), record)
         click.echo(f"metrics written to {out}")
 
 
-def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
+def _inference(checkpoint: str | None, config_path: str | None, ann: str | None, images: str | None,
                batch_size: int | None, num_workers: int | None, network: int | None,
-               device: str | None) -> tuple[list[dict], str]:
-    """COCO results of the checkpoint and the annotation file they refer to."""
+               onnx: str | None, device: str | None) -> tuple[list[dict], str]:
+    """COCO results of the checkpoint (or ONNX graph) and the annotation file they refer to."""
     # imported here: evaluating a results file needs neither the model nor the data pipeline
     from lad_pipeline.evaluate.inference import run_inference
 
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
-                         batch_size=batch_size, num_workers=num_workers, network=network, device=device)
+                         batch_size=batch_size, num_workers=num_workers, network=network, onnx=onnx,
+                         device=device)
 
 
 def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> str:

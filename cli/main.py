@@ -17,6 +17,7 @@ from .cache import cache_info_command, cache_labels_command
 from .checkpoint import checkpoint_info_command, export_network_command
 from .data import make_toy_data_command
 from .evaluate import eval_command
+from .export import export_command
 from .plot import plot_command
 from .show import show_command, show_labels_command
 from .train import train_colad_command, train_student_command, train_teacher_command
@@ -113,6 +114,7 @@ main.add_command(cache_info_command)
 main.add_command(cache_labels_command)
 main.add_command(checkpoint_info_command)
 main.add_command(eval_command)
+main.add_command(export_command)
 main.add_command(export_network_command)
 main.add_command(make_toy_data_command)
 main.add_command(plot_command)

@@ -32,7 +32,9 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 
 
 @click.command("show")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Detector checkpoint.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint.")
+@click.option("--onnx", type=click.Path(dir_okay=False), metavar="MODEL.onnx",
+              help="Detector graph of lad export (instead of --checkpoint), run by onnxruntime.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Model config (default: the one embedded in the checkpoint).")
 @click.option("--image-id", required=True, type=int, help="COCO image id to run on.")
@@ -46,8 +48,9 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
 @click.option("--zoom", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Draw on the image enlarged this many times (small images, e.g. the toy digits).")
-def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann: str, images: str, score_thr: float,
-                 device: Optional[str], network: Optional[int], out: Optional[str], zoom: int) -> None:
+def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Optional[str], image_id: int, ann: str,
+                 images: str, score_thr: float, device: Optional[str], network: Optional[int], out: Optional[str],
+                 zoom: int) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
     from lad_pipeline.data import CocoViews, read_image
@@ -55,7 +58,15 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     from lad_pipeline.runtime.distributed import resolve_device
     from lad_pipeline.visualize import draw_detections, write_png
 
-    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=resolve_device(device), network=network)
+    dev = resolve_device(device)
+    if (checkpoint is None) == (onnx is None):
+        raise click.UsageError("give exactly one of --checkpoint and --onnx")
+    if onnx is not None and (config_path is not None or network is not None):
+        raise click.UsageError("--config and --network go with --checkpoint; a graph records its own config")
+    if onnx is not None:
+        predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if dev.type == "cpu" else None)
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)

@@ -3,6 +3,10 @@
 Follows mmdetection 3.3.0 ``PAAHead._predict_by_feat_single`` / ``_bbox_post_process`` /
 ``score_voting``; the score of an (anchor, class) pair is ``sqrt(sigmoid(cls) * sigmoid(iou))``.
 Score voting is vectorised over detections (mmdetection loops over classes and boxes in Python).
+
+Two entries share everything after the decoding: ``postprocess`` takes the head's outputs (and decodes only the
+per-level top-k anchors), ``postprocess_decoded`` takes boxes and scores already decoded for every anchor, as an
+exported ONNX graph gives them (``lad_pipeline.export``).
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import nms
+from torchvision.ops import clip_boxes_to_image, nms
 
 from .boxes import box_iou, decode
 from .config import TestConfig
@@ -57,11 +61,46 @@ def postprocess(
             [c[i] for c in cls_levels], [r[i] for r in reg_levels], [u[i] for u in iou_levels],
             priors, img_shapes[i], config.nms_pre,
         )
-        if scale_factors is not None:
-            w, h = scale_factors[i]
-            boxes = boxes / boxes.new_tensor([w, h, w, h])
-        results.append(_nms_and_vote(boxes, scores, config.score_thr, config.nms_iou, config.max_per_img,
-                                     config.score_voting))
+        results.append(_detections(boxes, scores, None if scale_factors is None else scale_factors[i], config))
+    return results
+
+
+def postprocess_decoded(
+    boxes: Tensor,
+    scores: Tensor,
+    pad_shape: tuple[int, int],
+    img_shapes: Sequence[tuple[int, int]],
+    scale_factors: Optional[Sequence[tuple[float, float]]] = None,
+    *,
+    anchors: AnchorLayout = AnchorLayout(),
+    config: Optional[TestConfig] = None,
+) -> list[Detections]:
+    """``postprocess`` of boxes ``[B, A, 4]`` already decoded (not clipped) and pair scores ``[B, A, C]`` of
+    every anchor of a batch padded to ``pad_shape`` (H, W), in the anchor order of ``anchors``.
+
+    The per-level top-k, clipping, rescaling, NMS and score voting are ``postprocess``'s.
+    """
+    config = config or TestConfig()
+    num_images = boxes.shape[0]
+    if len(img_shapes) != num_images:
+        raise ValueError(f"{len(img_shapes)} img_shapes for a batch of {num_images} images")
+    if scale_factors is not None and len(scale_factors) != num_images:
+        raise ValueError(f"{len(scale_factors)} scale_factors for a batch of {num_images} images")
+    counts = [h * w for h, w in anchors.feature_sizes(pad_shape)]
+    if boxes.shape[1] != sum(counts) or scores.shape[1] != sum(counts):
+        raise ValueError(f"{boxes.shape[1]} boxes and {scores.shape[1]} scores per image, but the anchor layout "
+                         f"has {sum(counts)} anchors for an input padded to {pad_shape[0]}x{pad_shape[1]}")
+    results = []
+    for i in range(num_images):
+        level_boxes, level_scores = [], []
+        for boxes_l, scores_l in zip(boxes[i].float().split(counts), scores[i].float().split(counts)):
+            top = _level_top(scores_l, config.nms_pre)
+            if top is not None:
+                boxes_l, scores_l = boxes_l[top], scores_l[top]
+            level_boxes.append(clip_boxes_to_image(boxes_l, img_shapes[i]))
+            level_scores.append(scores_l)
+        results.append(_detections(torch.cat(level_boxes), torch.cat(level_scores),
+                                   None if scale_factors is None else scale_factors[i], config))
     return results
 
 
@@ -78,12 +117,28 @@ def _image_candidates(
         iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
         deltas = reg_l.float().permute(1, 2, 0).reshape(-1, 4)
         scores = (cls_p * iou_p[:, None]).sqrt()
-        if 0 < nms_pre < scores.shape[0]:
-            top = scores.max(dim=1).values.topk(nms_pre).indices
+        top = _level_top(scores, nms_pre)
+        if top is not None:
             scores, deltas, anchors_l = scores[top], deltas[top], anchors_l[top]
         all_boxes.append(decode(anchors_l, deltas, max_shape=img_shape))
         all_scores.append(scores)
     return torch.cat(all_boxes), torch.cat(all_scores)
+
+
+def _level_top(scores: Tensor, nms_pre: int) -> Optional[Tensor]:
+    """Indices of one level's ``nms_pre`` anchors of highest best-class score, or None to keep all of them."""
+    if 0 < nms_pre < scores.shape[0]:
+        return scores.max(dim=1).values.topk(nms_pre).indices
+    return None
+
+
+def _detections(boxes: Tensor, scores: Tensor, scale_factor: Optional[tuple[float, float]],
+                config: TestConfig) -> Detections:
+    """One image's candidates (boxes in view pixels) to detections, in original pixels if ``scale_factor``."""
+    if scale_factor is not None:
+        w, h = scale_factor
+        boxes = boxes / boxes.new_tensor([w, h, w, h])
+    return _nms_and_vote(boxes, scores, config.score_thr, config.nms_iou, config.max_per_img, config.score_voting)
 
 
 def _nms_and_vote(

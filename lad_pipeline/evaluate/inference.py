@@ -47,16 +47,20 @@ def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 
     return [r for part in gathered for r in part]
 
 
-def run_inference(checkpoint: str, config: Optional[str] = None, ann: Optional[str] = None,
+def run_inference(checkpoint: Optional[str] = None, config: Optional[str] = None, ann: Optional[str] = None,
                   images: Optional[str] = None, batch_size: Optional[int] = None,
                   num_workers: Optional[int] = None, network: Optional[int] = None,
-                  device: Optional[str] = None) -> tuple[list[dict], str]:
-    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file.
+                  onnx: Optional[str] = None, device: Optional[str] = None) -> tuple[list[dict], str]:
+    """``lad eval --checkpoint`` (or ``--onnx``, a graph of ``lad export``, instead of the checkpoint): the
+    detector's COCO results on the evaluation split, and its annotation file.
 
     ``device``: as ``init_from_env`` takes it (default: CUDA when PyTorch sees a GPU, not the device the
-    checkpoint was trained on)."""
+    checkpoint was trained on); a graph runs in onnxruntime's CPU provider when the device is the CPU."""
     _, _, chosen = dist.init_from_env(device)
-    predictor = Predictor.from_checkpoint(checkpoint, config, device=chosen, network=network)
+    if onnx is not None:
+        predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if chosen.type == "cpu" else None)
+    else:
+        predictor = Predictor.from_checkpoint(checkpoint, config, device=chosen, network=network)
     dataset = eval_dataset(predictor.config, ann, images)
     dataset.check_num_classes(predictor.num_classes)
     workers = predictor.config.data.num_workers if num_workers is None else num_workers

@@ -5,6 +5,9 @@
 
     predictor = Predictor.from_checkpoint("runs/student/checkpoints/final.pth")
     dets = predictor.predict([read_image(path)])[0]      # Detections in the image's own pixels
+
+The detector is a PyTorch model or a graph written by ``lad export`` (``Predictor.from_onnx``), run by
+onnxruntime; both feed the same post-processing.
 """
 from __future__ import annotations
 
@@ -19,17 +22,26 @@ from ..checkpoint import load_detector
 from ..config import Config
 from ..data import keep_ratio_size, normalize_and_pad
 from ..data.transforms import resize_image
+from ..export.runtime import OnnxDetector
 from ..models import PAADetector
-from ..postprocess import postprocess
+from ..postprocess import postprocess, postprocess_decoded
 from ..types import Detections
 
 
 class Predictor:
-    """``model`` (a PAA detector) with the ``config`` it was trained under, on ``device``."""
+    """``model`` (a PAA detector, or an exported graph) with the ``config`` it was trained under, on ``device``.
 
-    def __init__(self, model: PAADetector, config: Config, device: torch.device | str | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
+    An exported graph runs where its onnxruntime providers say; its inputs and the post-processing stay on the CPU.
+    """
+
+    def __init__(self, model: PAADetector | OnnxDetector, config: Config,
+                 device: torch.device | str | None = None) -> None:
+        if isinstance(model, OnnxDetector):
+            self.device = torch.device("cpu")
+            self.model: PAADetector | OnnxDetector = model
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.model = model.eval().to(self.device)
         self.config = config
 
     @classmethod
@@ -40,6 +52,13 @@ class Predictor:
         one of a CoLAD checkpoint's two detectors (default: its ``colad.inference_network``)."""
         model, config, _ = load_detector(checkpoint, config_path, tuple(overrides), network=network)
         return cls(model, config, device)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, providers: Optional[Sequence[str]] = None) -> "Predictor":
+        """A graph of ``lad export``; its config (classes, anchors, normalisation, scale, test settings) is the
+        one recorded in it. ``providers``: onnxruntime's (default: CUDA when available, else CPU)."""
+        graph = OnnxDetector(path, providers)
+        return cls(graph, graph.config)
 
     @property
     def num_classes(self) -> int:
@@ -53,10 +72,15 @@ class Predictor:
         to original pixels. ``score_thr`` replaces ``test.score_thr`` (e.g. lower, to draw weaker boxes)."""
         data, test = self.config.data, self.config.test
         inputs, _ = normalize_and_pad(images, data.mean, data.std, data.size_divisor, self.device)
-        outs = self.model(inputs)
         if score_thr is not None:
             test = replace(test, score_thr=score_thr)
-        dets = postprocess(outs, view_sizes, scale_factors, anchors=self.model.anchors, config=test)
+        if isinstance(self.model, OnnxDetector):
+            boxes, scores = self.model(inputs)
+            pad_shape = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+            dets = postprocess_decoded(boxes, scores, pad_shape, view_sizes, scale_factors, anchors=self.model.anchors,
+                                       config=test)
+        else:
+            dets = postprocess(self.model(inputs), view_sizes, scale_factors, anchors=self.model.anchors, config=test)
         return [Detections(*(t.cpu() for t in d)) for d in dets]
 
     def predict(self, images: Sequence[Tensor], score_thr: Optional[float] = None) -> list[Detections]:
