@@ -99,9 +99,12 @@ def step_bench_data(args: argparse.Namespace, prefix: str) -> tuple[Path, tuple[
 
 def cached_step_batches(config, store: Path, ann: Path, images: Path, args: argparse.Namespace):
     """The config's training dataset, its label cache at ``store`` (decoded up front) and the first
-    ``warmup + iters`` full batches of epoch 0, preloaded so that no timing includes data loading. Returns
-    (dataset, cache, batches, the distinct view sizes (h, w) of those batches)."""
+    ``warmup + iters`` full batches of epoch 0, preloaded so that no timing includes data loading. As in
+    training, each batch carries its cached labels looked up where it was collated (``BatchLookup``: the
+    DataLoader workers); a source that does not read the cache ignores them. Returns (dataset, cache, batches,
+    the distinct view sizes (h, w) of those batches)."""
     from lad_pipeline.data import CocoViews, make_loader
+    from lad_pipeline.train.label_sources import BatchLookup
     from lad_pipeline.train.recipes import open_cache_for
 
     dataset = CocoViews(ann, images, scales=config.data.scales, flip_prob=config.data.flip_prob,
@@ -109,7 +112,8 @@ def cached_step_batches(config, store: Path, ann: Path, images: Path, args: argp
     cache = open_cache_for(config, str(store), dataset)
     cache.load_all()
     n_batches = args.warmup + args.iters
-    batches = list(make_loader(dataset, dataset.train_keys(0)[:n_batches * args.batch], args.batch, 0))
+    batches = list(make_loader(dataset, dataset.train_keys(0)[:n_batches * args.batch], args.batch, 0,
+                               prepare=BatchLookup(cache)))
     batches = [b for b in batches if len(b) == args.batch][:n_batches]
     return dataset, cache, batches, sorted({(v[0], v[1]) for b in batches for v in b.view_sizes})
 

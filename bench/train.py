@@ -2,7 +2,9 @@
 
     python bench/train.py [--scale 320] [--batch 2] [--iters 20] [--warmup 2] [--images 14] [--data toy]
 
-(a) cached LAD: ``CachedLabels`` over a label cache written first by ``cache-labels`` for every timed view;
+(a) cached LAD: ``CachedLabels`` over a label cache written first by ``cache-labels`` for every timed view; as
+    in training, each batch's labels were looked up and decoded where it was collated (the DataLoader workers),
+    so the step uploads them; that lookup is timed apart (``lookup in the workers``);
 (b) online LAD: ``OnlineTeacher``, the R-101 teacher runs on every view of every step (mmdetection's LAD);
 (c) plain PAA: ``SelfAssign``, the student assigns its own labels (PAA score + GMM on its own outputs);
 (d) the floor: the same step with the assignment already in memory (a label source that costs nothing).
@@ -36,7 +38,8 @@ from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.data import normalize_and_pad  # noqa: E402
 from lad_pipeline.cache_labels import cache_labels  # noqa: E402
-from lad_pipeline.train.label_sources import CachedLabels, LabelSource, OnlineTeacher, SelfAssign, StepInputs  # noqa: E402
+from lad_pipeline.train.label_sources import (BatchLookup, CachedLabels, LabelSource, OnlineTeacher,  # noqa: E402
+                                             SelfAssign, StepInputs)
 from lad_pipeline.teacher import load_teacher  # noqa: E402
 from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
@@ -56,6 +59,12 @@ class Precomputed(LabelSource):
 
     def labels(self, batch, outs):
         return self.table[tuple(batch.keys)]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def configs(args, num_classes: int) -> tuple[Config, Config]:
@@ -97,6 +106,8 @@ def main() -> None:
         inputs = StepInputs(images, pad_shapes, [t.to(device) for t in b.targets], list(b.keys))
         table[tuple(b.keys)] = CachedLabels(cache, student_cfg.loss, anchors).labels(inputs, shapes)
     teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
+    lookup = BatchLookup(cache)
+    lookup_s = statistics.median(_timed(lambda: lookup(b)) for b in batches)
 
     sources = {
         "a": lambda model, _: CachedLabels(cache, student_cfg.loss, model.anchors),
@@ -122,6 +133,7 @@ def main() -> None:
           f"(views {', '.join(f'{w}x{h}' for h, w in pads)}), batch {args.batch}; PAA R-50 student, "
           f"PAA R-101 teacher; median of {args.iters} iterations after {args.warmup} warm-up")
     print(f"cache-labels: {cached_views} views in {cache_s:.1f} s ({cache_s / cached_views:.3f} s/view, R-101)")
+    print(f"lookup in the workers: {lookup_s * 1e3:.1f} ms per batch of {args.batch} (outside the step)")
     print(f"{'mode':<16}{'label source':<32}{'s/iter':>9}{'views/s':>9}{'vs floor':>10}")
     for mode, name, what in MODES:
         r = results[mode]
@@ -132,7 +144,8 @@ def main() -> None:
     write_result("train", {
         "machine": machine(), "data": data_name, "scale": [args.scale, args.scale], "batch": args.batch,
         "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": "PAA R-101",
-        "cache_labels_s_per_view": cache_s / cached_views, "modes": results, "ratios": ratios,
+        "cache_labels_s_per_view": cache_s / cached_views, "worker_lookup_s_per_batch": lookup_s,
+        "modes": results, "ratios": ratios,
         "headline": {"cached_over_online": ratios["cached_over_online"]["median"]},
     })
     print(f"cached_over_floor = {ratios['cached_over_floor']['median']:.3f}")

@@ -9,12 +9,13 @@ worker's traceback into the message.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing import resource_sharer
 from types import TracebackType
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -33,7 +34,9 @@ STD = (58.395, 57.12, 57.375)
 class Batch:
     """Views of one batch: uint8 ``[3, h, w]`` images of different sizes, their targets, keys and geometry.
 
-    ``skipped`` counts views dropped because their image was unusable (``skip_bad_images``).
+    ``skipped`` counts views dropped because their image was unusable (``skip_bad_images``). ``prepared``: what
+    the loader's ``prepare`` made of the batch where it was collated (a DataLoader worker), e.g. the batch's
+    cached labels already looked up and decoded; the data layer only carries it.
     """
 
     images: list[Tensor]
@@ -44,6 +47,7 @@ class Batch:
     scale_factors: list[tuple[float, float]] = field(default_factory=list)
     flips: list[bool] = field(default_factory=list)
     skipped: int = 0
+    prepared: object = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -55,6 +59,9 @@ class Batch:
 
         self.images = [pin(i) for i in self.images]
         self.targets = [Targets(pin(t.boxes), pin(t.labels), pin(t.ignore)) for t in self.targets]
+        pin_prepared = getattr(self.prepared, "pin_memory", None)
+        if pin_prepared is not None:
+            self.prepared = pin_prepared()
         return self
 
 
@@ -71,13 +78,13 @@ class LoadFailure:
     """A LadError raised while loading a view, carried as a value out of a DataLoader worker."""
 
     def __init__(self, error: LadError) -> None:
-        self.kind, self.message = type(error), str(error)
+        self.kind, self.message, self.hint = type(error), error.message, error.hint
 
     def error(self) -> LadError:
         try:
-            return self.kind(self.message)
-        except Exception:  # a subclass with another constructor: the message is what matters
-            return LadError(self.message)
+            return self.kind(self.message, self.hint)
+        except Exception:  # a subclass with another constructor: the message and hint are what matter
+            return LadError(self.message, self.hint)
 
 
 class _ReportingDataset(Dataset):
@@ -96,9 +103,18 @@ class _ReportingDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def _collate(items: Sequence[Union[View, LoadFailure, None]]) -> Union[Batch, LoadFailure]:
+def _collate(items: Sequence[Union[View, LoadFailure, None]],
+             prepare: Optional[Callable[[Batch], object]] = None) -> Union[Batch, LoadFailure]:
     failure = next((item for item in items if isinstance(item, LoadFailure)), None)
-    return failure if failure is not None else collate_views(items)  # type: ignore[arg-type]
+    if failure is not None:
+        return failure
+    batch = collate_views(items)  # type: ignore[arg-type]
+    if prepare is not None:
+        try:
+            batch.prepared = prepare(batch)
+        except LadError as exc:
+            return LoadFailure(exc)
+    return batch
 
 
 def worker_death(exc: BaseException) -> Optional[str]:
@@ -161,7 +177,8 @@ def normalize_and_pad(images: Sequence[Tensor], mean: Sequence[float] = MEAN, st
 
 def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Sampler], batch_size: int,
                 num_workers: int = 0, *, pin_memory: Optional[bool] = None,
-                generator: Optional[torch.Generator] = None) -> DataLoader:
+                generator: Optional[torch.Generator] = None,
+                prepare: Optional[Callable[[Batch], object]] = None) -> DataLoader:
     """A DataLoader over explicit ViewKeys (or a sampler yielding them) that collates into ``Batch``.
 
     A LadError of the dataset (a missing or corrupt image) is raised by the iteration as it was raised, in
@@ -169,12 +186,14 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
 
     The order is the keys' (training order comes from ``train_keys`` / ``ViewSampler``). Memory is pinned
     when CUDA is available unless ``pin_memory`` says otherwise. ``generator`` seeds the workers (default: a
-    draw from the global torch RNG, which it then advances).
+    draw from the global torch RNG, which it then advances). ``prepare(batch)`` runs where the batch is collated
+    (in the workers when there are any) and its result travels as ``batch.prepared``; it must be picklable
+    for workers started by spawn.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=keys_or_sampler,
-                      collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                      collate_fn=functools.partial(_collate, prepare=prepare), num_workers=num_workers, pin_memory=pin_memory, generator=generator,
                       worker_init_fn=_quiet_on_parent_exit if num_workers > 0 else None)
 
 

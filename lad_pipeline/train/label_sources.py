@@ -15,14 +15,16 @@ label whatever the view was batched with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..assign import paa_assign
+from ..cache import CachedView, LabelCache
 from ..config import AssignConfig, LossConfig
+from ..data import Batch
 from ..errors import LadError
 from ..losses import lad_loss, paa_loss
 from ..models.anchors import AnchorLayout
@@ -79,7 +81,8 @@ class StepInputs:
     """One training batch as the student sees it: normalised images padded to the batch shape, each image's
     own padded (H, W), its targets and its view key; ``peer_outs``: the outputs of the networks a source
     trains along with the student (``LabelSource.peers``), on the same images; ``view_sizes``: each
-    image's unpadded (H, W) (the KD losses clip boxes to it)."""
+    image's unpadded (H, W) (the KD losses clip boxes to it); ``prepared``: what the source's
+    ``batch_preparer`` made of the batch in the loading process."""
 
     images: Tensor
     pad_shapes: list[tuple[int, int]]
@@ -87,6 +90,7 @@ class StepInputs:
     keys: list[ViewKey]
     peer_outs: dict[str, HeadOutputs] = field(default_factory=dict)
     view_sizes: list[tuple[int, int]] = field(default_factory=list)
+    prepared: object = None
 
 
 class Labels(NamedTuple):
@@ -127,6 +131,11 @@ class LabelSource:
         """Networks trained together with the student (CoLAD's network 2): the loop optimises, wraps in DDP
         and checkpoints them, and passes their outputs in ``StepInputs.peer_outs``."""
         return {}
+
+    def batch_preparer(self) -> Optional[Callable[[Batch], object]]:
+        """Work on each batch to do where it is collated (in the DataLoader workers) rather than in the training
+        step; its result reaches ``labels`` as ``StepInputs.prepared``. None: nothing."""
+        return None
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         raise NotImplementedError
@@ -192,6 +201,56 @@ class OnlineTeacher(LabelSource):
         return Labels(assignments, batch.targets, misses=len(batch.keys))
 
 
+class HostLookup(NamedTuple):
+    """A batch looked up in a label cache on the host, where the batch was collated (a DataLoader worker): per
+    view its ``CachedView`` with the assignment already on the batch grid ``grid`` (``None`` for a miss)."""
+
+    grid: tuple[tuple[int, int], ...]
+    views: list[Optional[CachedView]]
+
+    def pin_memory(self) -> "HostLookup":
+        """Page-locked copies (DataLoader pin_memory), so that the uploads to the device do not wait."""
+        def pin(view: Optional[CachedView]) -> Optional[CachedView]:
+            if view is None:
+                return None
+            a, t = view.assignment, view.targets
+            return replace(view, assignment=Assignment(*(x.pin_memory() for x in a)),
+                           targets=Targets(t.boxes.pin_memory(), t.labels.pin_memory(),
+                                           None if t.ignore is None else t.ignore.pin_memory()))
+
+        return HostLookup(self.grid, [pin(v) for v in self.views])
+
+
+class BatchLookup:
+    """Looks a collated batch's views up in a label cache and decodes them onto the batch grid, on the host.
+
+    Given to the training DataLoader (``make_loader(prepare=...)``), it runs in the loading workers, beside
+    image decoding, so that a training step only uploads its labels. Picklable (for spawn workers): it holds
+    the cache and the anchor layout, nothing of the model or the teacher.
+    """
+
+    def __init__(self, cache: LabelCache) -> None:
+        self.cache = cache
+        self.size_divisor = int(cache.attrs["anchor"]["size_divisor"])
+
+    def __call__(self, batch: Batch) -> HostLookup:
+        d = self.size_divisor
+        pads = [(-(-h // d) * d, -(-w // d) * d) for h, w in batch.view_sizes]
+        shape = (max(p[0] for p in pads), max(p[1] for p in pads)) if pads else (0, 0)
+        return self.lookup(batch.keys, pads, self.cache.layout.anchors.feature_sizes(shape))
+
+    def lookup(self, keys: Sequence[ViewKey], pad_shapes: Sequence[tuple[int, int]],
+               grid: Sequence[Sequence[int]]) -> HostLookup:
+        views = []
+        for key, pad in zip(keys, pad_shapes):
+            view = self.cache.get(key, grid_sizes=grid)
+            if view is not None and tuple(view.pad_size) != tuple(pad):
+                raise LadError(f"cached view {key} has padded size {tuple(view.pad_size)} but the data pipeline "
+                               f"gives {tuple(pad)}: the cache was made with other transforms")
+            views.append(view)
+        return HostLookup(tuple((int(h), int(w)) for h, w in grid), views)
+
+
 class Lookup(NamedTuple):
     """A batch looked up in a label cache: per view its ``CachedView`` and batch-grid assignment (``None``
     for a miss), the targets to train on, and the indices of the misses."""
@@ -212,27 +271,31 @@ class CachedLabels(LabelSource):
                  fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
         super().__init__(loss, anchors)
         self.cache = cache
+        self.prepare = BatchLookup(cache)
         self.fallback_factory = fallback
         self.fallback: Optional[OnlineTeacher] = None
 
+    def batch_preparer(self) -> BatchLookup:
+        return self.prepare
+
     def lookup(self, batch: StepInputs, batch_sizes: list[tuple[int, int]]) -> Lookup:
         """The cached views of the batch; their assignments on the batch grid and their targets (the cached
-        targets, which the GT indices refer to; the batch's own for misses)."""
+        targets, which the GT indices refer to; the batch's own for misses), on the device. The views were
+        looked up where the batch was collated (``StepInputs.prepared``), unless it was collated elsewhere."""
+        host = batch.prepared
+        grid = tuple((int(h), int(w)) for h, w in batch_sizes)
+        if not isinstance(host, HostLookup) or host.grid != grid:
+            host = self.prepare.lookup(batch.keys, batch.pad_shapes, grid)
+        device = batch.images.device
         found = Lookup([None] * len(batch.keys), [None] * len(batch.keys), list(batch.targets), [])
-        for i, key in enumerate(batch.keys):
-            view = self.cache.get(key)
+        for i, view in enumerate(host.views):
             if view is None:
                 found.missing.append(i)
                 continue
-            if tuple(view.pad_size) != tuple(batch.pad_shapes[i]):
-                raise LadError(f"cached view {key} has padded size {tuple(view.pad_size)} but the data pipeline "
-                               f"gives {tuple(batch.pad_shapes[i])}: the cache was made with other transforms")
-            # host arrays read from the store, copied without waiting for the device
-            device = batch.images.device
-            own = view.assignment
-            own = own._replace(**{f: getattr(own, f).to(device, non_blocking=True) for f in own._fields})
+            # host tensors (pinned by the loader on CUDA), copied without waiting for the device
+            a = view.assignment
             found.views[i] = view
-            found.assignments[i] = to_batch_grid(own, batch.pad_shapes[i], batch_sizes, self.cache.layout.anchors)
+            found.assignments[i] = Assignment(*(x.to(device, non_blocking=True) for x in a))
             # the GT indices refer to the cached targets
             found.targets[i] = view.targets.to(device, non_blocking=True)
         return found

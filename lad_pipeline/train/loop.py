@@ -213,7 +213,8 @@ class Trainer:
         # the global RNG would put it out of step. A generator seeded by (seed, epoch) leaves it alone.
         generator = torch.Generator().manual_seed(epoch_seed(self.config.train.seed, epoch))
         return make_loader(self.dataset, sampler, self.config.train.batch_size, self.config.data.num_workers,
-                           pin_memory=self.device.type == "cuda", generator=generator)
+                           pin_memory=self.device.type == "cuda", generator=generator,
+                           prepare=self.source.batch_preparer())
 
     def _batches(self):
         while self.iteration < self.schedule.total_iters:
@@ -241,7 +242,8 @@ class Trainer:
             all_outs = {name: forward(images) for name, forward in self.forwards.items()}
         all_outs = {name: HeadOutputs(*[[t.float() for t in level] for level in o]) for name, o in all_outs.items()}
         outs = all_outs.pop("model")
-        inputs = StepInputs(images, pad_shapes, targets, list(batch.keys), all_outs, list(batch.view_sizes))
+        inputs = StepInputs(images, pad_shapes, targets, list(batch.keys), all_outs, list(batch.view_sizes),
+                            batch.prepared)
         labels = self.source.labels(inputs, outs)
         losses = self.source.loss(outs, labels)
         loss = sum(losses.values())
