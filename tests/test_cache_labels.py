@@ -117,7 +117,7 @@ def test_shards_are_written_while_the_teacher_runs_on_the_next_views(store, worl
     import threading
 
     from lad_pipeline.cache import writer as writer_module
-    from lad_pipeline.cache.stage import cache_labels
+    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.models.detector import PAADetector
 
     events = []
