@@ -69,9 +69,13 @@ def toy_dataset(out: Path, n_images: int) -> tuple[Path, Path, int]:
     return root / "train" / "annotations.json", root / "train" / "images", 10
 
 
-def step_bench_args(doc: str, iters: int = 5) -> argparse.Namespace:
-    """The options of the training-step benchmarks (bench/train.py, colad.py, solad.py); quiet logging, seed 0."""
+def step_bench_args(doc: str, iters: int = 5,
+                    extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The options of the training-step benchmarks (bench/train.py, colad.py, solad.py) and a benchmark's own
+    (``extra`` adds them); quiet logging, seed 0."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--scale", type=int, default=320, help="view scale (long = short), e.g. 320 -> 320x240")
     parser.add_argument("--batch", type=int, default=2, help="views per step")
     parser.add_argument("--iters", type=int, default=iters, help="timed iterations per mode (median)")

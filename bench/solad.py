@@ -16,6 +16,14 @@ share the machine's speed, which drifts). Goal: b / a <= 1.10 (the soft part of 
 reported: the bytes of a view's soft record (raw arrays) and of the whole store on disk. Views are coco128
 images (``LAD_COCO128``, default ../shared/data/coco128), else the toy digits; random weights (nothing to
 download). Last line: ``headline: solad_cached_over_online``.
+
+    python bench/solad.py --soft-encode [--iters 20] [--warmup 2] [--images 14]
+
+measures instead what a soft record costs where it is made (``lad cache-labels --soft``, and a cached SoLAD
+step's misses): ``encode_soft`` of one COCO-size view (data.scales 1333x800) against the R-101 teacher's
+forward on it, on this machine's device, fp32; the two take turns per view. Goal: soft_encode_over_forward
+<= 0.10. Random teacher weights leave few confident entries, so the stored part is smaller than a trained
+teacher's; the background fit, the part that grows with the anchors, is the same work.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from pathlib import Path
 import torch
 
 from common import (cached_step_batches, interleaved_step_times, machine, report_ratios, step_bench_args,
-                    step_bench_data, write_result)
+                    step_bench_data, wall_time, write_result)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -72,10 +80,50 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def soft_encode_over_forward(args, teacher_cfg: Config, ann: Path, image_dir: Path, data_name: str) -> None:
+    """Seconds of ``encode_soft`` per COCO-size view against the teacher's forward on it (see the docstring)."""
+    from lad_pipeline.data import CocoViews, normalize_and_pad
+    from lad_pipeline.soft_record import SoftKnobs, encode_soft
+    from lad_pipeline.teacher import teacher_outputs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale = [1333, 800]
+    dataset = CocoViews(str(ann), str(image_dir), scales=[scale], flip_prob=0.0, train=True)
+    keys = dataset.views_for(["identity"], [scale])
+    teacher = build_detector(teacher_cfg.model).eval().to(device)
+    data, times, sizes = teacher_cfg.data, {"e": [], "f": []}, set()
+    for i in range(args.warmup + args.iters):
+        view = dataset.load_view(keys[i % len(keys)])
+        image, _ = normalize_and_pad([view.image], data.mean, data.std, data.size_divisor, device)
+        target = view.targets.to(device)
+        outs: list = []
+        forward = wall_time(lambda: outs.append(teacher_outputs(teacher, image[0])))
+        encode = wall_time(lambda: encode_soft(outs[0], target, view.view_size, anchors=teacher.anchors,
+                                                knobs=SoftKnobs()))
+        if i >= args.warmup:
+            times["f"].append(forward)
+            times["e"].append(encode)
+            sizes.add(tuple(view.view_size))
+    print(f"machine: {machine()}; data: {data_name}; views {', '.join(f'{w}x{h}' for h, w in sorted(sizes))}; "
+          f"PAA R-101 teacher (random weights), fp32; {args.iters} views after {args.warmup} warm-up")
+    print(f"median s per view: forward {statistics.median(times['f']):.3f}, encode_soft "
+          f"{statistics.median(times['e']):.3f}")
+    ratios = report_ratios(times, {"soft_encode_over_forward": "ef"})
+    write_result("solad_encode", {"machine": machine(), "data": data_name, "scale": scale, "iters": args.iters,
+                                  "warmup": args.warmup, "teacher": "PAA R-101", "times": times, "ratios": ratios})
+    print("goal: soft_encode_over_forward <= 0.10")
+    print(f"headline: soft_encode_over_forward = {ratios['soft_encode_over_forward']['median']:.3f}")
+
+
 def main() -> None:
-    args = step_bench_args(__doc__, iters=20)
+    args = step_bench_args(__doc__, iters=20, extra=lambda parser: parser.add_argument(
+        "--soft-encode", action="store_true", help="time encode_soft against the teacher's forward instead"))
     work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-solad-")
     lad_cfg, solad_cfg, teacher_cfg = configs(args, num_classes)
+    if args.soft_encode:
+        soft_encode_over_forward(args, teacher_cfg, ann, image_dir, data_name)
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     # the teacher: a PAA R-101 (random weights) saved as our checkpoint, its config embedded
     teacher_ckpt = work / "teacher_r101.pth"

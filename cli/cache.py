@@ -73,7 +73,8 @@ def _soft_options(command):
 @_soft_options
 @set_option
 def cache_labels_command(teacher: str, config_path: str | None, ann: str | None, images: str | None, out: str,
-                         variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool, device: str | None,
+                         variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool,
+                         device: str | None,
                          resume: bool, overwrite: bool, soft: bool, soft_min_iou: float, soft_floor: float,
                          soft_top_k: int, soft_max_confident: int, soft_bg_rank: int, soft_bg_bits: str,
                          overrides: tuple[str, ...]) -> None:

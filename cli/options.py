@@ -22,8 +22,9 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 device_option = click.option(
-    "--device", metavar="DEVICE", callback=_check_device, help="Where the models run: cpu, cuda or cuda:N (default: the config's train.device, "
-    "else cuda when PyTorch sees a GPU); under torchrun, cuda is each process's LOCAL_RANK GPU.")
+    "--device", metavar="DEVICE", callback=_check_device,
+    help="Where the models run: cpu, cuda or cuda:N (default: the config's train.device, else cuda when PyTorch "
+    "sees a GPU); under torchrun, cuda is each process's LOCAL_RANK GPU.")
 
 
 def parse_scales(text: str | None) -> list[list[int]] | None:

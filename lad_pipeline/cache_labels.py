@@ -8,6 +8,7 @@ the store once every rank is done. ``resume`` redoes only the shards that were n
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -114,24 +115,32 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     data = config.data
     shards = iter(todo)
     shard_id, records, consumed = next(shards, None), [], 0
-    for batch in loader:  # batches of one view, in the order of todo_keys (shard by shard)
-        if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
-            image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
-            pad = (int(image.shape[-2]), int(image.shape[-1]))
-            target = batch.targets[0].to(device)
-            assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
-                                                             config.loss, precision)
-            record = None
-            if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
-                record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)
-            geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
-            records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment),
-                                              soft=record))
-        consumed += 1
-        progress.update(world)
-        if consumed == min(shard_size, len(keys) - shard_id * shard_size):
-            writer.write_shard(shard_id, records)
-            shard_id, records, consumed = next(shards, None), [], 0
+    # a shard is packed, compressed and written (fsync included) on a thread of its own while the teacher runs
+    # on the next views; one shard at most is in flight, and its error surfaces at the next shard or the end
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lad-shard-writer") as background:
+        writing: Optional[Future] = None
+        for batch in loader:  # batches of one view, in the order of todo_keys (shard by shard)
+            if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
+                image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
+                pad = (int(image.shape[-2]), int(image.shape[-1]))
+                target = batch.targets[0].to(device)
+                assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
+                                                                 config.loss, precision)
+                record = None
+                if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
+                    record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)
+                geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
+                records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment),
+                                                  soft=record))
+            consumed += 1
+            progress.update(world)
+            if consumed == min(shard_size, len(keys) - shard_id * shard_size):
+                if writing is not None:
+                    writing.result()
+                writing = background.submit(writer.write_shard, shard_id, records)
+                shard_id, records, consumed = next(shards, None), [], 0
+        if writing is not None:
+            writing.result()
     progress.close()
     dist.barrier()
     if rank == 0:

@@ -46,6 +46,9 @@ class TeacherConfig:
     # the online teacher's arithmetic on CUDA (lad_pipeline.teacher.TEACHER_PRECISIONS): "fp32" is exact (TF32
     # off), "tf32" and "fp16" are faster and not bit-exact, "student" follows train.amp (fp16 with it, else fp32)
     precision: str = "fp32"
+    # the online teacher: views of one padded size share a forward (each still padded to its own size). Faster
+    # on a GPU; a view's outputs then depend, to float rounding, on what it is batched with (not bit-exact)
+    batch_views: bool = False
 
 
 @dataclass
@@ -221,6 +224,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "checkpoint": PATH,
         "model": ANY,  # a table: its keys are ModelConfig's
         "precision": one_of("fp32", "tf32", "fp16", "student"),
+        "batch_views": ANY,
     },
     AssignConfig: {
         "topk": at_least(1),

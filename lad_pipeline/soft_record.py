@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .boxes import DELTA_STDS, decode
-from .soft_background import CODE_BITS, LOGIT_CLAMP, code_bits, fit_level, pack_codes, unpack_codes
+from .soft_background import CODE_BITS, LOGIT_CLAMP, code_bits, fit_levels, pack_codes, unpack_codes
 from .errors import LadError
 from .kd import KDTargets, box_kd_selection
 from .losses import flatten_levels
@@ -237,21 +237,14 @@ def encode_soft(
     keep = values.sigmoid() >= knobs.floor  # a prefix of each row: the values are sorted
     keep[:, 0] = True
 
-    # background model, level by level, in float64 on the CPU (bit-stable across devices)
-    logits = cls.detach().double().cpu()
+    # background model: float64, on the teacher's device, every level at once
+    logits = cls.detach().double()
     unstored = torch.ones_like(logits)
-    rows = index[:, None].expand_as(keep)[keep].cpu()
-    unstored[rows, classes[keep].cpu()] = 0.0
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("mu", "axis", "range", "code")}
-    start = 0
-    for h, w in sizes:
-        end = start + h * w
-        mu, axis, low, step, code = fit_level(logits[start:end], unstored[start:end], knobs.bg_rank, knobs.bg_bits)
-        parts["mu"].append(mu)
-        parts["axis"].append(axis)
-        parts["range"].append(torch.stack([low, step], 1))
-        parts["code"].append(code)
-        start = end
+    rows = index[:, None].expand_as(keep)[keep]
+    unstored[rows, classes[keep]] = 0.0
+    fits = fit_levels(logits, unstored, [h * w for h, w in sizes], knobs.bg_rank, knobs.bg_bits)
+    parts = {"mu": [f[0] for f in fits], "axis": [f[1] for f in fits],
+             "range": [torch.stack([f[2], f[3]], 1) for f in fits], "code": [f[4] for f in fits]}
 
     return SoftRecord(
         anchor=index.cpu().numpy().astype(np.int32),
@@ -261,9 +254,9 @@ def encode_soft(
         box_delta=_fp16(reg[box_index]),
         box_iou_logit=_fp16(iou[box_index]),
         box_weight=_fp16(weight[box_index]),
-        bg_logit=torch.stack(parts["mu"]).float().numpy(),
-        bg_axis=torch.cat(parts["axis"]).reshape(-1, num_classes).numpy().astype(np.float16),
-        bg_range=torch.cat(parts["range"]).reshape(-1, 2).float().numpy(),
+        bg_logit=torch.stack(parts["mu"]).float().cpu().numpy(),
+        bg_axis=torch.cat(parts["axis"]).reshape(-1, num_classes).cpu().numpy().astype(np.float16),
+        bg_range=torch.cat(parts["range"]).reshape(-1, 2).float().cpu().numpy(),
         bg_code=pack_codes(torch.cat(parts["code"]), knobs.bg_bits),
     )
 

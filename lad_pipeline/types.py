@@ -35,8 +35,8 @@ class Targets(NamedTuple):
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Targets":
         ignore = None if self.ignore is None else self.ignore.to(device, non_blocking=non_blocking)
-        return Targets(self.boxes.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                       ignore)
+        return Targets(self.boxes.to(device, non_blocking=non_blocking),
+                       self.labels.to(device, non_blocking=non_blocking), ignore)
 
 
 class HeadOutputs(NamedTuple):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from toy_world import assert_one_line_error, cache_args, lad, start_lad, tiny_config
+from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config
 from lad_pipeline.cache import LabelCache, cache_info
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs
@@ -109,3 +109,42 @@ def test_refusals_are_one_line(store, world, tmp_path):
     args[args.index("--config") + 1] = REPO / "configs" / "toy_teacher_r50.toml"
     assert_one_line_error(lad(*args), "does not fit")
     assert not (tmp_path / "y.zarr").exists()
+
+
+def test_shards_are_written_while_the_teacher_runs_on_the_next_views(store, world, tmp_path, monkeypatch):
+    """Each shard is packed, compressed and written on a thread of its own, overlapping the next forwards;
+    the store is the same as the one written by the command (content digest)."""
+    import threading
+
+    from lad_pipeline.cache import writer as writer_module
+    from lad_pipeline.cache_labels import cache_labels
+    from lad_pipeline.models.detector import PAADetector
+
+    events = []
+    real_write, real_forward = writer_module.CacheWriter.write_shard, PAADetector.forward
+
+    def write_shard(self, shard_id, views):
+        events.append(("write", shard_id, threading.current_thread().name))
+        time.sleep(0.2)  # a slow disk: the next views' forwards go on meanwhile
+        real_write(self, shard_id, views)
+        events.append(("written", shard_id, threading.current_thread().name))
+
+    def forward(self, images):
+        events.append(("forward", None, threading.current_thread().name))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(writer_module.CacheWriter, "write_shard", write_shard)
+    monkeypatch.setattr(PAADetector, "forward", forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CACHE_THREADS)  # as the command's store was made
+    try:
+        attrs = cache_labels(tiny_config(), str(world.teacher), str(tmp_path / "labels.zarr"), ann=str(world.ann),
+                             images=str(world.images), shard_size=5, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert attrs["content_digest"] == LabelCache.open(store).attrs["content_digest"]
+    writes = [e for e in events if e[0] != "forward"]
+    assert {name for _, _, name in writes} == {"lad-shard-writer_0"}
+    assert [e[1] for e in writes if e[0] == "written"] == list(range(5))
+    first_done = events.index(("written", 0, "lad-shard-writer_0"))
+    assert ("forward", None, "MainThread") in events[events.index(writes[0]):first_done]  # overlapped

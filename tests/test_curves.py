@@ -35,7 +35,8 @@ def val_records(run) -> list[dict]:
 def lad_eval(world, run, tmp_path, nproc: int = 1) -> dict:
     val = world.ann.parents[1] / "val"
     args = ["eval", "--checkpoint", run / "checkpoints" / "final.pth", "--ann", val / "annotations.json",
-            "--images", val / "images", "--num-workers", "0", "--device", "cpu", "--out", tmp_path / f"eval{nproc}.json"]
+            "--images", val / "images", "--num-workers", "0", "--device", "cpu",
+            "--out", tmp_path / f"eval{nproc}.json"]
     result = lad(*args) if nproc == 1 else torchrun(nproc, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / f"eval{nproc}.json").read_text())

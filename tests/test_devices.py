@@ -238,3 +238,29 @@ def test_ddp_broadcasts_buffers_only_when_batchnorm_learns_its_statistics(norm_e
     model = build_detector(tiny_config(f"model.norm_eval={str(norm_eval).lower()}").model).eval()
     assert loop.buffers_change_in_training(model) is (not norm_eval)
     assert not model.training  # its mode is left as it was
+
+
+def test_online_teacher_batches_views_of_one_padded_size_when_asked(world):
+    from lad_pipeline.models.anchors import AnchorLayout
+    from lad_pipeline.teacher import load_teacher
+    from lad_pipeline.train.label_sources import OnlineTeacher
+
+    config = tiny_config()
+    teacher = load_teacher(str(world.teacher), config.model, torch.device("cpu"))
+    pads = [(128, 128), (96, 128), (128, 128), (96, 128), (128, 96)]
+    images = torch.zeros(len(pads), 3, 128, 128)
+    for image, (h, w) in zip(images, pads):  # each view padded on its own inside the batch tensor
+        image[:, :h, :w] = torch.randn(3, h, w, generator=torch.Generator().manual_seed(h * w))
+    forwards = []
+    teacher.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
+    outputs = {}
+    for batch_views in (False, True):
+        forwards.clear()
+        source = OnlineTeacher(teacher, config.assign, config.loss, AnchorLayout.from_config(config.model),
+                               batch_views=batch_views)
+        outputs[batch_views] = source.own_outputs(images, pads)
+        assert sorted(forwards) == ([1] * 5 if not batch_views else [1, 2, 2])
+    for alone, batched in zip(outputs[False], outputs[True]):  # the same views; equal up to float rounding
+        for a, b in zip((t for part in alone for t in part), (t for part in batched for t in part)):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert tiny_config("teacher.batch_views=true").teacher.batch_views

@@ -458,3 +458,22 @@ def test_a_mean_background_alone_misses_the_class_term():
     initialisation is off by far more than 1 % (the test above would catch a regression of the codes)."""
     results = fidelity(SoftKnobs(bg_rank=0))
     assert max(results["partly trained"][0]["loss_kd_cls"], results["teacher+noise"][0]["loss_kd_cls"]) > 0.05
+
+
+@pytest.mark.parametrize("rank, bits", [(0, 4), (1, 4), (2, 4), (1, 8)])
+def test_background_solves_over_code_groups_store_the_per_anchor_bytes(rank, bits):
+    """The gain and offset solves sum over each level's distinct code tuples instead of its anchors (all levels
+    at once): what is stored is what the per-anchor sums give."""
+    from lad_pipeline.soft_background import fit_levels
+
+    teacher, _, _ = trained_like(0)
+    logits = torch.cat([c[0].flatten(1).T for c in teacher.cls]).double()
+    unstored = (logits.sigmoid() < SoftKnobs().floor).double()  # as a record stores the confident entries
+    sizes = [c.shape[-2] * c.shape[-1] for c in teacher.cls]
+    assert max(sizes) >= 2 ** (bits * rank)  # the grouping applies
+    grouped = fit_levels(logits, unstored, sizes, rank, bits)
+    per_anchor = fit_levels(logits, unstored, sizes, rank, bits, group_codes=False)
+    for a, b in zip(grouped, per_anchor):
+        assert torch.equal(a[0].float(), b[0].float()) and torch.equal(a[1].half(), b[1].half())
+        assert torch.equal(a[2].float(), b[2].float()) and torch.equal(a[3].float(), b[3].float())
+        assert torch.equal(a[4], b[4])

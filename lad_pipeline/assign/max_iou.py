@@ -56,8 +56,8 @@ def max_iou_assign(
     else:
         ignored = torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
     if gt_boxes.shape[0] == 0 or anchors.shape[0] == 0:
-        out = torch.full(ignored.shape, NEGATIVE, dtype=torch.int64, device=anchors.device).masked_fill_(ignored, IGNORED)
-        return out.masked_fill_(~valid, IGNORED)
+        out = torch.full(ignored.shape, NEGATIVE, dtype=torch.int64, device=anchors.device)
+        return out.masked_fill_(ignored | ~valid, IGNORED)
 
     gt = gt_boxes.to(anchors)
     iou = box_iou(gt, anchors)  # [G, A]

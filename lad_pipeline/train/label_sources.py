@@ -167,7 +167,7 @@ class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
     def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
-                 batch_padding: bool = False, precision: str = "fp32") -> None:
+                 batch_padding: bool = False, precision: str = "fp32", batch_views: bool = False) -> None:
         super().__init__(loss, anchors)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -175,6 +175,7 @@ class OnlineTeacher(LabelSource):
         self.config = assign
         self.batch_padding = batch_padding
         self.precision = precision  # lad_pipeline.teacher.TEACHER_PRECISIONS
+        self.batch_views = batch_views  # teacher.batch_views
 
     def run(self, images: Tensor, pad_shapes: list[tuple[int, int]], targets: list[Targets],
             batch_sizes: list[tuple[int, int]], *, assign: bool = True, outputs: bool = False) -> TeacherRun:
@@ -186,15 +187,30 @@ class OnlineTeacher(LabelSource):
                                       loss=self.loss_config) if assign else [])
             return TeacherRun(assignments, outs if outputs else None)
         assignments, views = [], []
-        for image, target, (h, w) in zip(images, targets, pad_shapes):
-            # the batch tensor's top-left crop is exactly the view padded on its own (pad value 0)
-            own = teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
+        for own, target, (h, w) in zip(self.own_outputs(images, pad_shapes), targets, pad_shapes):
             if assign:
                 a = paa_assign(own, [target], [(h, w)], anchors=self.teacher.anchors, config=self.config,
                                loss=self.loss_config)[0]
                 assignments.append(to_batch_grid(a, (h, w), batch_sizes, self.teacher.anchors))
             views.append(own)
         return TeacherRun(assignments, outputs_on_grid(views, batch_sizes) if outputs else None)
+
+    def own_outputs(self, images: Tensor, pad_shapes: list[tuple[int, int]]) -> list[HeadOutputs]:
+        """Each view's outputs (a batch of one) on its own padded grid: the batch tensor's top-left crop of a
+        view is exactly the view padded on its own (pad value 0). One forward per view, or with
+        ``batch_views`` one per padded size (same crops, stacked)."""
+        if not self.batch_views:
+            return [teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
+                    for image, (h, w) in zip(images, pad_shapes)]
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(pad_shapes):
+            sizes.setdefault(tuple(shape), []).append(i)
+        views: list[Optional[HeadOutputs]] = [None] * len(pad_shapes)
+        for (h, w), members in sizes.items():
+            outs = teacher_outputs(self.teacher, torch.stack([images[i, :, :h, :w] for i in members]), self.precision)
+            for j, i in enumerate(members):
+                views[i] = HeadOutputs(*[[t[j:j + 1] for t in level] for level in outs])
+        return views
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         assignments = self.run(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs)).assignments

@@ -165,14 +165,14 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
 
         def online() -> OnlineTeacher:
             return OnlineTeacher(teacher_model(), config.assign, config.loss, anchors,
-                                 config.train.teacher_batch_padding, precision)
+                                 config.train.teacher_batch_padding, precision, config.teacher.batch_views)
 
         if label_cache is None:
             if teacher_file is None:
                 raise LadError("train-student needs a label cache, a teacher, or both", hint="pass --cache and/or --teacher")
             if soft:
                 return SoftOnlineTeacher(teacher_model(), config.assign, config.loss, anchors, distill,
-                                         config.train.teacher_batch_padding, precision)
+                                         config.train.teacher_batch_padding, precision, config.teacher.batch_views)
             return online()
         misses = online if (teacher_file is not None and fallback) else None
         if soft:

@@ -69,8 +69,9 @@ class SoftOnlineTeacher(OnlineTeacher):
     """Online SoLAD / KD: the teacher's outputs on each view give its assignment and the exact KD targets."""
 
     def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
-                 distill: DistillConfig, batch_padding: bool = False, precision: str = "fp32") -> None:
-        super().__init__(teacher, assign, loss, anchors, batch_padding, precision)
+                 distill: DistillConfig, batch_padding: bool = False, precision: str = "fp32",
+                 batch_views: bool = False) -> None:
+        super().__init__(teacher, assign, loss, anchors, batch_padding, precision, batch_views)
         check_soft_setup(distill, cache=None, cache_attrs=None, teacher_batch_padding=batch_padding)
         self.distill = distill
 
