@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from toy_world import STUDENT_CONFIG, checkpoint, lad, set_args, step_records, summary
+from toy_world import STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, set_args, step_records, summary
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, normalize_and_pad
@@ -98,3 +98,29 @@ def test_adamw_groups_follow_mmdetections_swin_recipe():
     # SGD stays the default, one group decaying everything
     sgd = build_optimizer(model, load_config(SWIN_TOY, ("train.optimizer=sgd",)).train, world_size=1)
     assert isinstance(sgd, torch.optim.SGD) and len(sgd.param_groups) == 1
+
+
+def test_both_colad_networks_can_be_swins(world, tmp_path):
+    small = [f"{net}.{item}" for net in ("model", "colad.model")
+             for item in ("backbone=swin_t", "swin.embed_dim=32", "swin.depths=[2, 2, 2, 2]",
+                          "swin.num_heads=[1, 2, 4, 8]")]
+    run = tmp_path / "colad"
+    result = lad("train-colad", "--config", REPO / "configs" / "toy_colad_r18_r50.toml", *world.data_args(),
+                 "--out", run, *set_args(*small, "model.drop_path_rate=0.1", "train.max_iters=2"))
+    assert result.returncode == 0, result.stderr
+    info = lad("checkpoint-info", run / "checkpoints" / "final.pth")
+    assert info.returncode == 0, info.stderr
+    assert "network 1    swin_t" in info.stdout and "network 2    swin_t" in info.stdout
+    state = checkpoint(run / "checkpoints" / "final.pth")
+    config = load_config(run / "config.toml")
+    assert config.model.drop_path_rate == 0.1 and config.colad.model.drop_path_rate == 0.0
+    build_detector(config.colad.model).load_state_dict(state["peers"]["colad"])
+
+
+@pytest.mark.parametrize("override, words", [("model.swin.num_heads=[3, 6, 12, 24]", "stage 1 has 32 channels"),
+                                             ("model.swin.window_size=1", "model.swin.window_size is 1")])
+def test_bad_swin_config_stops_the_cli_in_one_line(world, tmp_path, override, words):
+    run = tmp_path / "run"
+    result = lad("train-teacher", "--config", SWIN_TOY, *world.data_args(), "--out", run, *set_args(override))
+    assert_one_line_error(result, words)
+    assert not run.exists()
