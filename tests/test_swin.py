@@ -171,3 +171,16 @@ def test_stochastic_depth_and_frozen_stages():
     assert not torch.equal(a, b)  # blocks dropped at random per sample in training
     body.eval()
     assert torch.equal(body(images)[-1], body(images)[-1])
+
+
+@pytest.mark.parametrize("name", ["paa_swinb_fpn_1x_coco.toml", "paa_swint_fpn_1x_coco.toml", "toy_teacher_swint.toml",
+                                  "lad_r50_paa_swinb_fpn_coco_1x.toml", "lad_r101_paa_swinb_fpn_coco_1x.toml"])
+def test_swin_configs_round_trip_through_toml(name):
+    import tomllib
+
+    from lad_pipeline.config import config_from_dict, dump_toml
+
+    config = load_config(REPO / "configs" / name)
+    assert config_from_dict(tomllib.loads(dump_toml(config.to_dict()))) == config
+    swin = config.model if config.model.backbone.startswith("swin") else config.teacher.model
+    assert swin.backbone in ("swin_t", "swin_b")
