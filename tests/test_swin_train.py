@@ -11,7 +11,7 @@ from lad_pipeline.cache import LabelCache
 from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.models import build_detector
-from lad_pipeline.teacher import load_teacher, teacher_assign, teacher_model_config
+from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs, teacher_model_config
 from lad_pipeline.train.schedule import build_optimizer
 
 SWIN_TOY = REPO / "configs" / "toy_teacher_swint.toml"
@@ -59,7 +59,7 @@ def test_swin_teacher_labels_are_cached_as_it_assigns(world, swin_teacher, swin_
     for key in list(cache.keys())[:4]:
         view = dataset.load_view(key)
         image, (pad,) = normalize_and_pad([view.image])
-        expected = teacher_assign(teacher, image[0], view.targets, pad, config.assign, config.loss)
+        expected, _ = teacher_assign_with_outputs(teacher, image[0], view.targets, pad, config.assign, config.loss)
         for name in expected._fields:
             assert torch.equal(getattr(cache.get(key).assignment, name), getattr(expected, name)), (key, name)
 
