@@ -55,7 +55,7 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     octave_base_scale: float = 8.0  # anchor side = octave_base_scale * stride (one square anchor per location)
     prior_prob: float = 0.01
-    frozen_stages: int = 1  # stem and stage 1 get no gradients
+    frozen_stages: int = 1  # stem (Swin: patch embedding) and stages 1..N get no gradients; -1 trains everything
     norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
     init_from: str = ""  # checkpoint (ours, mmdetection's, or an ImageNet backbone: torchvision's or Swin's)
     swin: SwinConfig = field(default_factory=SwinConfig)  # overrides of the swin_* preset

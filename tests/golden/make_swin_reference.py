@@ -4,6 +4,7 @@ Not run by the test suite: it needs the mmdetection reference environment (the p
 mmdetection 3.3.0, mmengine 0.10.7, mmcv-lite 2.2.0, torch 2.14.1 on CPU). Run from the repository root:
 
     MMDET_PYTHON=/path/to/oracle-venv/bin/python
+    $MMDET_PYTHON -m pip install pytest     # the images come from tests/conftest.py, which imports pytest
     $MMDET_PYTHON tests/golden/make_swin_reference.py
 
 What it records (every weight is drawn from tests/mmdet_recipe.py's seeded recipe, keyed by the file's own
