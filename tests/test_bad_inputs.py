@@ -37,7 +37,7 @@ from toy_world import (  # noqa: E402
 )
 
 from lad_pipeline.runtime import atomic as atomic_module  # noqa: E402
-from lad_pipeline.config import ALLOWED, BACKBONES, Config, config_from_dict  # noqa: E402
+from lad_pipeline.config import ALLOWED, BACKBONES, RESNETS, SWIN_PRESETS, SWINS, Config, config_from_dict  # noqa: E402
 from lad_pipeline.errors import LadError  # noqa: E402
 
 WORKERS = "data.num_workers=2"
@@ -145,6 +145,7 @@ def test_cache_labels_checks_its_overrides_before_loading_anything(world, tmp_pa
 
 def test_every_config_key_has_a_range():
     sections = {type(value) for value in vars(Config()).values()} | {type(Config().teacher.model)}
+    sections |= {type(Config().model.swin)}
     assert set(ALLOWED) == sections
     for section, rules in ALLOWED.items():
         assert set(rules) == {f.name for f in dataclasses.fields(section)}, \
@@ -157,7 +158,7 @@ def test_every_config_key_has_a_range():
 def test_backbone_choices_are_the_builders():
     from lad_pipeline.models.backbone import _BUILDERS
 
-    assert tuple(_BUILDERS) == BACKBONES
+    assert tuple(_BUILDERS) == RESNETS and tuple(SWIN_PRESETS) == SWINS and BACKBONES == RESNETS + SWINS
     with pytest.raises(LadError, match="model.backbone"):
         config_from_dict({"model": {"backbone": "vgg16"}})
 
