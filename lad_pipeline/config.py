@@ -380,6 +380,26 @@ def rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def resolve_paths(config: Config, base: str | Path | None = None) -> Config:
+    """The config with every path key (``data.ann``, ``data.val_images``, ``model.init_from``,
+    ``teacher.checkpoint``, ``train.tensorboard``, ...) made absolute against ``base`` (default: the current
+    directory). A run saves its config resolved, so that the run means the same files from any directory."""
+    base = Path(base) if base is not None else Path.cwd()
+
+    def resolve(node: Any) -> Any:
+        rules = ALLOWED.get(type(node), {})
+        changes = {}
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = resolve(value)
+            elif rules.get(f.name) is PATH and value and "://" not in value:  # a URL stays as it is
+                changes[f.name] = os.path.abspath(base / Path(value).expanduser())
+        return dataclasses.replace(node, **changes)
+
+    return resolve(config)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Load a TOML config file; ``overrides`` are ``"section.key=value"`` strings (TOML values)."""
     path = Path(path)

@@ -110,9 +110,9 @@ def test_tensorboard_events_hold_the_metrics_scalars(world, tmp_path):
                 assert logged[record["iter"]] == pytest.approx(value, rel=1e-6), name
 
 
-def test_tensorboard_missing_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+def test_tensorboard_missing_is_one_line_naming_the_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(LadError, match=r"pip install lad\[tensorboard\]"):
+    with pytest.raises(LadError, match=r"need the tensorboard package: pip install tensorboard$"):
         TensorBoardLog(tmp_path / "tb")
 
 

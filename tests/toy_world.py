@@ -121,8 +121,10 @@ def lad_command(*args) -> list[str]:
     return [sys.executable, "-m", "cli", *map(str, args)]
 
 
-def lad(*args, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lad_command(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
+def lad(*args, timeout: float = 300, env: Optional[dict] = None, cwd: Optional[Path] = None
+        ) -> subprocess.CompletedProcess:
+    """``lad ARGS`` in a subprocess, from the repository (or ``cwd``)."""
+    return subprocess.run(lad_command(*args), capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
                           env=_env(env))
 
 

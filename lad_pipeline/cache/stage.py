@@ -8,6 +8,7 @@ the store once every rank is done. ``resume`` redoes only the shards that were n
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,12 +40,12 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
                 soft: Optional[SoftKnobs] = None) -> dict:
     attrs = {
         "teacher_sha256": file_sha256(teacher_ckpt),
-        "teacher_checkpoint": str(teacher_ckpt),
+        "teacher_checkpoint": os.path.abspath(teacher_ckpt),  # absolute, as every path a cache records
         "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign), "loss": asdict(config.loss)},
         "anchor": anchor_attrs(teacher_anchors, config.data.size_divisor),
         "transform": transform_attrs(config),
         "annotation_fingerprint": annotation_fingerprint(ann_file),
-        "annotation_file": str(ann_file),
+        "annotation_file": os.path.abspath(ann_file),
         "variants": list(variants),
         "scales": [list(s) for s in scales],
         "ignore_iof_thr": config.assign.ignore_iof_thr,

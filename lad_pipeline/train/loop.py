@@ -188,11 +188,12 @@ class Trainer:
             self._load_state(self.paths.latest)
             notes.append(f"resumed from {self.paths.latest} at iteration {self.iteration}")
         self.validator = Validator(config, self.device) if config.train.eval_every > 0 else None
+        # the TensorBoard writer too (a missing package, an unwritable directory) before the run directory
+        board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
+        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main, mirror=board)  # writes nothing yet
         self._create_run_dir()
         for note in notes:
             log.info(note)
-        board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
-        self.metrics = MetricsLog(self.paths.metrics, enabled=self.main, mirror=board)
 
     # -- run directory and state ------------------------------------------------------------------
     def _has_checkpoint(self) -> bool:

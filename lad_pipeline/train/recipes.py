@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,7 +10,7 @@ import torch
 
 from ..cache import LabelCache, anchor_attrs, annotation_fingerprint
 from ..checkpoint import file_sha256, load_init_weights, read_checkpoint
-from ..config import Config
+from ..config import Config, resolve_paths
 from ..data import CocoViews
 from ..errors import LadError
 from ..models import build_detector
@@ -26,17 +25,18 @@ log = logging.getLogger("lad")
 
 
 def with_train_data(config: Config, ann: Optional[str], images: Optional[str]) -> Config:
-    """The config with the training data actually used (``--ann``/``--images`` over ``data.ann``/``data.images``).
+    """The config with the training data actually used (``--ann``/``--images`` over ``data.ann``/``data.images``)
+    and every path made absolute.
 
-    The run directory's config.toml is the resolved config, so it names the data the run trained on, and a
-    ``--resume`` without ``--ann``/``--images`` continues on that data, not on the config file's default.
+    The run directory's config.toml is the resolved config, so it names the data the run trained on (a
+    ``--resume`` without ``--ann``/``--images`` continues on that data, not on the config file's default), and
+    its checkpoints find their validation data and teacher from any directory.
     """
     ann = ann or config.data.ann
     images = images or config.data.images
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
-    data = replace(config.data, ann=os.path.abspath(ann), images=os.path.abspath(images))
-    return replace(config, data=data)
+    return resolve_paths(replace(config, data=replace(config.data, ann=ann, images=images)))
 
 
 def train_dataset(config: Config) -> CocoViews:
