@@ -2,19 +2,22 @@
 directory left by a start that fails, and the teacher that ``train-student --cache`` finds on its own."""
 from __future__ import annotations
 
-import json
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import STUDENT_CONFIG, assert_one_line_error, lad, set_args  # noqa: E402
+from toy_world import (  # noqa: E402
+    STUDENT_CONFIG,
+    assert_one_line_error,
+    cache_args,
+    lad,
+    save_teacher,
+    set_args,
+    summary,
+)
 
 from lad_pipeline.config import load_config  # noqa: E402
-
-
-def _val_args(world) -> list:
-    val = world.ann.parents[1] / "val"
-    return ["--ann", val / "annotations.json", "--images", val / "images"]
 
 
 # -- paths ---------------------------------------------------------------------------------------------------
@@ -59,3 +62,44 @@ def test_a_tensorboard_that_cannot_be_written_leaves_no_run_directory(world, tmp
     assert not out.exists()
     # nothing to clean up: the same command without the option just runs
     assert lad(*args).returncode == 0
+
+
+# -- train-student --cache without a teacher -----------------------------------------------------------------
+def test_train_student_uses_the_teacher_that_made_the_cache_for_views_it_lacks(world, tmp_path):
+    teacher = shutil.copy(world.teacher, tmp_path / "teacher.pth")
+    cache = tmp_path / "labels.zarr"
+    made = lad(*cache_args(world, cache, teacher=teacher), env={"OMP_NUM_THREADS": "1"})
+    assert made.returncode == 0, made.stderr
+
+    def train(out, *overrides, extra=()):
+        return lad("train-student", "--cache", cache, "--config", STUDENT_CONFIG, *world.data_args(),
+                   "--out", tmp_path / out, *set_args(*overrides), *extra)
+
+    # every view the config can draw is cached: no teacher needed, even if it is gone
+    Path(teacher).rename(tmp_path / "moved.pth")
+    complete = train("complete")
+    assert complete.returncode == 0, complete.stderr
+    assert summary(tmp_path / "complete")["misses"] == 0
+
+    # another scale: those views need a teacher, and none can be found; said before the run exists
+    other_scale = "data.scales=[[160, 160]]"
+    assert_one_line_error(train("moved", other_scale), "lacks 24 of the 24 views", "at 160x160",
+                          f"{teacher}, is not there any more")
+    assert not (tmp_path / "moved").exists()
+
+    save_teacher(Path(teacher), 1)  # another file at the recorded path
+    assert_one_line_error(train("changed", other_scale), f"{teacher}, has changed since")
+    assert not (tmp_path / "changed").exists()
+
+    assert_one_line_error(train("no_fallback", other_scale, extra=["--no-fallback"]),
+                          "the fallback to the online teacher is off")
+    assert not (tmp_path / "no_fallback").exists()
+
+    # the teacher back in place: it labels the missing views, and the run records it
+    Path(tmp_path / "moved.pth").replace(teacher)
+    result = train("online", other_scale)
+    assert result.returncode == 0, result.stderr
+    done = summary(tmp_path / "online")
+    assert done["misses"] > 0 and done["hits"] == 0
+    assert done["teacher"] == str(teacher)
+    assert load_config(tmp_path / "online" / "config.toml").teacher.checkpoint == str(teacher)

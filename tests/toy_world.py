@@ -84,8 +84,9 @@ def shared_world(tmp_path_factory) -> World:
     return _MEMO["world"]
 
 
-def cache_args(world: World, out: Path, variants: str = "identity,hflip", *extra: str) -> list[str]:
-    return ["cache-labels", "--teacher", world.teacher, "--config", STUDENT_CONFIG, *world.data_args(),
+def cache_args(world: World, out: Path, variants: str = "identity,hflip", *extra: str,
+               teacher: Optional[Path] = None) -> list[str]:
+    return ["cache-labels", "--teacher", teacher or world.teacher, "--config", STUDENT_CONFIG, *world.data_args(),
             "--out", out, "--variants", variants, *set_args(), *extra]
 
 
