@@ -12,6 +12,8 @@ import click
 from lad_pipeline.evaluate.coco_eval import evaluate_coco
 from lad_pipeline.errors import LadError
 
+from .options import num_workers_option, overrides_option
+
 
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Detector checkpoint to run on the images.")
@@ -21,14 +23,15 @@ from lad_pipeline.errors import LadError
 @click.option("--ann", type=click.Path(dir_okay=False), help="COCO annotation file (ground truth).")
 @click.option("--images", type=click.Path(file_okay=False), help="Image directory (with --checkpoint).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass (with --checkpoint).")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Data-loading processes (with --checkpoint).")
+@num_workers_option
 @click.option("--network", type=click.IntRange(1, 2),
               help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="metrics.json",
               help="Write the metrics as JSON here (default: print only).")
+@overrides_option("test.score_thr=0.01")
 def eval_command(checkpoint: str | None, config_path: str | None, detections: str | None, ann: str | None,
                  images: str | None, batch_size: int | None, num_workers: int | None, network: int | None,
-                 out: str | None) -> None:
+                 out: str | None, overrides: tuple[str, ...]) -> None:
     """COCO bbox AP of a checkpoint (--checkpoint) or of a results file (--detections)."""
     if (checkpoint is None) == (detections is None):
         raise click.UsageError("give exactly one of --checkpoint and --detections")
@@ -37,9 +40,11 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
     if detections is not None:
         if ann is None:
             raise click.UsageError("--detections needs --ann, the annotation file the results refer to")
+        if overrides:
+            raise click.UsageError("--set changes the config of a --checkpoint; a results file has none")
         results: Any = detections
     else:
-        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network)
+        results, ann = _inference(checkpoint, config_path, ann, images, batch_size, num_workers, network, overrides)
         from lad_pipeline.runtime import distributed
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
@@ -58,13 +63,14 @@ def eval_command(checkpoint: str | None, config_path: str | None, detections: st
 
 
 def _inference(checkpoint: str, config_path: str | None, ann: str | None, images: str | None,
-               batch_size: int | None, num_workers: int | None, network: int | None) -> tuple[list[dict], str]:
+               batch_size: int | None, num_workers: int | None, network: int | None,
+               overrides: tuple[str, ...]) -> tuple[list[dict], str]:
     """COCO results of the checkpoint and the annotation file they refer to."""
     # imported here: evaluating a results file needs neither the model nor the data pipeline
     from lad_pipeline.evaluate.inference import run_inference
 
     return run_inference(checkpoint=checkpoint, config=config_path, ann=ann, images=images,
-                         batch_size=batch_size, num_workers=num_workers, network=network)
+                         batch_size=batch_size, num_workers=num_workers, network=network, overrides=overrides)
 
 
 def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> str:

@@ -9,24 +9,13 @@ import click
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
 
+from .options import overrides_option, parse_scale
+
 VARIANTS = ("identity", "hflip")
 
 
 def _scale_text(scale) -> str:
     return f"{scale[0]}x{scale[1]}"
-
-
-def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple[int, int]]:
-    if value is None:
-        return None
-    parts = value.replace("x", ",").split(",")
-    try:
-        scale = tuple(int(p) for p in parts)
-    except ValueError:
-        scale = ()
-    if len(scale) != 2 or min(scale) < 1:
-        raise click.BadParameter(f"{value!r} is not LONG,SHORT (two positive integers, e.g. 1333,800)")
-    return scale  # type: ignore[return-value]
 
 
 @click.command("show")
@@ -44,8 +33,10 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
 @click.option("--zoom", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Draw on the image enlarged this many times (small images, e.g. the toy digits).")
+@overrides_option("test.nms_iou=0.5")
 def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann: str, images: str, score_thr: float,
-                 device: Optional[str], network: Optional[int], out: Optional[str], zoom: int) -> None:
+                 device: Optional[str], network: Optional[int], out: Optional[str], zoom: int,
+                 overrides: tuple[str, ...]) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
     boxes in original pixels) and write a PNG."""
     import torch
@@ -59,7 +50,7 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     except RuntimeError:
         raise click.BadParameter(f"{device!r} is not a torch device (cpu, cuda, cuda:1, ...)",
                                  param_hint="--device") from None
-    predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
+    predictor = Predictor.from_checkpoint(checkpoint, config_path, overrides, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)
@@ -105,7 +96,7 @@ def _missing_view(cache, key: ViewKey) -> str:
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="Image directory.")
 @click.option("--variant", type=click.Choice(VARIANTS), default="identity", show_default=True,
               help="Which cached view: unflipped or horizontally flipped.")
-@click.option("--scale", callback=_parse_scale, metavar="LONG,SHORT",
+@click.option("--scale", callback=parse_scale, metavar="LONGxSHORT",
               help="Target scale of the cached view (default: the cache's first scale).")
 @click.option("--soft", is_flag=True,
               help="Draw the teacher's soft labels instead: stored anchors coloured by their top teacher probability.")
@@ -127,7 +118,7 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     if scale is None:
         scales = cache.attrs.get("scales") or []
         if not scales:
-            raise LadError(f"label cache {cache_path} records no scales; pass --scale LONG,SHORT")
+            raise LadError(f"label cache {cache_path} records no scales; pass --scale LONGxSHORT")
         scale = (int(scales[0][0]), int(scales[0][1]))
     key = ViewKey(image_id, scale, variant == "hflip")
     cached = cache.get(key)

@@ -291,7 +291,7 @@ def test_eval_refuses_inf_weights(world, tmp_path):
 
 
 def test_checkpoint_info_reports_the_first_non_finite_tensor(nan_teacher):
-    result = invoke("checkpoint-info", nan_teacher)
+    result = invoke("checkpoint-info", "--checkpoint", nan_teacher)
     assert_fails(result, "non-finite", NAN_TENSOR)
     assert f"finite       no, first: {NAN_TENSOR}" in result.stdout
 
@@ -396,7 +396,7 @@ def test_corrupted_shard_is_named_by_verify_and_by_training(world, small_cache, 
         chunk.write_bytes(chunk.read_bytes()[:7])
     else:
         chunk.unlink()
-    assert_fails(invoke("cache-info", cache, "--verify"), "shard 000001")
+    assert_fails(invoke("cache-info", "--cache", cache, "--verify"), "shard 000001")
     # every view of the epoch is read in training order: 12 images in batches of 2 reach shard 1 by step 4
     out = tmp_path / "run"
     assert_fails(invoke("train-student", "--cache", cache, "--no-fallback",
@@ -423,7 +423,7 @@ def test_cache_labels_disk_full_keeps_committed_shards_and_resumes(world, tmp_pa
     monkeypatch.undo()
     assert sorted(p.name for p in (out / "shards").iterdir() if p.is_dir()) == ["000000"]
     assert invoke("cache-labels", *args, "--resume").exit_code == 0
-    assert invoke("cache-info", out, "--verify").exit_code == 0
+    assert invoke("cache-info", "--cache", out, "--verify").exit_code == 0
 
 
 # -- 5. the file system while training ---------------------------------------------------------------------------
@@ -571,7 +571,7 @@ def test_sigterm_during_cache_labels_then_resume(world, tmp_path):
         proc.kill()
     assert_fails(subprocess.CompletedProcess([], proc.returncode, stdout, stderr), code=130, word="interrupted")
     assert invoke("cache-labels", *args, "--resume").exit_code == 0
-    assert invoke("cache-info", out, "--verify").exit_code == 0
+    assert invoke("cache-info", "--cache", out, "--verify").exit_code == 0
 
 
 def test_kill_9_while_saving_then_resume(world, tmp_path):

@@ -292,7 +292,7 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
 def test_show_labels_default_output_name(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("show-labels", "--cache", world["cache"], "--image-id", 12, "--ann", world["ann"],
-                 "--images", world["images"], "--scale", "320,256")
+                 "--images", world["images"], "--scale", "320x256")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "labels_12_identity_320x256.png").is_file()
 
@@ -306,7 +306,7 @@ def test_show_labels_missing_variant_lists_what_the_cache_holds(world, tmp_path)
 
 def test_show_labels_missing_scale_and_image(world):
     result = run("show-labels", "--cache", world["cache"], "--image-id", 11, "--ann", world["ann"],
-                 "--images", world["images"], "--scale", "640,512")
+                 "--images", world["images"], "--scale", "640x512")
     one_line_error(result, "scale 640x512", "identity 320x256, hflip 320x256", "scales: 320x256")
     result = run("show-labels", "--cache", world["cache"], "--image-id", 999, "--ann", world["ann"],
                  "--images", world["images"])
@@ -324,7 +324,7 @@ def test_show_labels_image_missing_from_annotations(world, tmp_path):
 def test_show_labels_bad_scale_and_cache(world, tmp_path):
     result = run("show-labels", "--cache", world["cache"], "--image-id", 11, "--ann", world["ann"],
                  "--images", world["images"], "--scale", "big")
-    assert result.exit_code == 2 and "LONG,SHORT" in result.stderr
+    assert result.exit_code == 2 and "LONGxSHORT" in result.stderr
     result = run("show-labels", "--cache", tmp_path / "nope.zarr", "--image-id", 11, "--ann", world["ann"],
                  "--images", world["images"])
     one_line_error(result, "nope.zarr", "does not exist")

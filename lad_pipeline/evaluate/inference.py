@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..config import Config
 from ..data import CocoViews, make_loader, shard_keys
@@ -49,10 +49,12 @@ def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 
 
 def run_inference(checkpoint: str, config: Optional[str] = None, ann: Optional[str] = None,
                   images: Optional[str] = None, batch_size: Optional[int] = None,
-                  num_workers: Optional[int] = None, network: Optional[int] = None) -> tuple[list[dict], str]:
-    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file."""
+                  num_workers: Optional[int] = None, network: Optional[int] = None,
+                  overrides: Sequence[str] = ()) -> tuple[list[dict], str]:
+    """``lad eval --checkpoint``: the checkpoint's COCO results on the evaluation split, and its annotation file.
+    ``overrides`` (``section.key=value``) apply to the checkpoint's config (e.g. ``test.score_thr``)."""
     _, _, device = dist.init_from_env()
-    predictor = Predictor.from_checkpoint(checkpoint, config, device=device, network=network)
+    predictor = Predictor.from_checkpoint(checkpoint, config, overrides, device=device, network=network)
     dataset = eval_dataset(predictor.config, ann, images)
     dataset.check_num_classes(predictor.num_classes)
     workers = predictor.config.data.num_workers if num_workers is None else num_workers
