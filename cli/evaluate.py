@@ -77,7 +77,7 @@ def _per_class_table(per_class: dict[str, float | None], columns: int = 3) -> st
     cells = [(name, "-" if ap is None else f"{ap:.3f}") for name, ap in per_class.items()]
     if not cells:
         return ""
-    width = max(len(name) for name, _ in cells)
+    width = max([len(name) for name, _ in cells] + [len("category")])  # the header fits its column
     header = "  ".join(f"{'category':<{width}} {'AP':>5}" for _ in range(min(columns, len(cells))))
     rows = ["  ".join(f"{name:<{width}} {ap:>5}" for name, ap in cells[i:i + columns])
             for i in range(0, len(cells), columns)]

@@ -5,8 +5,6 @@ import json
 
 import click
 
-from lad_pipeline.runtime import distributed
-
 from .options import ann_option, config_option, images_option, num_workers_option, resume_option, set_option
 
 amp_option = click.option("--amp", is_flag=True, help="Mixed precision on CUDA (same as --set train.amp=true).")
@@ -45,11 +43,6 @@ def run_options(command):
     return command
 
 
-def _report(summary: dict) -> None:
-    if distributed.is_main():
-        click.echo(json.dumps(summary))
-
-
 @click.command("train-teacher")
 @run_options
 def train_teacher_command(config_path, ann, images, out, resume, num_workers, amp, tensorboard, overrides) -> None:
@@ -57,14 +50,16 @@ def train_teacher_command(config_path, ann, images, out, resume, num_workers, am
     from lad_pipeline.train.recipes import train_teacher
 
     config = _config(config_path, overrides, resume, out, amp, tensorboard, num_workers)
-    _report(train_teacher(config, out, ann=ann, images=images, resume=resume))
+    train_teacher(config, out, ann=ann, images=images, resume=resume)
 
 
 @click.command("train-student")
 @click.option("--cache", type=click.Path(), metavar="LABELS.zarr", help="Label cache from lad cache-labels.")
 @click.option("--teacher", type=click.Path(dir_okay=False),
-              help="Teacher checkpoint for views the cache lacks (default teacher.checkpoint of the config).")
-@click.option("--no-fallback", is_flag=True, help="A view missing from the cache is an error, not an online teacher run.")
+              help="Teacher checkpoint for views the cache lacks (default: teacher.checkpoint of the config, else "
+                   "the teacher that made the cache, checked by its sha256).")
+@click.option("--no-fallback", is_flag=True,
+              help="Views missing from the cache are an error (before the run starts), not an online teacher run.")
 @run_options
 def train_student_command(cache, teacher, no_fallback, config_path, ann, images, out, resume,
                           num_workers, amp, tensorboard, overrides) -> None:
@@ -73,8 +68,8 @@ def train_student_command(cache, teacher, no_fallback, config_path, ann, images,
     from lad_pipeline.train.recipes import train_student
 
     config = _config(config_path, overrides, resume, out, amp, tensorboard, num_workers)
-    _report(train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann,
-                          images=images, resume=resume))
+    train_student(config, out, cache=cache, teacher=teacher, fallback=not no_fallback, ann=ann, images=images,
+                  resume=resume)
 
 
 @click.command("train-colad")
@@ -84,4 +79,4 @@ def train_colad_command(config_path, ann, images, out, resume, num_workers, amp,
     from lad_pipeline.train.recipes import train_colad
 
     config = _config(config_path, overrides, resume, out, amp, tensorboard, num_workers)
-    _report(train_colad(config, out, ann=ann, images=images, resume=resume))
+    train_colad(config, out, ann=ann, images=images, resume=resume)

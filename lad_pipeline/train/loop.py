@@ -425,8 +425,10 @@ class Trainer:
         summary = {"iterations": self.iteration, "final": str(self.paths.final), **self.counts,
                    **self.summary_extra}
         self._write_metrics({"summary": summary})
-        if self.main:
-            log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
-                     self.counts["hits"], self.counts["misses"], self.paths.final)
+        if self.main:  # label-cache hits and misses only where labels come from a cache or a teacher
+            used = self.counts["hits"] + self.counts["misses"]
+            labels = f", label-cache hits {self.counts['hits']}, misses {self.counts['misses']}" if used else ""
+            log.info("done: %d iterations%s, checkpoint %s (summary in %s)", self.iteration, labels,
+                     self.paths.final, self.paths.metrics)
         return summary
 
