@@ -82,7 +82,7 @@ def show_command(checkpoint: str, config_path: Optional[str], image_id: int, ann
     if hidden:
         title += f"; {hidden} more, each under a higher-scoring one, not drawn"
     path = write_png(add_caption(drawn, title, legend), out or f"show_{image_id}.png")
-    detail = ": " + ", ".join(text for _, text in legend if _ != GT_COLOR) if len(order) else ""
+    detail = "; drawn: " + ", ".join(text for c, text in legend if c != GT_COLOR) if len(order) else ""
     click.echo(f"wrote {path} ({original.shape[2]}x{original.shape[1]} px, zoom {zoom}): {title}{detail}")
 
 

@@ -75,7 +75,7 @@ OMP_NUM_THREADS=1 lad eval --checkpoint runs/teacher/checkpoints/final.pth "${VA
   --out runs/teacher/val_metrics.json > runs/teacher/eval.txt &
 eval_pid=$!
 OMP_NUM_THREADS=1 lad show --checkpoint runs/teacher/checkpoints/final.pth --image-id 1 "${VAL[@]}" --out teacher.png \
-  --zoom 4 --score-thr 0.5 &
+  --gt --score-thr 0.5 &
 show_pid=$!
 OMP_NUM_THREADS=1 lad plot --run runs/student_paa --run runs/student_lad --label "student, PAA (own labels)" \
   --label "student, LAD (teacher's labels)" --out curves.png

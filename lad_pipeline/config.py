@@ -450,12 +450,23 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+# sections of features a run may not use (a teacher, CoLAD's second network, soft-label KD): written only when
+# they differ from their defaults, so that a plain run's config shows only what it uses
+OPTIONAL_SECTIONS = ("teacher", "colad", "distill")
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config."""
+    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config.
+
+    An optional section at its defaults is left out; loading the file gives the same config."""
     path = Path(path)
+    data, defaults = config.to_dict(), Config().to_dict()
+    for name in OPTIONAL_SECTIONS:
+        if data[name] == defaults[name]:
+            del data[name]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(dump_toml(config.to_dict()))
+        tmp.write_text(dump_toml(data))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -103,3 +103,18 @@ def test_train_student_uses_the_teacher_that_made_the_cache_for_views_it_lacks(w
     assert done["misses"] > 0 and done["hits"] == 0
     assert done["teacher"] == str(teacher)
     assert load_config(tmp_path / "online" / "config.toml").teacher.checkpoint == str(teacher)
+
+
+# -- what a run's config says ------------------------------------------------------------------------------
+def test_a_plain_run_saves_only_the_sections_it_uses_and_warns_of_a_warmup_longer_than_the_run(world, tmp_path):
+    out = tmp_path / "run"
+    result = lad("train-teacher", "--config", STUDENT_CONFIG, *world.data_args(), "--out", out,
+                 *set_args("train.warmup_iters=10"))
+    assert result.returncode == 0, result.stderr
+    assert "train.warmup_iters is 10 but the run has 4 iterations" in result.stderr
+    text = (out / "config.toml").read_text()
+    assert "[teacher" not in text and "[colad" not in text and "[distill]" not in text
+    assert load_config(out / "config.toml").distill.method == "lad"  # the defaults, as before
+    quiet = lad("train-teacher", "--config", STUDENT_CONFIG, *world.data_args(), "--out", tmp_path / "quiet",
+                *set_args())
+    assert quiet.returncode == 0 and "warmup_iters" not in quiet.stderr

@@ -177,6 +177,9 @@ class Trainer:
             raise LadError(f"the dataset has {self.keys_per_epoch} training images, fewer than one batch of "
                            f"{total_batch}: lower train.batch_size")
         self.schedule = Schedule.from_config(config.train, self.iters_per_epoch)
+        if self.main and self.schedule.total_iters < config.train.warmup_iters:
+            log.warning("train.warmup_iters is %d but the run has %d iterations: the learning rate never reaches "
+                        "train.lr", config.train.warmup_iters, self.schedule.total_iters)
         self.amp = config.train.amp and self.device.type == "cuda"
         if config.train.amp and not self.amp:
             log.info("train.amp is set but there is no CUDA device: training in fp32")
