@@ -208,6 +208,23 @@ def test_show_default_output_and_nothing_above_threshold(world, tmp_path, monkey
     assert "0 detections with score > 1" in result.stdout
 
 
+def test_show_gt_outlines_the_ground_truth_and_the_picture_carries_its_legend(world, tmp_path):
+    args = ("show", "--checkpoint", world["checkpoint"], "--image-id", 11, "--ann", world["ann"],
+            "--images", world["images"], "--score-thr", "1.0", "--zoom", "1")
+    result = run(*args, "--gt", "--out", tmp_path / "gt.png")
+    assert result.exit_code == 0, result.output
+    picture = read_png(tmp_path / "gt.png")
+    h, w, boxes = IMAGES[11]
+    white = (picture[:, :h, :w] == 255).all(0)
+    for _, x, y, bw, bh in boxes:  # the middle of each box's left and right edges
+        assert white[y + bh // 2, x] and white[y + bh // 2, x + bw - 1], (x, y, bw, bh)
+    plain = read_png(world["images"] / "img_11.png")
+    assert not torch.equal(picture[:, :h, :w], plain)
+    # under the image: a white strip with the title and the legend (text and swatches are not white)
+    strip = picture[:, h:, :]
+    assert strip.shape[1] >= 30 and (strip != 255).any(0).float().mean() > 0.005
+
+
 def test_show_unknown_image_id_is_one_line(world, tmp_path):
     result = run("show", "--checkpoint", world["checkpoint"], "--image-id", 999, "--ann", world["ann"],
                  "--images", world["images"], "--out", tmp_path / "x.png")
