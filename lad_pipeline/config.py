@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import typing
@@ -458,6 +459,26 @@ def rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def resolve_paths(config: Config, base: str | Path | None = None) -> Config:
+    """The config with every path key (``data.ann``, ``data.val_images``, ``model.init_from``,
+    ``teacher.checkpoint``, ``train.tensorboard``, ...) made absolute against ``base`` (default: the current
+    directory). A run saves its config resolved, so that the run means the same files from any directory."""
+    base = Path(base) if base is not None else Path.cwd()
+
+    def resolve(node: Any) -> Any:
+        rules = ALLOWED.get(type(node), {})
+        changes = {}
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = resolve(value)
+            elif rules.get(f.name) is PATH and value and "://" not in value:  # a URL stays as it is
+                changes[f.name] = os.path.abspath(base / Path(value).expanduser())
+        return dataclasses.replace(node, **changes)
+
+    return resolve(config)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
     """Load a TOML config file; ``overrides`` are ``"section.key=value"`` strings (TOML values)."""
     path = Path(path)
@@ -508,7 +529,18 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+# sections of features a run may not use (a teacher, CoLAD's second network, soft-label KD): written only when
+# they differ from their defaults, so that a plain run's config shows only what it uses
+OPTIONAL_SECTIONS = ("teacher", "colad", "distill")
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config."""
+    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config.
+
+    An optional section at its defaults is left out; loading the file gives the same config."""
+    data, defaults = config.to_dict(), Config().to_dict()
+    for name in OPTIONAL_SECTIONS:
+        if data[name] == defaults[name]:
+            del data[name]
     with atomic_write(path, "w", what="config") as f:
-        f.write(dump_toml(config.to_dict()))
+        f.write(dump_toml(data))

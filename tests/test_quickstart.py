@@ -39,7 +39,7 @@ def test_quickstart_reduced(tmp_path):
     out = result.stdout
     # every stage ran and left what the next one reads
     assert (work / "labels.zarr" / "zarr.json").is_file()
-    info = json.loads(subprocess.run([sys.executable, "-m", "cli", "cache-info", str(work / "labels.zarr"),
+    info = json.loads(subprocess.run([sys.executable, "-m", "cli", "cache-info", "--cache", str(work / "labels.zarr"),
                                       "--json"], capture_output=True, text=True, cwd=REPO).stdout)
     assert info["counts"]["views"] == 2 * info["counts"]["images"] and info["finalized"]
     summary = summary_of(work / "runs" / "student_lad")
