@@ -5,7 +5,6 @@ import json
 
 import click
 
-from lad_pipeline.cache import cache_info, format_info
 from lad_pipeline.errors import LadError
 
 from .options import (ann_option, config_option, device_option, images_option, num_workers_option,
@@ -19,6 +18,8 @@ from .options import (ann_option, config_option, device_option, images_option, n
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def cache_info_command(path: str, verify: bool, as_json: bool) -> None:
     """Summarise a label cache written by lad cache-labels (a directory or a store URL)."""
+    from lad_pipeline.cache import cache_info, format_info
+
     info = cache_info(path, verify=verify)
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
     if verify and not info["verify"]["ok"]:
@@ -28,8 +29,8 @@ def cache_info_command(path: str, verify: bool, as_json: bool) -> None:
 
 
 def _soft_options(command):
-    """--soft and its knobs (defaults: lad_pipeline.soft_record.SoftKnobs)."""
-    from lad_pipeline.soft_record import SoftKnobs
+    """--soft and its knobs (defaults: lad_pipeline.soft_knobs.SoftKnobs)."""
+    from lad_pipeline.soft_knobs import SoftKnobs
 
     d = SoftKnobs()
     options = [
@@ -83,7 +84,7 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
     from lad_pipeline.checkpoint import resolve_config
     from lad_pipeline.runtime import distributed
     from lad_pipeline.cache_labels import cache_labels
-    from lad_pipeline.soft_record import SoftKnobs
+    from lad_pipeline.soft_knobs import SoftKnobs
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")

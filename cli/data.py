@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from lad_pipeline.data.toy import make_toy_dataset
 
 from .options import path_option
 
@@ -25,5 +24,7 @@ def make_toy_data_command(out: str, n_train: int, n_val: int, seed: int, overwri
     disjoint digit samples. Defaults: 512 train / 128 val images, a ResNet-18 PAA trains on them on a CPU
     in minutes.
     """
+    from lad_pipeline.data.toy import make_toy_dataset
+
     path = make_toy_dataset(out, n_train, n_val, seed, overwrite=overwrite)
     click.echo(f"wrote {n_train} train and {n_val} val images to {path}")

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from lad_pipeline.evaluate.coco_eval import evaluate_coco
 from lad_pipeline.errors import LadError
 
 from .options import device_option, num_workers_option, overrides_option
@@ -54,6 +53,8 @@ def eval_command(checkpoint: str | None, config_path: str | None, onnx: str | No
 
         if not distributed.is_main():  # under torchrun every rank infers, rank 0 evaluates and reports
             return
+    from lad_pipeline.evaluate.coco_eval import evaluate_coco
+
     metrics = evaluate_coco(ann, results)
     click.echo(metrics["summary"])
     click.echo(_per_class_table(metrics["per_class_ap"]))

@@ -10,7 +10,6 @@ import threading
 import click
 
 from lad_pipeline import __version__
-from lad_pipeline.data.collate import worker_death
 from lad_pipeline.errors import LadError
 
 from .cache import cache_info_command, cache_labels_command
@@ -47,8 +46,12 @@ class LadGroup(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
+        except click.exceptions.Exit:  # --help and the like (a RuntimeError to Python): nothing went wrong
+            raise
         except RuntimeError as exc:
             # torch raises these wherever the main process is when a data worker or another rank dies
+            from lad_pipeline.data.collate import worker_death
+
             message = worker_death(exc) or _peer_lost(exc)
             if message is None:
                 raise

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
 from lad_pipeline.errors import LadError
-from lad_pipeline.types import ViewKey
 
 from .options import device_option, overrides_option, parse_scale
+
+if TYPE_CHECKING:
+    from lad_pipeline.types import ViewKey
 
 VARIANTS = ("identity", "hflip")
 
@@ -49,7 +51,7 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
     from lad_pipeline.data import CocoViews, read_image
     from lad_pipeline.evaluate.predictor import Predictor
     from lad_pipeline.runtime.distributed import resolve_device
-    from lad_pipeline.types import Detections
+    from lad_pipeline.types import Detections, ViewKey
     from lad_pipeline.visualize import (GT_COLOR, add_caption, auto_zoom, class_text, color, display_order,
                                         draw_detections, draw_outlines, enlarge, plural, write_png)
 
@@ -133,6 +135,7 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     With --soft (a cache made with lad cache-labels --soft): the anchors its soft record stores, coloured
     by their top teacher probability (dark blue 0 .. green .. yellow 1), box-KD anchors with a white rim."""
     from lad_pipeline.cache import LabelCache, annotation_fingerprint
+    from lad_pipeline.types import ViewKey
     from lad_pipeline.data import CocoViews
     from lad_pipeline.visualize import add_caption, auto_zoom, class_text, draw_assignment, format_summary, plural, \
         write_png

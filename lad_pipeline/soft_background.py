@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 LOGIT_CLAMP = 30.0  # background offsets and fitted logits stay within +-30 (probabilities 1e-13 .. 1 - 1e-13)
-CODE_BITS = (4, 8)  # per-anchor codes: two per byte, or one
 NEWTON_STEPS = 60  # at most, of the per-(level, class) solves; they converge in < 15 from the mean-prior start
 CONVERGED = 1e-10  # a Newton solve stops once no step is larger (logit units)
 IMPUTE_ROUNDS = 3  # fits of the background directions, the stored entries imputed from the previous one
