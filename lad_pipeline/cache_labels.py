@@ -21,7 +21,7 @@ from .models.anchors import AnchorLayout
 from .boxes import DELTA_STDS
 from .runtime import distributed as dist
 from .runtime.progress import Progress
-from .soft_record import SoftKnobs, encode_soft
+from .soft_record import SoftKnobs, check_soft_teacher, encode_soft
 from .teacher import resolve_precision, teacher_assign_with_outputs
 
 log = logging.getLogger("lad")
@@ -89,6 +89,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
     if soft is not None:
         soft.validate(teacher_cfg.num_classes)
+        check_soft_teacher(teacher.anchors)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
     attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft,

@@ -21,6 +21,7 @@ else:  # pragma: no cover
 from .errors import LadError
 from .runtime.atomic import atomic_write
 
+HEADS = ("paa", "paa_iop", "paa_cop")  # lad_pipeline.models.head; IOP and COP output class probabilities
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
 
 
@@ -37,6 +38,8 @@ class ModelConfig:
     frozen_stages: int = 1  # stem and stage 1 get no gradients
     norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
     init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
+    head: str = "paa"  # "paa" (class logits), "paa_iop" or "paa_cop" (the LAD authors' heads: class probabilities)
+    cop_kernel: int = 3  # the COP head's neighbourhood: k x k class scores fused per location
 
 
 @dataclass
@@ -216,6 +219,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "frozen_stages": between(-1, 4),
         "norm_eval": ANY,
         "init_from": PATH,
+        "head": one_of(*HEADS),
+        "cop_kernel": Allowed(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1 (the neighbourhood is centred)"),
     },
     TeacherConfig: {
         "checkpoint": PATH,

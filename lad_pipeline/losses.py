@@ -1,7 +1,9 @@
 """PAA and LAD training losses from an Assignment, as mmdetection 3.3.0's PAAHead and LADHead compute them.
 
 * classification: sigmoid focal loss (gamma 2, alpha 0.25) over every anchor that is not IGNORED and every
-  class, divided by ``max(num_pos, num_images)``;
+  class, divided by ``max(num_pos, num_images)``; for a head whose class outputs are probabilities (IOP,
+  COP: ``AnchorLayout.class_probs``) the same focal loss on the probabilities (the LAD authors'
+  ``ProbFocalLoss``: binary cross-entropy of the probability, its log clamped at -100 as torch's is);
 * box: GIoU loss (weight 1.3) of the decoded positive predictions against their GT boxes. PAA weights each
   positive by its IoU target and divides by the sum of the IoU targets; LAD (mmdetection's LADHead, the
   official LAD code) takes the plain mean over ``num_pos``;
@@ -42,6 +44,28 @@ def focal_loss_terms(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha:
     one_minus_pt = (1 - p) * targets + p * (1 - targets)
     weight = (alpha * targets + (1 - alpha) * (1 - targets)) * one_minus_pt.pow(gamma)
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
+
+
+def prob_focal_loss_terms(probs: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """Element-wise focal loss of class *probabilities* (the LAD authors' ``prob_sigmoid_focal_loss``).
+
+    ``targets`` is the one-hot over the C foreground classes (the source builds it over C + 1 classes, the
+    last one background, and drops that column: a background anchor is all zeros).
+    """
+    one_minus_pt = (1 - probs) * targets + probs * (1 - targets)
+    weight = (alpha * targets + (1 - alpha) * (1 - targets)) * one_minus_pt.pow(gamma)
+    # torch's binary cross-entropy clamps log at -100 and keeps a finite gradient where a probability is 0 or 1
+    # (the IOP head's ReLU makes exact zeros); it refuses half precision under CUDA autocast, so run it outside
+    with torch.autocast(probs.device.type, enabled=False):
+        bce = F.binary_cross_entropy(probs.float(), targets.float(), reduction="none")
+    return bce * weight
+
+
+def class_focal_terms(cls: Tensor, targets: Tensor, anchors: AnchorLayout, gamma: float, alpha: float) -> Tensor:
+    """Element-wise focal loss of a model's class outputs, read as ``anchors`` says (logits or probabilities)."""
+    if anchors.class_probs:
+        return prob_focal_loss_terms(cls, targets, gamma, alpha)
+    return focal_loss_terms(cls, targets, gamma, alpha)
 
 
 def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
@@ -106,7 +130,11 @@ def _loss(
 
     onehot = torch.zeros_like(cls)
     onehot[img, anchor, labels] = 1.0
-    loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=config.focal_alpha, gamma=config.focal_gamma, reduction="sum")
+    if anchors.class_probs:
+        loss_cls = prob_focal_loss_terms(cls[trained], onehot[trained], config.focal_gamma, config.focal_alpha).sum()
+    else:
+        loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=config.focal_alpha, gamma=config.focal_gamma,
+                                      reduction="sum")
     loss_cls = loss_cls / (max(num_pos, num_images) + FLOAT32_EPS)
 
     if num_pos == 0:

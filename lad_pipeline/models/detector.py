@@ -13,28 +13,29 @@ from ..types import HeadOutputs
 from .anchors import AnchorLayout
 from .backbone import ResNetBody
 from .fpn import FPN
-from .head import PAAHead
+from .head import COPHead, PAAHead, IOPHead
 
 
 class PAADetector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.anchors = AnchorLayout.from_config(config)
+        self.anchors = AnchorLayout.from_config(config)  # also says whether the class outputs are probabilities
         _check_level_strides(self.anchors)
         self.backbone = ResNetBody(config.backbone, config.frozen_stages, config.norm_eval)
         # start_level=1: C3..C5 feed the pyramid; levels past P5 are extra stride-2 convs (P6, P7 by default)
         in_channels = self.backbone.out_channels[1:]
         num_extra = self.anchors.num_levels - len(in_channels)
         self.neck = FPN(in_channels, config.fpn_channels, num_extra)
-        self.bbox_head = PAAHead(
-            config.num_classes,
-            config.fpn_channels,
-            config.head_channels,
-            config.stacked_convs,
-            self.anchors.num_levels,
-            config.prior_prob,
-        )
+        head_args = (config.num_classes, config.fpn_channels, config.head_channels, config.stacked_convs,
+                     self.anchors.num_levels, config.prior_prob)
+        if config.head == "paa_cop":
+            self.bbox_head: PAAHead = COPHead(*head_args, kernel=config.cop_kernel)
+        elif config.head == "paa_iop":
+            self.bbox_head = IOPHead(*head_args)
+        else:
+            self.bbox_head = PAAHead(*head_args)
+        assert self.bbox_head.class_probs == self.anchors.class_probs
 
     def forward(self, images: Tensor) -> HeadOutputs:
         return self.bbox_head(self.neck(self.backbone(images)[1:]))

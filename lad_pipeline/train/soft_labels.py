@@ -35,12 +35,14 @@ def kd_settings(distill: DistillConfig) -> dict[str, float]:
 
 
 def distill_loss(distill: DistillConfig, outs: HeadOutputs, labels: Labels,
-                 hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone."""
+                 hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]],
+                 anchors: AnchorLayout = AnchorLayout()) -> dict[str, Tensor]:
+    """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone.
+    ``anchors``: the student's layout (how its class outputs read)."""
     if distill.method not in SOFT_METHODS:
         raise ValueError(f"distill.method {distill.method!r} has no soft labels")
     losses = dict(hard_loss(outs, labels)) if distill.method == "solad" else {}
-    losses.update(kd_loss(outs, labels.aux, **kd_settings(distill)))
+    losses.update(kd_loss(outs, labels.aux, **kd_settings(distill), anchors=anchors))
     return losses
 
 
@@ -85,7 +87,7 @@ class SoftOnlineTeacher(OnlineTeacher):
         return Labels(run.assignments, batch.targets, misses=len(batch.keys), aux=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss)
+        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
 
 
 class SoftCachedLabels(CachedLabels):
@@ -133,4 +135,4 @@ class SoftCachedLabels(CachedLabels):
                       misses=len(missing), aux=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss)
+        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
