@@ -80,6 +80,10 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     images = images or config.data.images
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+    if not scales and config.data.scale_mode == "range":
+        raise LadError(f"data.scale_mode = range: training draws each view's size between {config.data.scales[0]} "
+                       f"and {config.data.scales[1]}, which a label cache cannot hold view by view; pass --scales "
+                       f"to cache fixed scales (a run's draws at other sizes go to the online teacher as misses)")
     scales = [list(s) for s in (scales or config.data.scales)]
     checkpoint = Checkpoint.read(teacher_ckpt)
     teacher_cfg = checkpoint.teacher_model_config(config)

@@ -116,6 +116,9 @@ class DataConfig:
     val_ann: str = ""
     val_images: str = ""
     scales: list[list[int]] = field(default_factory=lambda: [[1333, 800]])  # (long, short); one entry = fixed
+    # "list": each view takes one of the scales; "range": two scales bound a range, each view draws its long and
+    # short side uniformly (integers) in between (mmdetection's multiscale_mode='range'); eval uses the first
+    scale_mode: str = "list"
     flip_prob: float = 0.5
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -266,6 +269,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "val_ann": PATH,
         "val_images": PATH,
         "scales": SCALES,
+        "scale_mode": one_of("list", "range"),
         "flip_prob": between(0, 1),
         "mean": RGB,
         "std": POSITIVE_RGB,

@@ -209,11 +209,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return err
 
 
-def keys_of_epoch(world: World, config) -> list:
+def keys_of_epoch(world: World, config, scale_mode: str = "list") -> list:
     from lad_pipeline.data import CocoViews
 
     dataset = CocoViews(world.ann, world.images, scales=config.data.scales, flip_prob=config.data.flip_prob,
-                        seed=config.train.seed)
+                        seed=config.train.seed, scale_mode=scale_mode)
     return dataset.train_keys(0)
 
 
