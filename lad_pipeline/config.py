@@ -21,7 +21,8 @@ else:  # pragma: no cover
 from .errors import LadError
 from .runtime.atomic import atomic_write
 
-HEADS = ("paa", "paa_iop", "paa_cop")  # lad_pipeline.models.head; IOP and COP output class probabilities
+# lad_pipeline.models.head; IOP and COP output class probabilities, their "base" variants have no IoU branch
+HEADS = ("paa", "paa_iop", "paa_cop", "paa_iop_base", "paa_cop_base")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
 
 
@@ -38,7 +39,9 @@ class ModelConfig:
     frozen_stages: int = 1  # stem and stage 1 get no gradients
     norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
     init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
-    head: str = "paa"  # "paa" (class logits), "paa_iop" or "paa_cop" (the LAD authors' heads: class probabilities)
+    # "paa" (class logits); the LAD authors' "paa_iop", "paa_cop" (class probabilities) and their "_base"
+    # variants without the IoU branch
+    head: str = "paa"
     cop_kernel: int = 3  # the COP head's neighbourhood: k x k class scores fused per location
 
 

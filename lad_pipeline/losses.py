@@ -8,7 +8,9 @@
   positive by its IoU target and divides by the sum of the IoU targets; LAD (mmdetection's LADHead, the
   official LAD code) takes the plain mean over ``num_pos``;
 * IoU branch: binary cross-entropy of the IoU logit against the IoU target (IoU of the detached decoded box
-  with its GT), weight 0.5, divided by ``num_pos``.
+  with its GT), weight 0.5, divided by ``num_pos``. A head without one (the authors' "base" IOP/COP heads,
+  ``AnchorLayout.iou_branch``) has no ``loss_iou``, and its box loss is the plain mean over positives, as the
+  source's ``GIoULoss`` without weights.
 
 ``num_pos`` counts the positives of the whole batch. Every division by an average factor is mmdetection's
 ``sum / (factor + float32 eps)``. With no positive the box and IoU losses are zeros that still belong to the
@@ -112,7 +114,6 @@ def _loss(
 ) -> dict[str, Tensor]:
     cls = flatten_levels(outs.cls).float()
     reg = flatten_levels(outs.reg).float()
-    iou_logit = flatten_levels(outs.iou).float()[..., 0]
     num_images, num_anchors, num_classes = cls.shape
     if len(assignments) != num_images or len(targets) != num_images:
         raise ValueError(f"{num_images} images of head outputs but {len(assignments)} assignments and {len(targets)} targets")
@@ -139,17 +140,23 @@ def _loss(
 
     if num_pos == 0:
         # an empty slice: a zero that carries (zero) gradients to the box and IoU branches
-        return {"loss_cls": loss_cls, "loss_bbox": reg[:, :0].sum(), "loss_iou": iou_logit[:, :0].sum()}
+        zeros = {"loss_cls": loss_cls, "loss_bbox": reg[:, :0].sum()}
+        if anchors.iou_branch:
+            zeros["loss_iou"] = flatten_levels(outs.iou)[:, :0].float().sum()
+        return zeros
 
     priors = anchors.anchors([tuple(t.shape[-2:]) for t in outs.cls], device=cls.device)
     boxes = decode(priors[anchor], reg[img, anchor])
     gt_boxes = torch.cat([t.boxes for t in targets]).to(boxes)[row]
     iou_target = aligned_iou(boxes.detach(), gt_boxes)[0]
     giou_loss = 1 - aligned_iou(boxes, gt_boxes)[1]
+    if not anchors.iou_branch:  # the "base" heads: nothing predicts the IoU, nothing weights the boxes by it
+        return {"loss_cls": loss_cls, "loss_bbox": config.bbox_weight * giou_loss.sum() / (num_pos + FLOAT32_EPS)}
     if iou_weighted:
         loss_bbox = (giou_loss * iou_target.clamp(min=IOU_EPS)).sum() / (iou_target.sum() + FLOAT32_EPS)
     else:
         loss_bbox = giou_loss.sum() / (num_pos + FLOAT32_EPS)
+    iou_logit = flatten_levels(outs.iou).float()[..., 0]
     bce = F.binary_cross_entropy_with_logits(iou_logit[img, anchor], iou_target, reduction="sum")
     return {
         "loss_cls": loss_cls,

@@ -3,7 +3,8 @@
 Follows mmdetection 3.3.0 ``PAAHead._predict_by_feat_single`` / ``_bbox_post_process`` /
 ``score_voting``; the score of an (anchor, class) pair is ``sqrt(sigmoid(cls) * sigmoid(iou))``, or
 ``sqrt(cls * sigmoid(iou))`` for a head whose class outputs are already probabilities (IOP, COP: the
-layout's ``class_probs``), as the LAD authors' heads score them.
+layout's ``class_probs``), as the LAD authors' heads score them; a head without an IoU branch (their
+"base" heads, the layout's ``iou_branch``) scores a pair by its class probability alone.
 Score voting is vectorised over detections (mmdetection loops over classes and boxes in Python).
 """
 from __future__ import annotations
@@ -73,13 +74,17 @@ def _image_candidates(
 ) -> tuple[Tensor, Tensor]:
     """Decoded boxes ``[N,4]`` and pair scores ``[N,C]`` of the per-level top ``nms_pre`` anchors."""
     all_boxes, all_scores = [], []
-    for cls_l, reg_l, iou_l, anchors_l in zip(cls, reg, iou, anchors):
+    iou_levels = iou if layout.iou_branch else [None] * len(cls)  # a head without IoU branch gives no levels
+    for cls_l, reg_l, iou_l, anchors_l in zip(cls, reg, iou_levels, anchors):
         num_classes = cls_l.shape[0]
         # float(): outputs of an autocast forward are half precision; scores and boxes are not.
         cls_p = layout.class_probabilities(cls_l.float().permute(1, 2, 0).reshape(-1, num_classes))
-        iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
         deltas = reg_l.float().permute(1, 2, 0).reshape(-1, 4)
-        scores = (cls_p * iou_p[:, None]).sqrt()
+        if iou_l is None:
+            scores = cls_p
+        else:
+            iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
+            scores = (cls_p * iou_p[:, None]).sqrt()
         if 0 < nms_pre < scores.shape[0]:
             top = scores.max(dim=1).values.topk(nms_pre).indices
             scores, deltas, anchors_l = scores[top], deltas[top], anchors_l[top]

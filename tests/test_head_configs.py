@@ -13,6 +13,10 @@ HEAD_CONFIGS = {
     "paa_iop_r50_fpn_1x_coco.toml": ("resnet50", "paa_iop"),
     "paa_cop_r18_fpn_1x_coco.toml": ("resnet18", "paa_cop"),
     "paa_iop_r18_fpn_1x_coco.toml": ("resnet18", "paa_iop"),
+    "paa_cop_base_r50_fpn_1x_coco.toml": ("resnet50", "paa_cop_base"),
+    "paa_iop_base_r50_fpn_1x_coco.toml": ("resnet50", "paa_iop_base"),
+    "paa_cop_base_r18_fpn_1x_coco.toml": ("resnet18", "paa_cop_base"),
+    "paa_iop_base_r18_fpn_1x_coco.toml": ("resnet18", "paa_iop_base"),
 }
 COLAD_CONFIGS = {
     "colad_r101cop_r50p3x_ms_2x_coco.toml": "resnet101",
@@ -39,6 +43,7 @@ def test_head_configs_load_and_train_two_iterations(name, world, tmp_path):
     config = load_config(REPO / "configs" / name)
     assert (config.model.backbone, config.model.head) == HEAD_CONFIGS[name] and _round_trips(config)
     assert config.model.cop_kernel == 3 and config.train.epochs == 12 and config.train.lr_steps == [8, 11]
+    assert (config.train.batch_size, config.train.lr, config.train.base_batch_size) == (8, 0.01, 16)
     assert config.data.scale_mode == "list" and config.data.scales == [[1333, 800]]
     run = tmp_path / "run"
     result = lad("train-teacher", "--config", REPO / "configs" / name, *world.data_args(), "--out", run,

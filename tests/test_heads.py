@@ -235,3 +235,50 @@ def test_a_soft_cache_of_a_probability_teacher_is_refused_in_one_line():
     as_probs, _ = _outputs()
     with pytest.raises(LadError, match="outputs probabilities"):
         encode_soft(as_probs, TARGETS[0], (90, 120), anchors=PROB_LAYOUT, pad_shape=PADS[0])
+
+
+# -- the "base" heads: no IoU branch -------------------------------------------------------------------------------
+NO_IOU = AnchorLayout(class_probs=True, iou_branch=False)
+
+
+@pytest.mark.parametrize("head", ["paa_iop_base", "paa_cop_base"])
+def test_base_heads_have_no_iou_branch(head):
+    config = ModelConfig(backbone="resnet18", num_classes=4, fpn_channels=32, head_channels=64, stacked_convs=1,
+                         head=head)
+    model = build_detector(config).eval()
+    assert model.anchors.class_probs and not model.anchors.iou_branch
+    assert not any("iou_pred" in k for k in model.state_dict())
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 96))
+    assert outs.iou == [] and len(outs.cls) == len(outs.reg) == 5
+    assert all(bool(((t >= 0) & (t <= 1)).all()) for t in outs.cls)
+
+
+def test_base_heads_assign_and_train_without_iou():
+    as_probs, _ = _outputs(4)
+    base = HeadOutputs(as_probs.cls, as_probs.reg, [])
+    a = paa_assign(base, TARGETS, PADS, anchors=NO_IOU)
+    with_iou = paa_assign(as_probs, TARGETS, PADS, anchors=PROB_LAYOUT)  # PAA's score never reads the IoU
+    for x, y in zip(a, with_iou):
+        assert torch.equal(x.gt_index, y.gt_index) and torch.equal(x.cand_score, y.cand_score)
+    losses = paa_loss(base, a, TARGETS, anchors=NO_IOU)
+    assert set(losses) == {"loss_cls", "loss_bbox"}
+    from lad_pipeline.losses import lad_loss
+
+    plain_mean = lad_loss(as_probs, a, TARGETS, anchors=PROB_LAYOUT)  # LAD's box loss is the plain mean
+    assert torch.equal(losses["loss_cls"], plain_mean["loss_cls"])
+    torch.testing.assert_close(losses["loss_bbox"], plain_mean["loss_bbox"], rtol=1e-6, atol=0)
+
+
+def test_base_heads_score_a_pair_by_its_class_probability():
+    as_probs, _ = _outputs(5)
+    shapes = [(90, 120), (96, 128)]
+    got = postprocess(HeadOutputs(as_probs.cls, as_probs.reg, []), shapes, anchors=NO_IOU)
+    # the same as sqrt(p' * 1) with p' = p^2 and an IoU probability of 1
+    squared = HeadOutputs([p.double().pow(2).float() for p in as_probs.cls], as_probs.reg,
+                          [torch.full_like(u, 40.0) for u in as_probs.iou])
+    ref = postprocess(squared, shapes, anchors=PROB_LAYOUT)
+    for x, y in zip(got, ref):
+        assert len(x.scores) > 0 and torch.equal(x.labels, y.labels)
+        torch.testing.assert_close(x.scores, y.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.boxes, y.boxes, rtol=1e-5, atol=1e-3)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from toy_world import STUDENT_CONFIG, checkpoint, lad, save_teacher, set_args, summary, tiny_config
+from toy_world import (STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, save_teacher, set_args, step_records,
+                        summary, tiny_config)
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.models import build_detector
@@ -50,7 +51,7 @@ def test_a_cop_teacher_caches_its_own_assignment(world, cop_teacher, cop_cache):
         assert expected.num_pos > 0
 
 
-@pytest.mark.parametrize("head", ["paa_iop", "paa_cop"])
+@pytest.mark.parametrize("head", ["paa_iop", "paa_cop", "paa_iop_base", "paa_cop_base"])
 def test_a_probability_head_student_trains_from_the_cop_cache_and_evaluates(head, world, cop_teacher, cop_cache,
                                                                            tmp_path):
     run = tmp_path / head
@@ -61,8 +62,11 @@ def test_a_probability_head_student_trains_from_the_cop_cache_and_evaluates(head
     assert summ["iterations"] == 2 and (summ["hits"], summ["misses"]) == (4, 0)
     state = checkpoint(run / "checkpoints" / "final.pth")
     assert state["config"]["model"]["head"] == head
-    extra = "objectness" if head == "paa_iop" else "coeff_conv"
+    extra = "objectness" if head.startswith("paa_iop") else "coeff_conv"
     assert any(extra in k for k in state["model"])
+    assert any("iou_pred" in k for k in state["model"]) == (not head.endswith("_base"))
+    losses = {k for r in step_records(run) for k in r if k.startswith("loss_")}
+    assert losses == ({"loss_cls", "loss_bbox"} if head.endswith("_base") else {"loss_cls", "loss_bbox", "loss_iou"})
     model = build_detector(tiny_config(f"model.head={head}").model)
     model.load_state_dict(state["model"])
 
@@ -82,3 +86,19 @@ def test_a_cop_student_learns_online_from_a_cop_teacher(world, cop_teacher, tmp_
     assert result.returncode == 0, result.stderr
     summ = summary(run)
     assert summ["iterations"] == 2 and summ["misses"] == 4
+
+
+def test_online_solad_between_probability_heads(world, cop_teacher, tmp_path):
+    run = tmp_path / "solad"
+    result = lad("train-student", "--teacher", cop_teacher, "--config", STUDENT_CONFIG, *world.data_args(),
+                 "--out", run, *set_args(*TWO, "model.head=paa_iop", "distill.method=solad"))
+    assert result.returncode == 0, result.stderr
+    records = step_records(run)
+    assert len(records) == 2 and all(r["loss_kd_cls"] > 0 and r["loss_kd_iou"] > 0 for r in records)
+
+
+def test_kd_with_a_head_without_iou_branch_is_refused_in_one_line(world, cop_teacher, tmp_path):
+    result = lad("train-student", "--teacher", cop_teacher, "--config", STUDENT_CONFIG, *world.data_args(),
+                 "--out", tmp_path / "kd", *set_args(*TWO, "model.head=paa_cop_base", "distill.method=kd"))
+    assert_one_line_error(result, "distill.method = kd", "paa_cop_base")
+    assert not (tmp_path / "kd" / "checkpoints" / "final.pth").exists()

@@ -29,10 +29,11 @@ class PAADetector(nn.Module):
         self.neck = FPN(in_channels, config.fpn_channels, num_extra)
         head_args = (config.num_classes, config.fpn_channels, config.head_channels, config.stacked_convs,
                      self.anchors.num_levels, config.prior_prob)
-        if config.head == "paa_cop":
-            self.bbox_head: PAAHead = COPHead(*head_args, kernel=config.cop_kernel)
-        elif config.head == "paa_iop":
-            self.bbox_head = IOPHead(*head_args)
+        iou_branch = self.anchors.iou_branch
+        if config.head.startswith("paa_cop"):
+            self.bbox_head: PAAHead = COPHead(*head_args, iou_branch=iou_branch, kernel=config.cop_kernel)
+        elif config.head.startswith("paa_iop"):
+            self.bbox_head = IOPHead(*head_args, iou_branch=iou_branch)
         else:
             self.bbox_head = PAAHead(*head_args)
         assert self.bbox_head.class_probs == self.anchors.class_probs

@@ -8,6 +8,8 @@ Besides mmdetection's PAA head (class *logits*), the two heads of the LAD author
 * COP (conditional objectness): a 3x3 conv on the box tower gives ``k*k`` coefficients per location; the
   class probability at a location is the mean over its ``k x k`` neighbourhood (zero-padded logits,
   row-major kernel order as ``F.unfold``) of ``sigmoid(neighbour's cls logit) * sigmoid(coefficient)``.
+
+Their "base" variants (``iou_branch=False``) have no IoU prediction: ``HeadOutputs.iou`` is an empty list.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class PAAHead(nn.Module):
         stacked_convs: int = 4,
         num_levels: int = 5,
         prior_prob: float = 0.01,
+        iou_branch: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -62,7 +65,8 @@ class PAAHead(nn.Module):
         self.reg_convs = nn.ModuleList(ConvGNReLU(a, b) for a, b in zip(chans[:-1], chans[1:]))
         self.cls_logits = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(feat_channels, 4, 3, padding=1)
-        self.iou_pred = nn.Conv2d(feat_channels, 1, 3, padding=1)  # mmdetection calls it atss_centerness
+        # mmdetection calls it atss_centerness; the LAD authors' "base" heads have none
+        self.iou_pred = nn.Conv2d(feat_channels, 1, 3, padding=1) if iou_branch else None
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -82,7 +86,8 @@ class PAAHead(nn.Module):
                 r = conv(r)
             cls.append(self.class_scores(c, r))
             reg.append(scale(self.bbox_pred(r)).float())
-            iou.append(self.iou_pred(r))
+            if self.iou_pred is not None:
+                iou.append(self.iou_pred(r))
         return HeadOutputs(cls, reg, iou)
 
     def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
@@ -136,5 +141,3 @@ class COPHead(PAAHead):
         coeffs = self.coeff_conv(reg_feat).permute(0, 2, 3, 1).reshape(n, 1, h, w, k2)
         return (neighbours.sigmoid() * coeffs.sigmoid()).mean(-1)
 
-
-HEADS = {"paa": PAAHead, "paa_iop": IOPHead, "paa_cop": COPHead}

@@ -67,6 +67,14 @@ def check_soft_setup(distill: DistillConfig, *, cache: Optional[str], cache_attr
                        f"lad cache-labels --soft at a min_iou of at most {distill.min_iou}")
 
 
+def check_kd_heads(distill: DistillConfig, *layouts: AnchorLayout) -> None:
+    """Refuse KD/SoLAD where the student or the teacher has no IoU branch (the "base" IOP/COP heads): the KD
+    losses distil the teacher's IoU prediction into the student's."""
+    if distill.method in SOFT_METHODS and not all(layout.iou_branch for layout in layouts):
+        raise LadError(f"distill.method = {distill.method} distils the teacher's IoU branch, and a paa_iop_base or "
+                       f"paa_cop_base head has none: use a head with it (paa, paa_iop, paa_cop), or distill.method = lad")
+
+
 class SoftOnlineTeacher(OnlineTeacher):
     """Online SoLAD / KD: the teacher's outputs on each view give its assignment and the exact KD targets."""
 
@@ -74,6 +82,7 @@ class SoftOnlineTeacher(OnlineTeacher):
                  distill: DistillConfig, batch_padding: bool = False, precision: str = "fp32") -> None:
         super().__init__(teacher, assign, loss, anchors, batch_padding, precision)
         check_soft_setup(distill, cache=None, cache_attrs=None, teacher_batch_padding=batch_padding)
+        check_kd_heads(distill, anchors, teacher.anchors)
         self.distill = distill
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
@@ -101,6 +110,7 @@ class SoftCachedLabels(CachedLabels):
                  fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
         super().__init__(cache, loss, anchors, fallback)
         check_soft_setup(distill, cache=str(cache.path), cache_attrs=cache.attrs, teacher_batch_padding=False)
+        check_kd_heads(distill, anchors)
         self.distill = distill
         self.knobs = cache.soft_knobs  # a miss is encoded as the store's views were
         self.record_min_iou = self.knobs.min_iou
