@@ -2,24 +2,20 @@
 ``multiscale_mode='range'``), reproducibly per (seed, epoch, view); a label cache cannot hold such views."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from toy_world import (
     STUDENT_CONFIG,
     assert_one_line_error,
-    assert_same_tensors,
-    checkpoint,
+    assert_same_final_state,
     keys_of_epoch,
+    kill_at_first_checkpoint,
     lad,
     set_args,
     shared_cache,
-    start_lad,
     step_records,
     summary,
     tiny_config,
-    wait_for,
 )
 from lad_pipeline.data.sampling import draw_train_keys
 from lad_pipeline.errors import LadError
@@ -89,26 +85,9 @@ def test_a_range_run_resumed_after_sigkill_ends_bitwise_equal(world, tmp_path):
     assert len(sizes) > 3  # the views really take many sizes
 
     cut = tmp_path / "killed"
-    victim = start_lad("train-teacher", "--config", STUDENT_CONFIG, *world.data_args(), "--out", cut,
-                       *set_args(*TEACHER_RUN))
-    try:
-        latest = cut / "checkpoints" / "latest.pth"
-        wait_for(latest.exists, victim)
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=60)
-    finally:
-        victim.kill()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (cut / "checkpoints" / "final.pth").exists()
-    killed_at = checkpoint(latest)["iteration"]
+    killed_at = kill_at_first_checkpoint(cut, "train-teacher", "--config", STUDENT_CONFIG, *world.data_args(),
+                                         "--out", cut, *set_args(*TEACHER_RUN))
     assert 2 <= killed_at < 7
-
     resumed = lad("train-teacher", "--out", cut, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = checkpoint(ref / "checkpoints" / "final.pth"), checkpoint(cut / "checkpoints" / "final.pth")
-    assert a["iteration"] == b["iteration"] == 7
-    assert_same_tensors(a["model"], b["model"], "model")
-    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
-    losses_ref = {r["iter"]: r["loss"] for r in step_records(ref)}
-    losses_cut = {r["iter"]: r["loss"] for r in step_records(cut)}
-    assert losses_cut == losses_ref and len(losses_ref) == 7
+    assert_same_final_state(ref, cut, 7)
