@@ -14,7 +14,10 @@ iterations:
 - ``kd``: the teacher's cached soft labels alone (the KD recipe: class weight 10, box KD above IoU 0.1);
 - ``solad``: LAD plus the soft-label KD losses (the SoLAD recipe);
 - ``colad``: no teacher; the student co-learns with a ResNet-50 from scratch (``toy_colad_r18_r50.toml``), both
-  networks evaluated, against the ResNet-50 trained alone with plain PAA for the same iterations.
+  networks evaluated, against the ResNet-50 trained alone with plain PAA for the same iterations;
+- ``iop``, ``cop`` (not run by default): the student with the LAD authors' IOP or COP head, plain PAA on its own
+  labels; ``lad_cop``: the COP student of the teacher's cached labels (``docs/heads.md``). For example
+  ``--rows paa iop cop lad lad_cop --json bench/heads_toy.json --no-docs``.
 
 AP is COCO AP@[.5:.95] on the toy val split from ``lad eval``. Everything goes through the real ``lad`` command
 line; ``--jobs 2`` trains two runs at a time, one CPU thread each (the numbers do not depend on it). Writes
@@ -43,8 +46,11 @@ PEER_CONFIG = CONFIGS / "toy_teacher_r50.toml"  # CoLAD's second network, traine
 TRAIN_IMAGES, VAL_IMAGES = 512, 128  # lad make-toy-data's defaults, as the quickstart makes them
 KD_RECIPE = ('distill.method="kd"', "distill.cls_weight=10.0", "distill.min_iou=0.1")
 SOLAD_RECIPE = ('distill.method="solad"',)
-ROWS = ("paa", "lad", "kd", "solad", "colad")
-TITLES = {"paa": "PAA (own labels)", "lad": "LAD (teacher's labels, cached)", "kd": "KD (teacher's soft labels)",
+ROWS = ("paa", "lad", "kd", "solad", "colad", "iop", "cop", "lad_cop")
+DEFAULT_ROWS = ROWS[:5]
+TITLES = {"iop": "PAA with the IOP head (own labels)", "cop": "PAA with the COP head (own labels)",
+          "lad_cop": "LAD with the COP head (teacher's labels, cached)",
+          "paa": "PAA (own labels)", "lad": "LAD (teacher's labels, cached)", "kd": "KD (teacher's soft labels)",
           "solad": "SoLAD (LAD + soft labels)", "colad": "CoLAD (with a {peer}, no teacher)"}
 
 
@@ -94,7 +100,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "lad_toy")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at a time (one CPU thread each if > 1)")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "lad_toy.json", help="where the results go")
     ap.add_argument("--teacher-config", type=Path, default=TEACHER_CONFIG)
     ap.add_argument("--student-config", type=Path, default=STUDENT_CONFIG)
     ap.add_argument("--teacher-iters", type=int, help="default: the teacher config's train.max_iters")
@@ -130,6 +137,9 @@ def main() -> None:
         "solad": (["train-student", "--cache", cache], args.student_config, SOLAD_RECIPE),
         "colad": (["train-colad"], COLAD_CONFIG, ()),
         "peer_paa": (["train-teacher"], PEER_CONFIG, ()),  # CoLAD's second network alone
+        "iop": (["train-teacher"], args.student_config, ("model.head=paa_iop",)),
+        "cop": (["train-teacher"], args.student_config, ("model.head=paa_cop",)),
+        "lad_cop": (["train-student", "--cache", cache], args.student_config, ("model.head=paa_cop",)),
     }
     names = rows + (["peer_paa"] if "colad" in rows else [])
     # the slow runs first, so that two workers finish together
@@ -168,7 +178,7 @@ def main() -> None:
     }
     if "colad" in rows:
         results["gain"]["colad_peer"] = [b - a for a, b in zip(per_row["peer_paa"], per_row["colad_peer"])]
-    (REPO / "bench" / "lad_toy.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_docs:
         from lad_pipeline.plot import plot_runs
 
@@ -210,7 +220,8 @@ def _verdict(gains: list[float], base: list[float], other: list[float]) -> str:
 def write_markdown(r: dict, rows: list[str]) -> None:
     ap_, gain = r["ap"], r["gain"]
     seeds = " ".join(map(str, r["seeds"]))
-    names = {"lad": "LAD", "kd": "KD", "solad": "SoLAD", "colad": "CoLAD"}
+    names = {"lad": "LAD", "kd": "KD", "solad": "SoLAD", "colad": "CoLAD", "iop": "IOP", "cop": "COP",
+             "lad_cop": "LAD with COP"}
     shown = [names[n] for n in rows if n in names]
     lines = [
         f"# Results: {', '.join(shown[:-1]) + ' and ' + shown[-1] if len(shown) > 1 else ''.join(shown)} "

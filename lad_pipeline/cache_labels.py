@@ -23,7 +23,7 @@ from .models.anchors import AnchorLayout
 from .boxes import DELTA_STDS
 from .runtime import distributed as dist
 from .runtime.progress import Progress
-from .soft_record import SoftKnobs, encode_soft
+from .soft_record import SoftKnobs, check_soft_teacher, encode_soft
 from .teacher import resolve_precision, teacher_assign_with_outputs
 
 log = logging.getLogger("lad")
@@ -82,6 +82,10 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     images = images or config.data.images
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+    if not scales and config.data.scale_mode == "range":
+        raise LadError(f"data.scale_mode = range: training draws each view's size between {config.data.scales[0]} "
+                       f"and {config.data.scales[1]}, which a label cache cannot hold view by view; pass --scales "
+                       f"to cache fixed scales (a run's draws at other sizes go to the online teacher as misses)")
     scales = [list(s) for s in (scales or config.data.scales)]
     checkpoint = Checkpoint.read(teacher_ckpt)
     teacher_cfg = checkpoint.teacher_model_config(config)
@@ -91,6 +95,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
     if soft is not None:
         soft.validate(teacher_cfg.num_classes)
+        check_soft_teacher(teacher.anchors)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
     attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft,

@@ -36,6 +36,7 @@ _MMDET_RENAMES = [
     (re.compile(r"^bbox_head\.atss_reg\."), "bbox_head.bbox_pred."),
     (re.compile(r"^bbox_head\.atss_centerness\."), "bbox_head.iou_pred."),
     *MMDET_SWIN_RENAMES,
+    (re.compile(r"^bbox_head\.obj_bias\."), "bbox_head.obj_threshold."),  # the LAD authors' IOP head
 ]
 # numpy objects mmdetection/mmengine may leave in ``meta``: plain data, safe to rebuild
 _np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core

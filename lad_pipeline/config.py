@@ -22,6 +22,8 @@ else:  # pragma: no cover
 from .errors import LadError
 from .runtime.atomic import atomic_write
 
+# lad_pipeline.models.head; IOP and COP output class probabilities, their "base" variants have no IoU branch
+HEADS = ("paa", "paa_iop", "paa_cop", "paa_iop_base", "paa_cop_base")
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
 SWINS = ("swin_t", "swin_s", "swin_b")
 BACKBONES = RESNETS + SWINS
@@ -62,6 +64,11 @@ class ModelConfig:
     init_from: str = ""  # checkpoint (ours, mmdetection's, or an ImageNet backbone: torchvision's or Swin's)
     swin: SwinConfig = field(default_factory=SwinConfig)  # overrides of the swin_* preset
     drop_path_rate: float = 0.0  # Swin stochastic depth, rising linearly to this over the blocks
+    init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
+    # "paa" (class logits); the LAD authors' "paa_iop", "paa_cop" (class probabilities) and their "_base"
+    # variants without the IoU branch
+    head: str = "paa"
+    cop_kernel: int = 3  # the COP head's neighbourhood: k x k class scores fused per location
 
 
 @dataclass
@@ -141,6 +148,9 @@ class DataConfig:
     val_ann: str = ""
     val_images: str = ""
     scales: list[list[int]] = field(default_factory=lambda: [[1333, 800]])  # (long, short); one entry = fixed
+    # "list": each view takes one of the scales; "range": two scales bound a range, each view draws its long and
+    # short side uniformly (integers) in between (mmdetection's multiscale_mode='range'); eval uses the first
+    scale_mode: str = "list"
     flip_prob: float = 0.5
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -257,6 +267,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
                              "4 head counts >= 1, one per stage (or [] for the preset's)"),
         "window_size": Allowed(lambda v: v == 0 or v >= 2,
                                ">= 2 (the shifted blocks move the windows by half a window), or 0 for the preset's"),
+        "head": one_of(*HEADS),
+        "cop_kernel": Allowed(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1 (the neighbourhood is centred)"),
     },
     TeacherConfig: {
         "checkpoint": PATH,
@@ -303,6 +315,7 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "val_ann": PATH,
         "val_images": PATH,
         "scales": SCALES,
+        "scale_mode": one_of("list", "range"),
         "flip_prob": between(0, 1),
         "mean": RGB,
         "std": POSITIVE_RGB,

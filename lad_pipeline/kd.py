@@ -86,6 +86,19 @@ def focal_kl(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
     return focal * kl
 
 
+PROB_CLAMP = (1e-4, 0.9999)  # the source's probability form clamps both probabilities into this range
+
+
+def prob_focal_kl(probs: Tensor, target: Tensor, gamma: float) -> Tensor:
+    """Element-wise focal KL loss of the source's ``FocalKLLoss(use_sigmoid=False)``, for a student whose class
+    outputs are probabilities (IOP, COP): both probabilities are clamped to ``PROB_CLAMP`` first, the focal
+    factor included."""
+    probs, target = probs.clamp(*PROB_CLAMP), target.clamp(*PROB_CLAMP)
+    kl = F.kl_div(probs.log(), target, reduction="none") + F.kl_div((1 - probs).log(), 1 - target, reduction="none")
+    focal = ((target - probs) ** 2 + FOCAL_SMOOTH) ** (0.5 * gamma)
+    return focal * kl
+
+
 def clip_boxes(boxes: Tensor, limit: Tensor) -> Tensor:
     """Clip x1y1x2y2 ``boxes [K, 4]`` to ``[0, w] x [0, h]`` row by row (``limit [K, 2]`` = (h, w))."""
     hi = limit.flip(-1).repeat(1, 2).to(boxes)  # (w, h, w, h)
@@ -123,7 +136,8 @@ def kd_targets_dense(
 ) -> KDTargets:
     """KD targets from the teacher's dense outputs on a batch (the online path, and the reference of the cache).
 
-    ``anchors``: the layout of the outputs (teacher and student share it: the targets index the same anchors).
+    ``anchors``: the teacher's layout (teacher and student share its anchors: the targets index the same
+    anchors; it also says whether the teacher's class outputs are logits or probabilities).
     ``img_shapes``: each view's unpadded (h, w), the clip of decoded boxes. ``pad_shapes``: each view's own
     padded (H, W); anchors beyond it are not box-KD anchors and, unless ``cls_on_padding``, not in the
     classification term either. ``None``: every anchor of the grid belongs to every view.
@@ -157,7 +171,7 @@ def kd_targets_dense(
         rows["weight"].append(weight[selected])
     box_anchor = torch.cat(rows["anchor"])
     return KDTargets(
-        cls_prob=cls.sigmoid(),
+        cls_prob=layout.class_probabilities(cls),
         cls_mask=torch.ones_like(valid) if cls_on_padding else valid,
         box_image=torch.cat(rows["image"]),
         box_anchor=box_anchor,
@@ -180,8 +194,12 @@ def kd_loss(
     gamma: float,
     min_iou: Optional[float] = None,
     stds: Sequence[float] = STDS,
+    anchors: AnchorLayout = AnchorLayout(),
 ) -> dict[str, Tensor]:
     """``{"loss_kd_cls", "loss_kd_iou", "loss_kd_bbox"}`` (0-d tensors) of the student against ``kd``.
+
+    ``anchors``: the student's layout; where its class outputs are probabilities, the class term is the
+    source's probability form (``prob_focal_kl``).
 
     ``min_iou``: keep only the box-KD rows whose weight exceeds it (``None`` or the targets' own threshold:
     all rows). It may not be lower than the threshold the targets were built with. Settings of the
@@ -205,7 +223,8 @@ def kd_loss(
         return {"loss_kd_cls": zero, "loss_kd_iou": zero.clone(), "loss_kd_bbox": zero.clone()}
     avg_factor = weight.sum()
 
-    loss_cls = focal_kl(cls[kd.cls_mask], kd.cls_prob[kd.cls_mask].float(), gamma).sum() / avg_factor
+    class_kl = prob_focal_kl if anchors.class_probs else focal_kl
+    loss_cls = class_kl(cls[kd.cls_mask], kd.cls_prob[kd.cls_mask].float(), gamma).sum() / avg_factor
     loss_iou = focal_kl(iou_logit[image, anchor], kd.iou_prob[keep].float(), gamma).sum() / avg_factor
 
     limit = kd.box_limit[keep]

@@ -1,12 +1,16 @@
 """PAA and LAD training losses from an Assignment, as mmdetection 3.3.0's PAAHead and LADHead compute them.
 
 * classification: sigmoid focal loss (gamma 2, alpha 0.25) over every anchor that is not IGNORED and every
-  class, divided by ``max(num_pos, num_images)``;
+  class, divided by ``max(num_pos, num_images)``; for a head whose class outputs are probabilities (IOP,
+  COP: ``AnchorLayout.class_probs``) the same focal loss on the probabilities (the LAD authors'
+  ``ProbFocalLoss``: binary cross-entropy of the probability, its log clamped at -100 as torch's is);
 * box: GIoU loss (weight 1.3) of the decoded positive predictions against their GT boxes. PAA weights each
   positive by its IoU target and divides by the sum of the IoU targets; LAD (mmdetection's LADHead, the
   official LAD code) takes the plain mean over ``num_pos``;
 * IoU branch: binary cross-entropy of the IoU logit against the IoU target (IoU of the detached decoded box
-  with its GT), weight 0.5, divided by ``num_pos``.
+  with its GT), weight 0.5, divided by ``num_pos``. A head without one (the authors' "base" IOP/COP heads,
+  ``AnchorLayout.iou_branch``) has no ``loss_iou``, and its box loss is the plain mean over positives, as the
+  source's ``GIoULoss`` without weights.
 
 ``num_pos`` counts the positives of the whole batch. Every division by an average factor is mmdetection's
 ``sum / (factor + float32 eps)``. With no positive the box and IoU losses are zeros that still belong to the
@@ -42,6 +46,28 @@ def focal_loss_terms(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha:
     one_minus_pt = (1 - p) * targets + p * (1 - targets)
     weight = (alpha * targets + (1 - alpha) * (1 - targets)) * one_minus_pt.pow(gamma)
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
+
+
+def prob_focal_loss_terms(probs: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """Element-wise focal loss of class *probabilities* (the LAD authors' ``prob_sigmoid_focal_loss``).
+
+    ``targets`` is the one-hot over the C foreground classes (the source builds it over C + 1 classes, the
+    last one background, and drops that column: a background anchor is all zeros).
+    """
+    one_minus_pt = (1 - probs) * targets + probs * (1 - targets)
+    weight = (alpha * targets + (1 - alpha) * (1 - targets)) * one_minus_pt.pow(gamma)
+    # torch's binary cross-entropy clamps log at -100 and keeps a finite gradient where a probability is 0 or 1
+    # (the IOP head's ReLU makes exact zeros); it refuses half precision under CUDA autocast, so run it outside
+    with torch.autocast(probs.device.type, enabled=False):
+        bce = F.binary_cross_entropy(probs.float(), targets.float(), reduction="none")
+    return bce * weight
+
+
+def class_focal_terms(cls: Tensor, targets: Tensor, anchors: AnchorLayout, gamma: float, alpha: float) -> Tensor:
+    """Element-wise focal loss of a model's class outputs, read as ``anchors`` says (logits or probabilities)."""
+    if anchors.class_probs:
+        return prob_focal_loss_terms(cls, targets, gamma, alpha)
+    return focal_loss_terms(cls, targets, gamma, alpha)
 
 
 def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
@@ -88,7 +114,6 @@ def _loss(
 ) -> dict[str, Tensor]:
     cls = flatten_levels(outs.cls).float()
     reg = flatten_levels(outs.reg).float()
-    iou_logit = flatten_levels(outs.iou).float()[..., 0]
     num_images, num_anchors, num_classes = cls.shape
     if len(assignments) != num_images or len(targets) != num_images:
         raise ValueError(f"{num_images} images of head outputs but {len(assignments)} assignments and {len(targets)} targets")
@@ -106,22 +131,32 @@ def _loss(
 
     onehot = torch.zeros_like(cls)
     onehot[img, anchor, labels] = 1.0
-    loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=config.focal_alpha, gamma=config.focal_gamma, reduction="sum")
+    if anchors.class_probs:
+        loss_cls = prob_focal_loss_terms(cls[trained], onehot[trained], config.focal_gamma, config.focal_alpha).sum()
+    else:
+        loss_cls = sigmoid_focal_loss(cls[trained], onehot[trained], alpha=config.focal_alpha, gamma=config.focal_gamma,
+                                      reduction="sum")
     loss_cls = loss_cls / (max(num_pos, num_images) + FLOAT32_EPS)
 
     if num_pos == 0:
         # an empty slice: a zero that carries (zero) gradients to the box and IoU branches
-        return {"loss_cls": loss_cls, "loss_bbox": reg[:, :0].sum(), "loss_iou": iou_logit[:, :0].sum()}
+        zeros = {"loss_cls": loss_cls, "loss_bbox": reg[:, :0].sum()}
+        if anchors.iou_branch:
+            zeros["loss_iou"] = flatten_levels(outs.iou)[:, :0].float().sum()
+        return zeros
 
     priors = anchors.anchors([tuple(t.shape[-2:]) for t in outs.cls], device=cls.device)
     boxes = decode(priors[anchor], reg[img, anchor])
     gt_boxes = torch.cat([t.boxes for t in targets]).to(boxes)[row]
     iou_target = aligned_iou(boxes.detach(), gt_boxes)[0]
     giou_loss = 1 - aligned_iou(boxes, gt_boxes)[1]
+    if not anchors.iou_branch:  # the "base" heads: nothing predicts the IoU, nothing weights the boxes by it
+        return {"loss_cls": loss_cls, "loss_bbox": config.bbox_weight * giou_loss.sum() / (num_pos + FLOAT32_EPS)}
     if iou_weighted:
         loss_bbox = (giou_loss * iou_target.clamp(min=IOU_EPS)).sum() / (iou_target.sum() + FLOAT32_EPS)
     else:
         loss_bbox = giou_loss.sum() / (num_pos + FLOAT32_EPS)
+    iou_logit = flatten_levels(outs.iou).float()[..., 0]
     bce = F.binary_cross_entropy_with_logits(iou_logit[img, anchor], iou_target, reduction="sum")
     return {
         "loss_cls": loss_cls,

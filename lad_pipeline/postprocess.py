@@ -1,7 +1,10 @@
 """PAA test-time post-processing: per-level top-k, decode, class-wise NMS, score voting.
 
 Follows mmdetection 3.3.0 ``PAAHead._predict_by_feat_single`` / ``_bbox_post_process`` /
-``score_voting``; the score of an (anchor, class) pair is ``sqrt(sigmoid(cls) * sigmoid(iou))``.
+``score_voting``; the score of an (anchor, class) pair is ``sqrt(sigmoid(cls) * sigmoid(iou))``, or
+``sqrt(cls * sigmoid(iou))`` for a head whose class outputs are already probabilities (IOP, COP: the
+layout's ``class_probs``), as the LAD authors' heads score them; a head without an IoU branch (their
+"base" heads, the layout's ``iou_branch``) scores a pair by its class probability alone.
 Score voting is vectorised over detections (mmdetection loops over classes and boxes in Python).
 
 Two entries share everything after the decoding: ``postprocess`` takes the head's outputs (and decodes only the
@@ -59,7 +62,7 @@ def postprocess(
     for i in range(num_images):
         boxes, scores = _image_candidates(
             [c[i] for c in cls_levels], [r[i] for r in reg_levels], [u[i] for u in iou_levels],
-            priors, img_shapes[i], config.nms_pre,
+            priors, img_shapes[i], config.nms_pre, anchors,
         )
         results.append(_detections(boxes, scores, None if scale_factors is None else scale_factors[i], config))
     return results
@@ -106,17 +109,21 @@ def postprocess_decoded(
 
 def _image_candidates(
     cls: list[Tensor], reg: list[Tensor], iou: list[Tensor], anchors: list[Tensor],
-    img_shape: tuple[int, int], nms_pre: int,
+    img_shape: tuple[int, int], nms_pre: int, layout: AnchorLayout,
 ) -> tuple[Tensor, Tensor]:
     """Decoded boxes ``[N,4]`` and pair scores ``[N,C]`` of the per-level top ``nms_pre`` anchors."""
     all_boxes, all_scores = [], []
-    for cls_l, reg_l, iou_l, anchors_l in zip(cls, reg, iou, anchors):
+    iou_levels = iou if layout.iou_branch else [None] * len(cls)  # a head without IoU branch gives no levels
+    for cls_l, reg_l, iou_l, anchors_l in zip(cls, reg, iou_levels, anchors):
         num_classes = cls_l.shape[0]
         # float(): outputs of an autocast forward are half precision; scores and boxes are not.
-        cls_p = cls_l.float().permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
-        iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
+        cls_p = layout.class_probabilities(cls_l.float().permute(1, 2, 0).reshape(-1, num_classes))
         deltas = reg_l.float().permute(1, 2, 0).reshape(-1, 4)
-        scores = (cls_p * iou_p[:, None]).sqrt()
+        if iou_l is None:
+            scores = cls_p
+        else:
+            iou_p = iou_l.float().permute(1, 2, 0).reshape(-1).sigmoid()
+            scores = (cls_p * iou_p[:, None]).sqrt()
         top = _level_top(scores, nms_pre)
         if top is not None:
             scores, deltas, anchors_l = scores[top], deltas[top], anchors_l[top]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .boxes import DELTA_STDS, decode
 from .soft_background import LOGIT_CLAMP, code_bits, fit_levels, pack_codes, unpack_codes
+from .errors import LadError
 from .soft_knobs import SoftKnobs
 from .kd import KDTargets, box_kd_selection
 from .losses import flatten_levels
@@ -143,6 +144,14 @@ def _fp16(t: Tensor) -> np.ndarray:
     return t.float().clamp(-FP16_MAX, FP16_MAX).cpu().numpy().astype(np.float16)
 
 
+def check_soft_teacher(anchors: AnchorLayout) -> None:
+    """Refuse a teacher whose class outputs are probabilities (IOP, COP heads): a record codes logits."""
+    if anchors.class_probs:
+        raise LadError("soft labels (--soft) record a teacher's class logits, and this teacher's head (paa_iop or "
+                       "paa_cop) outputs probabilities: use a PAA-head teacher, or train SoLAD online with --teacher "
+                       "and no --cache")
+
+
 @torch.no_grad()
 def encode_soft(
     teacher_outs: HeadOutputs,
@@ -162,6 +171,7 @@ def encode_soft(
     computed on a larger batch grid (``None``: the outputs' grid is the view's own). ``knobs.min_iou``
     selects the box-KD anchors (it must not exceed the ``min_iou`` of the losses the record will serve).
     """
+    check_soft_teacher(anchors)
     cls, reg, iou, sizes = _own_grid(teacher_outs, image, pad_shape, anchors)
     cls, reg, iou = cls.float(), reg.float(), iou.float()
     num_classes = cls.shape[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -308,3 +309,28 @@ def test_export_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("head", ["paa_cop", "paa_iop_base"])
+def test_probability_heads_export_their_own_scores(head, tmp_path):
+    """IOP/COP heads output class probabilities (no sigmoid in the graph) and the base variants have no IoU
+    branch (the score is the class probability): the graph's detections are PyTorch's."""
+    config = tiny_config(f"model.head={head}", "model.num_classes=10")
+    torch.manual_seed(0)
+    model = build_detector(config.model).eval()
+    for p in model.bbox_head.parameters():  # spread the scores so that detections pass the threshold
+        p.data.add_(torch.randn_like(p) * 0.05)
+    ckpt = tmp_path / "model.pth"
+    save_checkpoint(ckpt, model, config.to_dict())
+    report = export_onnx(ckpt, tmp_path / "model.onnx")
+    graph = OnnxDetector(report.path, ["CPUExecutionProvider"])
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = model(images)
+    shapes = [(96, 128), (80, 112)]
+    boxes, scores = graph(images)
+    test = replace(config.test, score_thr=0.0)
+    ours = postprocess_decoded(boxes, scores, (96, 128), shapes, anchors=model.anchors, config=test)
+    theirs = postprocess(outs, shapes, anchors=model.anchors, config=test)
+    assert sum(len(d.labels) for d in theirs) > 0
+    assert_same_detections(ours, theirs)

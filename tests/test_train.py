@@ -17,9 +17,11 @@ from toy_world import (
     REPO,
     STUDENT_CONFIG,
     assert_one_line_error,
+    assert_same_final_state,
     assert_same_tensors,
     checkpoint,
     interrupt,
+    kill_at_first_checkpoint,
     lad,
     set_args,
     shared_cache,
@@ -124,18 +126,9 @@ def test_train_student_from_cache(world, tmp_path):
 def test_resume_after_sigkill_is_bit_exact(world, teacher_run, tmp_path):
     ref, _ = teacher_run
     cut = tmp_path / "killed"
-    victim = start_lad("train-teacher", "--config", STUDENT_CONFIG, *world.data_args(), "--out", cut,
-                       *set_args(*TEACHER_RUN))
-    try:
-        latest = cut / "checkpoints" / "latest.pth"
-        wait_for(latest.exists, victim)
-        victim.send_signal(signal.SIGKILL)
-        victim.communicate(timeout=60)
-    finally:
-        victim.kill()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (cut / "checkpoints" / "final.pth").exists()
-    killed_at = checkpoint(latest)["iteration"]
+    latest = cut / "checkpoints" / "latest.pth"
+    killed_at = kill_at_first_checkpoint(cut, "train-teacher", "--config", STUDENT_CONFIG, *world.data_args(),
+                                         "--out", cut, *set_args(*TEACHER_RUN))
     assert 2 <= killed_at < 6  # resumes inside the first epoch, and finishes in the second
 
     # --resume needs nothing but the run directory: config and data come from its config.toml
@@ -143,15 +136,7 @@ def test_resume_after_sigkill_is_bit_exact(world, teacher_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {latest} at iteration {killed_at}" in (cut / "train.log").read_text()
 
-    a, b = checkpoint(ref / "checkpoints" / "final.pth"), checkpoint(cut / "checkpoints" / "final.pth")
-    assert a["iteration"] == b["iteration"] == 7
-    assert_same_tensors(a["model"], b["model"], "model")  # weights and BN statistics, bit for bit
-    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")  # momentum buffers too
-    assert_same_tensors(a["rng"], b["rng"], "rng")  # and the RNG streams continue identically
-    # the same loss at every iteration (the killed run may have logged some twice: the later ones count)
-    losses_ref = {r["iter"]: r["loss"] for r in step_records(ref)}
-    losses_cut = {r["iter"]: r["loss"] for r in step_records(cut)}
-    assert losses_cut == losses_ref and len(losses_ref) == 7
+    assert_same_final_state(ref, cut, 7)
 
 
 # -- 3. cache hits and misses -----------------------------------------------------------------------------------

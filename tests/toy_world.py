@@ -157,6 +157,35 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         time.sleep(poll)
 
 
+def kill_at_first_checkpoint(run: Path, *args) -> int:
+    """Start ``lad ARGS`` (whose run directory is ``run``), SIGKILL it as soon as it has saved ``latest.pth``;
+    returns the iteration that checkpoint holds. The run must not have finished."""
+    victim = start_lad(*args)
+    latest = Path(run) / "checkpoints" / "latest.pth"
+    try:
+        wait_for(latest.exists, victim)
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=60)
+    finally:
+        victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (Path(run) / "checkpoints" / "final.pth").exists()
+    return checkpoint(latest)["iteration"]
+
+
+def assert_same_final_state(ref: Path, cut: Path, iterations: int) -> None:
+    """Two finished runs end bit for bit equal: weights and BN statistics, momentum buffers, RNG streams, and the
+    loss of every iteration (a killed run may have logged some twice: the later ones count)."""
+    a, b = checkpoint(Path(ref) / "checkpoints" / "final.pth"), checkpoint(Path(cut) / "checkpoints" / "final.pth")
+    assert a["iteration"] == b["iteration"] == iterations
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    assert_same_tensors(a["rng"], b["rng"], "rng")
+    losses_ref = {r["iter"]: r["loss"] for r in step_records(ref)}
+    losses_cut = {r["iter"]: r["loss"] for r in step_records(cut)}
+    assert losses_cut == losses_ref and len(losses_ref) == iterations
+
+
 def interrupt(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 120) -> tuple[str, str]:
     proc.send_signal(sig)
     return proc.communicate(timeout=timeout)
@@ -212,11 +241,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return err
 
 
-def keys_of_epoch(world: World, config) -> list:
+def keys_of_epoch(world: World, config, scale_mode: str = "list") -> list:
     from lad_pipeline.data import CocoViews
 
     dataset = CocoViews(world.ann, world.images, scales=config.data.scales, flip_prob=config.data.flip_prob,
-                        seed=config.train.seed)
+                        seed=config.train.seed, scale_mode=scale_mode)
     return dataset.train_keys(0)
 
 

@@ -101,12 +101,15 @@ def colad_assign(
     pad_shapes: Sequence[tuple[int, int]],
     *,
     anchors: AnchorLayout = AnchorLayout(),
+    anchors2: Optional[AnchorLayout] = None,
     config: Optional[AssignConfig] = None,
     loss: Optional[LossConfig] = None,
 ) -> tuple[list[Assignment], CoLADStats]:
     """The CoLAD assignment of a batch from both networks' head outputs on that same batch.
 
     Arguments and knobs as ``paa_assign``; both outputs must share the batch, classes and feature-map sizes.
+    ``anchors2``: network 2's layout when its head differs (same anchors; its class outputs may be
+    probabilities where network 1's are logits); ``None``: the same as ``anchors``.
     Returns one Assignment per image (``cand_score``: the kept losses the GMM split) and the statistics.
     Two identical outputs give exactly ``paa_assign``'s result.
     """
@@ -117,8 +120,9 @@ def colad_assign(
         for k, outs in enumerate((outs1, outs2), start=1):
             _for_network(k, _check_finite, outs)
         cand = find_candidates(outs1, targets, pad_shapes, anchors, config)
-        loss1, loss2 = (_for_network(k, score_candidates, outs, targets, cand, loss)
-                        for k, outs in enumerate((outs1, outs2), start=1))
+        layouts = (anchors, anchors if anchors2 is None else anchors2)
+        loss1, loss2 = (_for_network(k, score_candidates, outs, targets, cand, loss, layout)
+                        for k, (outs, layout) in enumerate(zip((outs1, outs2), layouts), start=1))
         return colad_reassign(cand, loss1, loss2, topk=config.topk, gmm=config.gmm)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..boxes import aligned_iou, decode
 from ..config import AssignConfig, LossConfig
 from ..errors import LadError
-from ..losses import focal_loss_terms
+from ..losses import class_focal_terms
 from ..models.anchors import AnchorLayout
 from ..runtime.device import upload
 from ..types import IGNORED, NEGATIVE, Assignment, HeadOutputs, Targets
@@ -54,7 +54,7 @@ def paa_assign(
     with torch.no_grad():
         _check_finite(outs)
         cand = find_candidates(outs, targets, pad_shapes, anchors, config)
-        score = score_candidates(outs, targets, cand, loss)
+        score = score_candidates(outs, targets, cand, loss, anchors)
         return assign_from_scores(cand, score, topk=config.topk, gmm=config.gmm)
 
 
@@ -114,11 +114,16 @@ def find_candidates(
     return Candidates(img, anchor, gt_local, gid, level, gt_index, priors, level_start, boxes, labels, len(sizes))
 
 
-def score_candidates(outs: HeadOutputs, targets: Sequence[Targets], cand: Candidates, loss: LossConfig) -> Tensor:
-    """PAA score of every candidate under ``outs`` (float32); LadError where labels or scores are bad."""
+def score_candidates(outs: HeadOutputs, targets: Sequence[Targets], cand: Candidates, loss: LossConfig,
+                     anchors: AnchorLayout = AnchorLayout()) -> Tensor:
+    """PAA score of every candidate under ``outs`` (float32); LadError where labels or scores are bad.
+
+    ``anchors``: the layout of the model that produced ``outs`` (it says whether its class outputs are
+    logits or probabilities).
+    """
     _check_labels(targets, outs.cls[0].shape[1])
     score = _paa_scores(outs, cand.img, cand.anchor, cand.level, cand.level_start, cand.anchors,
-                        cand.boxes[cand.gid], cand.labels[cand.gid],
+                        cand.boxes[cand.gid], cand.labels[cand.gid], layout=anchors,
                         focal_gamma=loss.focal_gamma, focal_alpha=loss.focal_alpha, bbox_weight=loss.bbox_weight)
     bad = ~torch.isfinite(score)
     if bool(bad.any()):
@@ -153,6 +158,7 @@ def _paa_scores(
     gt_boxes: Tensor,
     gt_labels: Tensor,
     *,
+    layout: AnchorLayout,
     focal_gamma: float,
     focal_alpha: float,
     bbox_weight: float,
@@ -174,7 +180,7 @@ def _paa_scores(
         deltas = torch.where(rows, reg[img, :, y, x].float(), deltas)
     onehot = torch.zeros_like(logits)
     onehot[torch.arange(len(anchor), device=anchor.device), gt_labels] = 1.0
-    focal = focal_loss_terms(logits, onehot, focal_gamma, focal_alpha).sum(-1)
+    focal = class_focal_terms(logits, onehot, layout, focal_gamma, focal_alpha).sum(-1)
     giou = aligned_iou(decode(anchors[anchor], deltas), gt_boxes)[1]
     return bbox_weight * (1 - giou) + focal
 
@@ -193,6 +199,7 @@ def _check_finite(outs: HeadOutputs) -> None:
     """LadError naming the first image whose head outputs hold NaN or inf: they must never reach the GMM."""
     # a per-image sum is NaN/inf whenever an element is (40x faster than isfinite); a finite sum that
     # overflowed is told apart by the exact test, which only runs when the screen fires
+    outs = tuple(part for part in outs if part)  # a head without IoU branch has no IoU levels
     screen = torch.cat([torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in outs])
     if bool(torch.isfinite(screen).all()):  # one look at the device for the whole batch
         return

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..errors import LadError
 from ..types import Targets, ViewKey
-from .sampling import draw_train_keys, variant_keys
+from .sampling import check_scale_mode, draw_train_keys, variant_keys
 from .transforms import View, make_view, read_image
 
 log = logging.getLogger("lad")
@@ -69,16 +69,19 @@ def _csr(rows: np.ndarray, n_rows: int) -> np.ndarray:
 class CocoViews(Dataset):
     """COCO images as views: ``dataset[ViewKey]`` is a ``View`` (resized, maybe flipped, boxes in view pixels).
 
-    ``scales``: (long, short) target scales; ``flip_prob``: training-time horizontal flip (default 0.5 when
-    ``train`` else 0). With ``skip_bad_images`` an unusable image file yields ``None`` (``collate_views``
+    ``scales``: (long, short) target scales; ``scale_mode``: how training views take them ("list": one of
+    them; "range": sides drawn between the two, ``draw_train_keys``); ``flip_prob``: training-time
+    horizontal flip (default 0.5 when ``train`` else 0). With ``skip_bad_images`` an unusable image file yields ``None`` (``collate_views``
     drops and counts it) instead of raising.
     """
 
     def __init__(self, ann_file: Union[str, Path], image_dir: Union[str, Path], *,
                  scales: Sequence[Sequence[int]] = ((1333, 800),), flip_prob: Optional[float] = None,
-                 train: bool = True, seed: int = 0, skip_bad_images: bool = False) -> None:
+                 train: bool = True, seed: int = 0, skip_bad_images: bool = False, scale_mode: str = "list") -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.scales = _check_scales(scales)
+        check_scale_mode(self.scales, scale_mode)
+        self.scale_mode = scale_mode
         self.flip_prob = (0.5 if train else 0.0) if flip_prob is None else float(flip_prob)
         if not 0.0 <= self.flip_prob <= 1.0:
             raise LadError(f"flip probability must be in [0, 1], got {self.flip_prob}")
@@ -264,7 +267,7 @@ class CocoViews(Dataset):
 
     def train_keys(self, epoch: int) -> list[ViewKey]:
         """The training views of ``epoch`` in training order: same (seed, epoch), same views."""
-        return draw_train_keys(self.image_ids, self.scales, self.flip_prob, self.seed, epoch)
+        return draw_train_keys(self.image_ids, self.scales, self.flip_prob, self.seed, epoch, self.scale_mode)
 
     def views_for(self, variants: Sequence[str] = ("identity", "hflip"),
                   scales: Optional[Sequence[Sequence[int]]] = None) -> list[ViewKey]:

@@ -16,26 +16,50 @@ from ..types import ViewKey
 VARIANTS = {"identity": False, "hflip": True}
 
 # independent streams, so that changing flip_prob or the scale list does not change the image order
-_ORDER, _FLIP, _SCALE = 0, 1, 2
+_ORDER, _FLIP, _SCALE, _RANGE = 0, 1, 2, 3
+SCALE_MODES = ("list", "range")
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), stream]))
 
 
+def check_scale_mode(scales: Sequence[Sequence[int]], scale_mode: str) -> None:
+    """LadError unless ``scale_mode`` is known and a range has its two bounding scales."""
+    if scale_mode not in SCALE_MODES:
+        raise LadError(f"unknown scale mode {scale_mode!r}: choose from {', '.join(SCALE_MODES)}")
+    if scale_mode == "range" and len(scales) != 2:
+        raise LadError(f"data.scale_mode = range needs exactly two (long, short) scales in data.scales, the bounds "
+                       f"of the range; got {len(scales)}")
+
+
 def draw_train_keys(image_ids: Sequence[int], scales: Sequence[tuple[int, int]], flip_prob: float, seed: int,
-                    epoch: int) -> list[ViewKey]:
+                    epoch: int, scale_mode: str = "list") -> list[ViewKey]:
     """The training views of ``epoch``: a seeded permutation of the images, each with its flip
-    (probability ``flip_prob``) and one scale drawn uniformly from ``scales``."""
+    (probability ``flip_prob``) and its scale.
+
+    ``scale_mode`` "list": one of ``scales``, uniformly. "range" (mmdetection's ``multiscale_mode='range'``):
+    the two scales bound a range; the long side is an integer drawn uniformly between their long sides and the
+    short side one between their short sides (inclusive). Either way the views are a function of
+    (seed, epoch, position), so a resumed run draws the same sizes.
+    """
     if not scales:
         raise LadError("no training scale configured (data.scales is empty)")
+    check_scale_mode(scales, scale_mode)
     n = len(image_ids)
     order = _rng(seed, epoch, _ORDER).permutation(n)
     flips = _rng(seed, epoch, _FLIP).random(n) < flip_prob
-    which = _rng(seed, epoch, _SCALE).integers(0, len(scales), n) if len(scales) > 1 else np.zeros(n, np.int64)
     ids = np.asarray(image_ids, dtype=np.int64)[order]
-    return [ViewKey(int(i), tuple(scales[s]), bool(f)) for i, f, s in zip(ids.tolist(), flips.tolist(),
-                                                                         which.tolist())]
+    if scale_mode == "range":
+        longs, shorts = [max(s) for s in scales], [min(s) for s in scales]
+        rng = _rng(seed, epoch, _RANGE)
+        long = rng.integers(min(longs), max(longs) + 1, n)
+        short = rng.integers(min(shorts), max(shorts) + 1, n)
+        drawn = [(int(a), int(b)) for a, b in zip(long.tolist(), short.tolist())]
+    else:
+        which = _rng(seed, epoch, _SCALE).integers(0, len(scales), n) if len(scales) > 1 else np.zeros(n, np.int64)
+        drawn = [tuple(scales[s]) for s in which.tolist()]
+    return [ViewKey(int(i), s, bool(f)) for i, f, s in zip(ids.tolist(), flips.tolist(), drawn)]
 
 
 def variant_keys(image_ids: Sequence[int], scales: Sequence[tuple[int, int]],

@@ -2,7 +2,8 @@
 
 ``DeployedDetector`` wraps a ``PAADetector``: normalised, padded images ``[B, 3, H, W]`` in; out come
 ``boxes [B, A, 4]`` (x1y1x2y2 in input pixels, decoded against the anchors, not clipped to any image) and
-``scores [B, A, C]`` = sqrt(sigmoid(cls) * sigmoid(iou)), over the anchors in the project's order (level-major,
+``scores [B, A, C]`` = sqrt(sigmoid(cls) * sigmoid(iou)) (for the IOP/COP heads the class output is already a
+probability; without an IoU branch the score is that probability), over the anchors in the project's order (level-major,
 then y, then x). Clipping to each image, the per-level top-k, NMS and score voting need each image's own size and
 stay in ``lad_pipeline.postprocess``, which takes these two tensors (``postprocess_decoded``).
 """
@@ -24,13 +25,20 @@ class DeployedDetector(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         cls_levels, reg_levels, iou_levels = self.detector(images)
+        if not self.anchors.iou_branch:  # the "base" IOP/COP heads: no IoU levels, the class score alone
+            iou_levels = [None] * len(cls_levels)
         all_boxes, all_scores = [], []
         for level, (cls, reg, iou) in enumerate(zip(cls_levels, reg_levels, iou_levels)):
             batch, num_classes = cls.shape[0], cls.shape[1]
-            cls_p = _sigmoid(cls.float().permute(0, 2, 3, 1).reshape(batch, -1, num_classes))
-            iou_p = _sigmoid(iou.float().permute(0, 2, 3, 1).reshape(batch, -1, 1))
+            cls_p = cls.float().permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
+            if not self.anchors.class_probs:  # the PAA head's logits; IOP and COP give probabilities
+                cls_p = _sigmoid(cls_p)
             deltas = reg.float().permute(0, 2, 3, 1).reshape(batch, -1, 4)
-            all_scores.append((cls_p * iou_p).sqrt())
+            if iou is None:
+                all_scores.append(cls_p)
+            else:
+                iou_p = _sigmoid(iou.float().permute(0, 2, 3, 1).reshape(batch, -1, 1))
+                all_scores.append((cls_p * iou_p).sqrt())
             all_boxes.append(decode(level_anchors(self.anchors, level, cls)[None], deltas))
         return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1)
 

@@ -7,7 +7,9 @@ tensor in the project: assignments, cache rows and losses.
 
 A layout is built from the model config and owned by the detector (``detector.anchors``); assignment,
 losses, post-processing, the label cache and pictures are handed it. It is the only place that knows
-the strides and the base scale.
+the strides and the base scale, and the one place that says how to read the class outputs on those
+anchors: logits (PAA head) or probabilities (the IOP and COP heads), ``class_probs``, and whether the
+model predicts IoU (``iou_branch``: not the "base" IOP/COP heads).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
 
 Sizes = Sequence[Sequence[int]]  # (H, W) of each level's feature map
+# model.head values whose class outputs are probabilities, and those without an IoU branch
+PROBABILITY_HEADS = ("paa_iop", "paa_cop", "paa_iop_base", "paa_cop_base")
+NO_IOU_HEADS = ("paa_iop_base", "paa_cop_base")
 _MEMO_LIMIT = 512  # memoised pad sizes / grid pairs per layout; a run meets a handful
 
 
@@ -33,6 +38,10 @@ class AnchorLayout:
 
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)
     octave_base_scale: float = 8.0
+    # the model's class outputs are probabilities (IOP/COP heads), not logits: not part of the anchor geometry,
+    # so two layouts that differ only here compare equal and a cache made by either serves both
+    class_probs: bool = field(default=False, compare=False)
+    iou_branch: bool = field(default=True, compare=False)  # False: HeadOutputs.iou is an empty list
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +64,8 @@ class AnchorLayout:
         scale = model.octave_base_scale
         if not (math.isfinite(scale) and scale > 0):
             raise LadError(f"config key model.octave_base_scale must be a positive number, got {scale}")
-        return cls(tuple(strides), scale)
+        return cls(tuple(strides), scale, class_probs=model.head in PROBABILITY_HEADS,
+                   iou_branch=model.head not in NO_IOU_HEADS)
 
     @classmethod
     def from_attrs(cls, anchor: Mapping[str, Any]) -> "AnchorLayout":
@@ -70,6 +80,11 @@ class AnchorLayout:
         """``["octave_base_scale 4.0 vs 8.0", ...]``: the fields where ``other`` differs, for error messages."""
         mine, theirs = self.to_attrs(), other.to_attrs()
         return [f"{name} {mine[name]} vs {theirs[name]}" for name in mine if mine[name] != theirs[name]]
+
+    # -- class outputs ---------------------------------------------------------------------------------
+    def class_probabilities(self, cls: Tensor) -> Tensor:
+        """Class outputs (any shape) as probabilities: the sigmoid of logits, probabilities as they are."""
+        return cls if self.class_probs else cls.sigmoid()
 
     # -- grids ----------------------------------------------------------------------------------------
     @property
@@ -149,7 +164,8 @@ class AnchorLayout:
 
     def __getstate__(self) -> dict:
         # pickled into DataLoader workers with the label cache: the memo is rebuilt there as needed
-        return {"strides": self.strides, "octave_base_scale": self.octave_base_scale, "_memo": {}}
+        return {"strides": self.strides, "octave_base_scale": self.octave_base_scale, "class_probs": self.class_probs,
+                "iou_branch": self.iou_branch, "_memo": {}}
 
 
 def _own_grid_index(grid: Sequence[tuple[int, int]], own: Sequence[tuple[int, int]]) -> Tensor:

@@ -13,7 +13,7 @@ from ..types import HeadOutputs
 from .anchors import AnchorLayout
 from .backbone import ResNetBody
 from .fpn import FPN
-from .head import PAAHead
+from .head import COPHead, IOPHead, PAAHead
 from .swin import SwinBody
 
 
@@ -21,7 +21,7 @@ class PAADetector(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.anchors = AnchorLayout.from_config(config)
+        self.anchors = AnchorLayout.from_config(config)  # also says whether the class outputs are probabilities
         _check_level_strides(self.anchors)
         if config.backbone in SWINS:
             self.backbone = SwinBody(resolved_swin(config), config.drop_path_rate, config.frozen_stages)
@@ -33,14 +33,16 @@ class PAADetector(nn.Module):
         in_channels = self.backbone.out_channels[self.first_neck_input:]
         num_extra = self.anchors.num_levels - len(in_channels)
         self.neck = FPN(in_channels, config.fpn_channels, num_extra)
-        self.bbox_head = PAAHead(
-            config.num_classes,
-            config.fpn_channels,
-            config.head_channels,
-            config.stacked_convs,
-            self.anchors.num_levels,
-            config.prior_prob,
-        )
+        head_args = (config.num_classes, config.fpn_channels, config.head_channels, config.stacked_convs,
+                     self.anchors.num_levels, config.prior_prob)
+        iou_branch = self.anchors.iou_branch
+        if config.head.startswith("paa_cop"):
+            self.bbox_head: PAAHead = COPHead(*head_args, iou_branch=iou_branch, kernel=config.cop_kernel)
+        elif config.head.startswith("paa_iop"):
+            self.bbox_head = IOPHead(*head_args, iou_branch=iou_branch)
+        else:
+            self.bbox_head = PAAHead(*head_args)
+        assert self.bbox_head.class_probs == self.anchors.class_probs
 
     def forward(self, images: Tensor) -> HeadOutputs:
         return self.bbox_head(self.neck(self.backbone(images)[self.first_neck_input:]))

@@ -1,10 +1,23 @@
-"""The PAA head (ATSS layout): GroupNorm conv towers, class / box / IoU predictions, per-level Scale."""
+"""The PAA head (ATSS layout): GroupNorm conv towers, class / box / IoU predictions, per-level Scale.
+
+Besides mmdetection's PAA head (class *logits*), the two heads of the LAD authors whose class output is a
+*probability* (``PAAHead.class_probs``), trained with the focal loss on probabilities:
+
+* IOP (implicit objectness): two extra 3x3 convs on the box tower give an objectness ``o`` and a
+  threshold ``b``; the class probability is ``relu(sigmoid(cls) - sigmoid(b)) * sigmoid(o)``.
+* COP (conditional objectness): a 3x3 conv on the box tower gives ``k*k`` coefficients per location; the
+  class probability at a location is the mean over its ``k x k`` neighbourhood (zero-padded logits,
+  row-major kernel order as ``F.unfold``) of ``sigmoid(neighbour's cls logit) * sigmoid(coefficient)``.
+
+Their "base" variants (``iou_branch=False``) have no IoU prediction: ``HeadOutputs.iou`` is an empty list.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..types import HeadOutputs
 
@@ -33,6 +46,8 @@ class Scale(nn.Module):
 
 
 class PAAHead(nn.Module):
+    class_probs = False  # the class output is a logit; IOP and COP output probabilities
+
     def __init__(
         self,
         num_classes: int,
@@ -41,6 +56,7 @@ class PAAHead(nn.Module):
         stacked_convs: int = 4,
         num_levels: int = 5,
         prior_prob: float = 0.01,
+        iou_branch: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -49,7 +65,8 @@ class PAAHead(nn.Module):
         self.reg_convs = nn.ModuleList(ConvGNReLU(a, b) for a, b in zip(chans[:-1], chans[1:]))
         self.cls_logits = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(feat_channels, 4, 3, padding=1)
-        self.iou_pred = nn.Conv2d(feat_channels, 1, 3, padding=1)  # mmdetection calls it atss_centerness
+        # mmdetection calls it atss_centerness; the LAD authors' "base" heads have none
+        self.iou_pred = nn.Conv2d(feat_channels, 1, 3, padding=1) if iou_branch else None
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -67,7 +84,60 @@ class PAAHead(nn.Module):
                 c = conv(c)
             for conv in self.reg_convs:
                 r = conv(r)
-            cls.append(self.cls_logits(c))
+            cls.append(self.class_scores(c, r))
             reg.append(scale(self.bbox_pred(r)).float())
-            iou.append(self.iou_pred(r))
+            if self.iou_pred is not None:
+                iou.append(self.iou_pred(r))
         return HeadOutputs(cls, reg, iou)
+
+    def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
+        """``[B,C,H,W]`` class output of one level from the two towers' features (here: logits)."""
+        return self.cls_logits(cls_feat)
+
+
+class IOPHead(PAAHead):
+    """PAA head with implicit objectness prediction (the authors' ``PAAIOHead``): class probabilities."""
+
+    class_probs = True
+
+    def __init__(self, *args, objectness_prior: float = 1e-4, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        feat_channels = self.bbox_pred.in_channels
+        self.objectness = nn.Conv2d(feat_channels, 1, 3, padding=1)
+        self.obj_threshold = nn.Conv2d(feat_channels, 1, 3, padding=1)  # the source's obj_bias
+        for conv in (self.objectness, self.obj_threshold):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        # the threshold starts near zero, so every class probability passes it at step one
+        nn.init.constant_(self.obj_threshold.bias, -math.log((1 - objectness_prior) / objectness_prior))
+
+    def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
+        prob = self.cls_logits(cls_feat).float().sigmoid()
+        objectness = self.objectness(reg_feat).float().sigmoid()
+        threshold = self.obj_threshold(reg_feat).float().sigmoid()
+        return torch.relu(prob - threshold) * objectness
+
+
+class COPHead(PAAHead):
+    """PAA head with conditional objectness prediction (the authors' ``PAA_COP_Head``): class probabilities."""
+
+    class_probs = True
+
+    def __init__(self, *args, kernel: int = 3, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernel = kernel
+        self.coeff_conv = nn.Conv2d(self.bbox_pred.in_channels, kernel * kernel, 3, padding=1)
+        nn.init.normal_(self.coeff_conv.weight, std=0.01)
+        nn.init.zeros_(self.coeff_conv.bias)
+
+    def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
+        logits = self.cls_logits(cls_feat)
+        n, c, h, w = logits.shape
+        k2 = self.kernel * self.kernel
+        # each class map on its own: [N*C, 1, H, W] -> [N*C, k*k, H*W], neighbours in row-major kernel order;
+        # cells beyond the border are zero logits (probability 1/2), as the source's zero-padded unfold gives
+        neighbours = F.unfold(logits.reshape(n * c, 1, h, w), self.kernel, padding=(self.kernel - 1) // 2)
+        neighbours = neighbours.permute(0, 2, 1).reshape(n, c, h, w, k2)
+        coeffs = self.coeff_conv(reg_feat).permute(0, 2, 3, 1).reshape(n, 1, h, w, k2)
+        return (neighbours.sigmoid() * coeffs.sigmoid()).mean(-1)
+

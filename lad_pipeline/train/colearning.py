@@ -4,7 +4,8 @@ The student of the loop is network 1; network 2 is a *peer* of this label source
 the same optimizer, wraps it in DDP and checkpoints it, and hands its outputs on the same batch to
 ``labels``. For every (GT, FPN level) the network whose PAA candidate losses separate better (std / mean)
 chooses the candidates' losses, one GMM split follows, and that one assignment trains both networks with
-the LAD losses; network 2's terms carry the suffix ``_t``. ``docs/colad.md`` has the algorithm and where
+the LAD losses; network 2's terms carry the suffix ``_t``. The two heads may differ (PAA and COP, say):
+each network's outputs are read through its own anchor layout. ``docs/colad.md`` has the algorithm and where
 we differ from the authors' code.
 """
 from __future__ import annotations
@@ -41,12 +42,14 @@ class CoLearning(LabelSource):
         outs2 = batch.peer_outs[PEER]
         detached = [HeadOutputs(*[[t.detach() for t in level] for level in o]) for o in (outs, outs2)]
         assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, anchors=self.anchors,
-                                          config=self.config, loss=self.loss_config)
+                                          anchors2=self.network2.anchors, config=self.config, loss=self.loss_config)
         return Labels(assignments, batch.targets, aux=outs2,
                       stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
         losses = lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
-        peer = lad_loss(labels.aux, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
+        # network 2's own layout: its head may differ (the recipe's network 2 is COP, class probabilities)
+        peer = lad_loss(labels.aux, labels.assignments, labels.targets, anchors=self.network2.anchors,
+                        config=self.loss_config)
         return {**losses, **{f"{name}_t": value for name, value in peer.items()}}

@@ -56,6 +56,8 @@ def outputs_on_grid(views: Sequence[HeadOutputs], batch_sizes: Sequence[tuple[in
     """Stack one-image outputs, each on its view's own grid, into a batch on ``batch_sizes``: a view's own
     grid is the top-left corner of each level (as ``to_batch_grid`` places assignments), zeros elsewhere."""
     def stack(levels: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+        if not levels[0]:
+            return []  # a head without IoU branch has no IoU levels
         out = []
         for n, (h, w) in enumerate(batch_sizes):
             first = levels[0][n]

@@ -45,7 +45,8 @@ def train_dataset(config: Config) -> CocoViews:
     """The training split of ``config.data`` (see ``with_train_data``), checked against the model."""
     ann, images = config.data.ann, config.data.images
     dataset = CocoViews(ann, images, scales=config.data.scales, flip_prob=config.data.flip_prob, train=True,
-                        seed=config.train.seed, skip_bad_images=config.data.skip_bad_images)
+                        seed=config.train.seed, skip_bad_images=config.data.skip_bad_images,
+                        scale_mode=config.data.scale_mode)
     dataset.check_num_classes(config.model.num_classes)
     return dataset
 

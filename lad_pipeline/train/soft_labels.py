@@ -35,12 +35,14 @@ def kd_settings(distill: DistillConfig) -> dict[str, float]:
 
 
 def distill_loss(distill: DistillConfig, outs: HeadOutputs, labels: Labels,
-                 hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone."""
+                 hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]],
+                 anchors: AnchorLayout = AnchorLayout()) -> dict[str, Tensor]:
+    """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone.
+    ``anchors``: the student's layout (how its class outputs read)."""
     if distill.method not in SOFT_METHODS:
         raise ValueError(f"distill.method {distill.method!r} has no soft labels")
     losses = dict(hard_loss(outs, labels)) if distill.method == "solad" else {}
-    losses.update(kd_loss(outs, labels.aux, **kd_settings(distill)))
+    losses.update(kd_loss(outs, labels.aux, **kd_settings(distill), anchors=anchors))
     return losses
 
 
@@ -65,6 +67,14 @@ def check_soft_setup(distill: DistillConfig, *, cache: Optional[str], cache_attr
                        f"lad cache-labels --soft at a min_iou of at most {distill.min_iou}")
 
 
+def check_kd_heads(distill: DistillConfig, *layouts: AnchorLayout) -> None:
+    """Refuse KD/SoLAD where the student or the teacher has no IoU branch (the "base" IOP/COP heads): the KD
+    losses distil the teacher's IoU prediction into the student's."""
+    if distill.method in SOFT_METHODS and not all(layout.iou_branch for layout in layouts):
+        raise LadError(f"distill.method = {distill.method} distils the teacher's IoU branch, and a paa_iop_base or "
+                       f"paa_cop_base head has none: use a head with it (paa, paa_iop, paa_cop), or distill.method = lad")
+
+
 class SoftOnlineTeacher(OnlineTeacher):
     """Online SoLAD / KD: the teacher's outputs on each view give its assignment and the exact KD targets."""
 
@@ -73,6 +83,7 @@ class SoftOnlineTeacher(OnlineTeacher):
                  batch_views: bool = False) -> None:
         super().__init__(teacher, assign, loss, anchors, batch_padding, precision, batch_views)
         check_soft_setup(distill, cache=None, cache_attrs=None, teacher_batch_padding=batch_padding)
+        check_kd_heads(distill, anchors, teacher.anchors)
         self.distill = distill
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
@@ -86,7 +97,7 @@ class SoftOnlineTeacher(OnlineTeacher):
         return Labels(run.assignments, batch.targets, misses=len(batch.keys), aux=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss)
+        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
 
 
 class SoftCachedLabels(CachedLabels):
@@ -100,6 +111,7 @@ class SoftCachedLabels(CachedLabels):
                  fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
         super().__init__(cache, loss, anchors, fallback)
         check_soft_setup(distill, cache=str(cache.path), cache_attrs=cache.attrs, teacher_batch_padding=False)
+        check_kd_heads(distill, anchors)
         self.distill = distill
         self.knobs = cache.soft_knobs  # a miss is encoded as the store's views were
         self.record_min_iou = self.knobs.min_iou
@@ -134,4 +146,4 @@ class SoftCachedLabels(CachedLabels):
                       misses=len(missing), aux=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss)
+        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
