@@ -146,7 +146,7 @@ FIELD_ROWS = {"anchor": "anchor", "cls_count": "anchor", "cls_class": "entry", "
               "box_delta": "box", "box_iou_logit": "box", "box_weight": "box",
               "bg_logit": "level", "bg_axis": "axis", "bg_range": "axis", "bg_code": "code"}
 ROW_KINDS = ("anchor", "entry", "box", "level", "axis", "code")
-FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
+FIELD_DTYPES: dict[str, np.dtype] = {"anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
                 "cls_logit": np.dtype(np.float16),
                 "box_delta": np.dtype(np.float16), "box_iou_logit": np.dtype(np.float16),
                 "box_weight": np.dtype(np.float16), "bg_logit": np.dtype(np.float32),
