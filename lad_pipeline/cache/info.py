@@ -190,7 +190,8 @@ def _bytes_on_disk(path: str | os.PathLike, root: zarr.Group, soft_only: bool = 
     local = local_path(path)
     if local is not None:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files
-                   if not soft_only or any(part.startswith("soft_") for part in os.path.relpath(d, local).split(os.sep)))
+                   if not soft_only
+                   or any(part.startswith("soft_") for part in os.path.relpath(d, local).split(os.sep)))
     return sum(int(a.nbytes_stored()) for name, a in root.members(max_depth=None)
                if isinstance(a, zarr.Array) and (not soft_only or name.rsplit("/", 1)[-1].startswith("soft_")))
 

@@ -262,7 +262,8 @@ class LabelCache:
         cgt = a["cand_gt"][lo[0]:hi[0]]
         pos = a["cand_pos"][lo[0]:hi[0]]
         ignore = a["ignore_boxes"][lo[2]:hi[2]] if meta.has_ignore else None
-        gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]], a["fix_value"][lo[3]:hi[3]])
+        gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]],
+                                  a["fix_value"][lo[3]:hi[3]])
         anchor = anchor.astype(np.int64)
         if grid_sizes is not None:
             gt, anchor = self.layout.on_grid(gt, anchor, pad, grid_sizes)

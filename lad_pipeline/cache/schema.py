@@ -254,7 +254,8 @@ def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int
         return f"has {rows['box']} box rows but only {rows['anchor']} anchors"
     if soft.anchor.size and (soft.anchor.min() < 0 or soft.anchor.max() >= num_own):
         return f"anchor outside the own grid (0..{num_own - 1})"
-    if soft.cls_count.size and (soft.cls_count.min() < 1 or int(soft.cls_count.astype(np.int64).sum()) != rows["entry"]):
+    if soft.cls_count.size and (soft.cls_count.min() < 1
+                                or int(soft.cls_count.astype(np.int64).sum()) != rows["entry"]):
         return f"cls_count does not add up to its {rows['entry']} entries (or an anchor has none)"
     if soft.cls_class.size and soft.cls_class.max() >= num_classes:
         return f"class id outside 0..{num_classes - 1}"
