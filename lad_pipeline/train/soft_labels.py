@@ -84,6 +84,7 @@ def refuse_cls_on_padding(distill: DistillConfig, *, on_batch_tensor: bool) -> N
 
 
 def no_soft_labels(cache: str, method: DistillMethod) -> LadError:
+    """The refusal of a hard-only label cache for a soft-label method."""
     return LadError(f"label cache {cache} has no soft labels, which distill.method = {method.value} needs: "
                     f"rebuild it with lad cache-labels --soft (or train with --teacher and no --cache)")
 
