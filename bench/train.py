@@ -2,10 +2,11 @@
 
     python bench/train.py [--scale 320] [--batch 2] [--iters 20] [--warmup 2] [--images 14] [--data toy]
 
+(bench/swin.py runs the same with a PAA Swin-B teacher.)
 (a) cached LAD: ``CachedLabels`` over a label cache written first by ``cache-labels`` for every timed view; as
     in training, each batch's labels were looked up and decoded where it was collated (the DataLoader workers),
     so the step uploads them; that lookup is timed apart (``lookup in the workers``);
-(b) online LAD: ``OnlineTeacher``, the R-101 teacher runs on every view of every step (mmdetection's LAD);
+(b) online LAD: ``OnlineTeacher``, the teacher runs on every view of every step (mmdetection's LAD);
 (c) plain PAA: ``SelfAssign``, the student assigns its own labels (PAA score + GMM on its own outputs);
 (d) the floor: the same step with the assignment already in memory (a label source that costs nothing).
 
@@ -15,8 +16,9 @@ in the label source. The modes take turns, one step each per round, and each rep
 the median over rounds of that round's ratio (a round's steps share the machine's speed, which drifts).
 Views are coco128 images (``LAD_COCO128``, default ../shared/data/coco128) at one (long, short) scale;
 without coco128 the toy digits are used. Weights are random (nothing to download): timings depend on them
-only through PAA's candidate counts. Last two lines: ``cached_over_floor`` and the headline
-``cached_over_online``.
+only through PAA's candidate counts. Stage one is also timed against the teacher's forward alone over the same
+views, loaded the same way (``cache_labels_over_forward``). Last two lines: ``cached_over_floor`` and the
+headline ``cached_over_online``.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
-from lad_pipeline.data import normalize_and_pad  # noqa: E402
+from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
 from lad_pipeline.cache_labels import cache_labels  # noqa: E402
 from lad_pipeline.train.label_sources import (BatchLookup, CachedLabels, LabelSource, OnlineTeacher,  # noqa: E402
                                              SelfAssign, StepInputs)
@@ -46,8 +48,13 @@ from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.types import HeadOutputs  # noqa: E402
 
-MODES = (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", "OnlineTeacher R-101"),
-         ("c", "plain PAA", "SelfAssign"), ("d", "floor", "precomputed, no label source"))
+# teacher -> (config, name); its random weights are saved as our checkpoint, as a trained one would be
+TEACHERS = {"r101": ("paa_r101_fpn_1x_coco.toml", "R-101"), "swinb": ("paa_swinb_fpn_1x_coco.toml", "Swin-B")}
+
+
+def modes(teacher: str) -> tuple[tuple[str, str, str], ...]:
+    return (("a", "cached LAD", "CachedLabels"), ("b", "online LAD", f"OnlineTeacher {TEACHERS[teacher][1]}"),
+            ("c", "plain PAA", "SelfAssign"), ("d", "floor", "precomputed, no label source"))
 
 
 class Precomputed(LabelSource):
@@ -67,23 +74,45 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def configs(args, num_classes: int) -> tuple[Config, Config]:
+def configs(args, num_classes: int, teacher: str = "r101") -> tuple[Config, Config]:
     common = [f"data.scales=[[{args.scale}, {args.scale}]]", f"train.batch_size={args.batch}", "data.num_workers=0",
               f"model.num_classes={num_classes}", "train.max_iters=1000000", "train.log_every=1000000",
               "train.checkpoint_every=1000000"]
     student = load_config(REPO / "configs" / "paa_r50_fpn_1x_coco.toml", common)
-    teacher = load_config(REPO / "configs" / "paa_r101_fpn_1x_coco.toml", common)
+    teacher = load_config(REPO / "configs" / TEACHERS[teacher][0], [*common, "model.init_from="])
     return student, teacher
 
 
-def main() -> None:
-    args = step_bench_args(__doc__, iters=20)
-    work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-train-")
-    student_cfg, teacher_cfg = configs(args, num_classes)
+def forward_seconds(teacher, config: Config, ann: Path, image_dir: Path, device: torch.device) -> tuple[float, int]:
+    """The teacher's forward alone over every view that stage one labels, loaded as stage one loads them
+    (one view per forward, the config's loader workers): (seconds, views)."""
+    dataset = CocoViews(ann, image_dir, scales=config.data.scales, flip_prob=0.0, train=True)
+    keys = dataset.views_for(("identity", "hflip"))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in make_loader(dataset, keys, 1, config.data.num_workers):
+            teacher(normalize_and_pad(batch.images, config.data.mean, config.data.std, config.data.size_divisor,
+                                      device)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, len(keys)
 
-    # the teacher: a PAA R-101 (random weights) saved as our checkpoint, its config embedded
-    teacher_ckpt = work / "teacher_r101.pth"
+
+def run(args, teacher_name: str = "r101") -> dict:
+    """Time stage one and the four label sources with the ``teacher_name`` teacher (TEACHERS); write and
+    print the results; returns the ratios."""
+    table_modes = modes(teacher_name)
+    label = TEACHERS[teacher_name][1]
+    work, (ann, image_dir, num_classes), data_name = step_bench_data(args, "lad-bench-train-")
+    student_cfg, teacher_cfg = configs(args, num_classes, teacher_name)
+
+    # the teacher (random weights) saved as our checkpoint, its config embedded
+    teacher_ckpt = work / f"teacher_{teacher_name}.pth"
     save_checkpoint(teacher_ckpt, build_detector(teacher_cfg.model).eval(), teacher_cfg.to_dict())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
+    forward_seconds(teacher, student_cfg, ann, image_dir, device)  # warm-up: first-call costs, file cache
+    forward_s, forward_views = forward_seconds(teacher, student_cfg, ann, image_dir, device)
 
     # stage one: cache both flips of every image (every view the timed steps can draw)
     t0 = time.perf_counter()
@@ -95,7 +124,6 @@ def main() -> None:
     dataset, cache, batches, pads = cached_step_batches(student_cfg, work / "labels.zarr", ann, image_dir, args)
 
     # the floor's table: the cached assignments moved onto each batch's grid once, before timing
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     anchors = AnchorLayout.from_config(student_cfg.model)
     table = {}
     for b in batches:
@@ -105,7 +133,6 @@ def main() -> None:
         shapes = HeadOutputs(*[[torch.empty(len(b), 0, h, w, device=device) for h, w in grid]] * 3)
         inputs = StepInputs(images, pad_shapes, [t.to(device) for t in b.targets], list(b.keys))
         table[tuple(b.keys)] = CachedLabels(cache, student_cfg.loss, anchors).labels(inputs, shapes)
-    teacher = load_teacher(str(teacher_ckpt), teacher_cfg.model, device)
     lookup = BatchLookup(cache)
     lookup_s = statistics.median(_timed(lambda: lookup(b)) for b in batches)
 
@@ -118,10 +145,11 @@ def main() -> None:
     }
     # one trainer per mode (same seed, same initial student); rounds interleave the modes, so that the
     # machine's slow and fast moments fall on every mode alike
-    trainers = {mode: Trainer(student_cfg, work / f"run-{mode}", dataset, sources[mode]) for mode, _, _ in MODES}
+    trainers = {mode: Trainer(student_cfg, work / f"run-{mode}", dataset, sources[mode])
+                for mode, _, _ in table_modes}
     times = interleaved_step_times(trainers, batches, args.iters, args.warmup)
     results = {}
-    for mode, name, what in MODES:
+    for mode, name, what in table_modes:
         trainers[mode].close()
         median = statistics.median(times[mode])
         results[mode] = {"name": name, "label_source": what, "s_per_iter": median,
@@ -129,28 +157,41 @@ def main() -> None:
     assert results["a"]["misses"] == 0, "a cached view was missing: the timed steps ran the teacher"
 
     d = results["d"]["s_per_iter"]
+    assert forward_views == cached_views
+    stage_over_forward = cache_s / forward_s
     print(f"machine: {machine()}; data: {data_name}, scale {args.scale}x{args.scale} "
           f"(views {', '.join(f'{w}x{h}' for h, w in pads)}), batch {args.batch}; PAA R-50 student, "
-          f"PAA R-101 teacher; median of {args.iters} iterations after {args.warmup} warm-up")
-    print(f"cache-labels: {cached_views} views in {cache_s:.1f} s ({cache_s / cached_views:.3f} s/view, R-101)")
+          f"PAA {label} teacher; median of {args.iters} iterations after {args.warmup} warm-up")
+    print(f"cache-labels: {cached_views} views in {cache_s:.1f} s ({cache_s / cached_views:.3f} s/view, {label}); "
+          f"the teacher's forward alone {forward_s / cached_views:.3f} s/view: "
+          f"cache_labels_over_forward = {stage_over_forward:.3f}")
     print(f"lookup in the workers: {lookup_s * 1e3:.1f} ms per batch of {args.batch} (outside the step)")
     print(f"{'mode':<16}{'label source':<32}{'s/iter':>9}{'views/s':>9}{'vs floor':>10}")
-    for mode, name, what in MODES:
+    for mode, name, what in table_modes:
         r = results[mode]
         print(f"({mode}) {name:<12}{what:<32}{r['s_per_iter']:>9.3f}{r['views_per_s']:>9.2f}"
               f"{r['s_per_iter'] / d:>9.2f}x")
     ratios = report_ratios(times, {"cached_over_floor": "ad", "cached_over_plain_paa": "ac",
-                                   "cached_over_online": "ab"})
-    write_result("train", {
+                                   "cached_over_online": "ab", "online_over_cached": "ba"})
+    # the R-101 run's headline is what the cache costs against online LAD; the Swin-B run's what it saves
+    headline = "cached_over_online" if teacher_name == "r101" else f"{teacher_name}_online_over_cached"
+    headline_value = ratios["cached_over_online" if teacher_name == "r101" else "online_over_cached"]["median"]
+    write_result("train" if teacher_name == "r101" else f"train_{teacher_name}", {
         "machine": machine(), "data": data_name, "scale": [args.scale, args.scale], "batch": args.batch,
-        "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": "PAA R-101",
-        "cache_labels_s_per_view": cache_s / cached_views, "worker_lookup_s_per_batch": lookup_s,
+        "iters": args.iters, "warmup": args.warmup, "student": "PAA R-50", "teacher": f"PAA {label}",
+        "cache_labels_s_per_view": cache_s / cached_views, "forward_s_per_view": forward_s / cached_views,
+        "cache_labels_over_forward": stage_over_forward, "worker_lookup_s_per_batch": lookup_s,
         "modes": results, "ratios": ratios,
-        "headline": {"cached_over_online": ratios["cached_over_online"]["median"]},
+        "headline": {headline: headline_value},
     })
     print(f"cached_over_floor = {ratios['cached_over_floor']['median']:.3f}")
-    print(f"headline: cached_over_online = {ratios['cached_over_online']['median']:.3f}")
+    print(f"headline: {headline} = {headline_value:.3f}")
     shutil.rmtree(work, ignore_errors=True)
+    return ratios
+
+
+def main() -> None:
+    run(step_bench_args(__doc__, iters=20), "r101")
 
 
 if __name__ == "__main__":

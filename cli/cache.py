@@ -8,12 +8,12 @@ import click
 from lad_pipeline.cache import cache_info, format_info
 from lad_pipeline.errors import LadError
 
-from .options import (ann_option, config_option, device_option, images_option, parse_scales, resume_option,
-                      set_option)
+from .options import (ann_option, config_option, device_option, images_option, num_workers_option,
+                      overrides_option, parse_scales, path_option, resume_option)
 
 
 @click.command("cache-info")
-@click.argument("path", metavar="LABELS.zarr")
+@path_option("path", "--cache", "LABELS.zarr", "Label cache from lad cache-labels (a directory or a store URL).")
 @click.option("--verify", is_flag=True,
               help="Read every shard: checksums, offsets, counts, index coverage, content digest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -63,7 +63,7 @@ def _soft_options(command):
 @click.option("--out", required=True, type=click.Path(), metavar="LABELS.zarr", help="The label cache to write.")
 @click.option("--variants", default="identity,hflip", show_default=True, help="Views per image and scale.")
 @click.option("--scales", help="LONGxSHORT[,LONGxSHORT...] (default: data.scales of the config).")
-@click.option("--num-workers", type=click.IntRange(min=0), help="Image-decoding processes (default data.num_workers).")
+@num_workers_option
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Views per shard.")
 @click.option("--amp", is_flag=True, help="Run the teacher in fp16 on CUDA (default teacher.precision, fp32: exact, "
               "deterministic, TF32 off).")
@@ -71,7 +71,7 @@ def _soft_options(command):
 @resume_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing label cache at --out.")
 @_soft_options
-@set_option
+@overrides_option("data.skip_bad_images=true")
 def cache_labels_command(teacher: str, config_path: str | None, ann: str | None, images: str | None, out: str,
                          variants: str, scales: str | None, num_workers: int | None, shard_size: int, amp: bool,
                          device: str | None,

@@ -4,14 +4,17 @@ from __future__ import annotations
 import click
 
 
+from .options import overrides_option, path_option
+
 
 @click.command("checkpoint-info")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@path_option("checkpoint", "--checkpoint", "CKPT", "Checkpoint: ours or an mmdetection file.",
+             type=click.Path(dir_okay=False))
 @click.option("--config", "config_path", type=click.Path(), help="Model config (needed for mmdetection files).")
 @click.option("--teacher", is_flag=True, help="Build the config's teacher model instead of its student.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.num_classes=10.")
+@overrides_option("model.num_classes=10")
 def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
-    """Load CHECKPOINT (ours or mmdetection's) into its detector and summarise it."""
+    """Load a checkpoint (ours or mmdetection's) into its detector and summarise it."""
     from lad_pipeline.checkpoint import Checkpoint, first_non_finite
     from lad_pipeline.errors import LadError
 
@@ -46,12 +49,13 @@ def _describe(model, model_cfg) -> str:
 
 
 @click.command("export-network")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@path_option("checkpoint", "--checkpoint", "CKPT", "A checkpoint of lad train-colad (two networks).",
+             type=click.Path(dir_okay=False))
 @click.option("--network", required=True, type=click.IntRange(1, 2), help="Which detector of the checkpoint.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="OUT.pth",
               help="Plain detector checkpoint to write (a teacher for cache-labels, or for eval/show).")
 def export_network_command(checkpoint: str, network: int, out: str) -> None:
-    """Write one network of CHECKPOINT (e.g. network 2 of a lad train-colad run) as a plain detector."""
+    """Write one network of a checkpoint (e.g. network 2 of a lad train-colad run) as a plain detector."""
     from lad_pipeline.checkpoint import export_network
 
     config = export_network(checkpoint, out, network)

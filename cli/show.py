@@ -9,26 +9,13 @@ import click
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
 
-from .options import device_option
+from .options import device_option, overrides_option, parse_scale
 
 VARIANTS = ("identity", "hflip")
 
 
 def _scale_text(scale) -> str:
     return f"{scale[0]}x{scale[1]}"
-
-
-def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[tuple[int, int]]:
-    if value is None:
-        return None
-    parts = value.replace("x", ",").split(",")
-    try:
-        scale = tuple(int(p) for p in parts)
-    except ValueError:
-        scale = ()
-    if len(scale) != 2 or min(scale) < 1:
-        raise click.BadParameter(f"{value!r} is not LONG,SHORT (two positive integers, e.g. 1333,800)")
-    return scale  # type: ignore[return-value]
 
 
 @click.command("show")
@@ -46,27 +33,35 @@ def _parse_scale(ctx: click.Context, param: click.Parameter, value: Optional[str
 @click.option("--network", type=click.IntRange(1, 2),
               help="Which detector of a CoLAD checkpoint (default: the config's colad.inference_network).")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png", help="Output PNG (default: show_<id>.png).")
-@click.option("--zoom", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="Draw on the image enlarged this many times (small images, e.g. the toy digits).")
+@click.option("--zoom", type=click.IntRange(1, 16),
+              help="Draw on the image enlarged this many times (default: small images, e.g. the toy digits, are "
+                   "enlarged to about 512 px; labels keep their size).")
+@click.option("--gt", "show_gt", is_flag=True, help="Also outline the image's ground-truth boxes (white).")
+@overrides_option("test.nms_iou=0.5")
 def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Optional[str], image_id: int, ann: str,
                  images: str, score_thr: float, device: Optional[str], network: Optional[int], out: Optional[str],
-                 zoom: int) -> None:
+                 zoom: Optional[int], show_gt: bool, overrides: tuple[str, ...]) -> None:
     """Draw a detector's detections on one image (the unflipped view at the first configured scale,
-    boxes in original pixels) and write a PNG."""
+    boxes in original pixels) and write a PNG with a title and legend underneath. Of detections that overlap
+    (IoU > 0.5, any class) only the highest-scoring one is drawn; the title says how many were left out."""
+    import torch
+
     from lad_pipeline.data import CocoViews, read_image
     from lad_pipeline.evaluate.predictor import Predictor
     from lad_pipeline.runtime.distributed import resolve_device
-    from lad_pipeline.visualize import draw_detections, write_png
+    from lad_pipeline.types import Detections
+    from lad_pipeline.visualize import (GT_COLOR, add_caption, auto_zoom, class_text, color, display_order,
+                                        draw_detections, draw_outlines, enlarge, plural, write_png)
 
     dev = resolve_device(device)
     if (checkpoint is None) == (onnx is None):
         raise click.UsageError("give exactly one of --checkpoint and --onnx")
-    if onnx is not None and (config_path is not None or network is not None):
-        raise click.UsageError("--config and --network go with --checkpoint; a graph records its own config")
+    if onnx is not None and (config_path is not None or network is not None or overrides):
+        raise click.UsageError("--config, --network and --set go with --checkpoint; a graph records its own config")
     if onnx is not None:
         predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if dev.type == "cpu" else None)
     else:
-        predictor = Predictor.from_checkpoint(checkpoint, config_path, device=dev, network=network)
+        predictor = Predictor.from_checkpoint(checkpoint, config_path, overrides, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
     dataset.check_num_classes(predictor.num_classes)
@@ -76,16 +71,25 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
     dets = predictor.predict_views([view.image], [view.view_size], [view.scale_factor],
                                    score_thr=min(test_thr, score_thr))[0]
     original = read_image(dataset.image_path(image_id))
-    if zoom > 1:  # enlarge the pixels, not the detector's input: the boxes scale with them
-        original = original.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
-        dets = dets._replace(boxes=dets.boxes * zoom)
-    drawn = draw_detections(original, dets, dataset.class_names, score_thr)
-    path = write_png(drawn, out or f"show_{image_id}.png")
-    kept = dets.labels[dets.scores > score_thr].tolist()
-    per_class = Counter(dataset.class_names[k] for k in kept)
-    detail = ": " + ", ".join(f"{name} {n}" for name, n in per_class.most_common()) if kept else ""
-    click.echo(f"wrote {path} ({original.shape[2]}x{original.shape[1]}, image {image_id}): "
-               f"{len(kept)} detections with score > {score_thr:g} drawn{detail}")
+    zoom = zoom or auto_zoom(original.shape[1], original.shape[2])
+    picture = enlarge(original, zoom)  # the pixels, not the detector's input: the boxes scale with them
+    order, hidden = display_order(dets, score_thr)
+    shown = Detections(dets.boxes[order] * zoom, dets.scores[order], dets.labels[order])
+    legend = []
+    if show_gt:
+        sx, sy = view.scale_factor  # view pixels -> original pixels
+        gt = view.targets.boxes / torch.tensor([sx, sy, sx, sy])
+        picture = draw_outlines(picture, gt * zoom, GT_COLOR)
+        legend.append((GT_COLOR, "ground truth"))
+    drawn = draw_detections(picture, shown, dataset.class_names, score_thr)
+    per_class = Counter(shown.labels.tolist())
+    legend += [(color(k), f"{class_text(dataset.class_names, k)} ({n})") for k, n in sorted(per_class.items())]
+    title = f"image {image_id}: {plural(len(order), 'detection')} with score > {score_thr:g}"
+    if hidden:
+        title += f"; {hidden} more, each under a higher-scoring one, not drawn"
+    path = write_png(add_caption(drawn, title, legend), out or f"show_{image_id}.png")
+    detail = "; drawn: " + ", ".join(text for c, text in legend if c != GT_COLOR) if len(order) else ""
+    click.echo(f"wrote {path} ({original.shape[2]}x{original.shape[1]} px, zoom {zoom}): {title}{detail}")
 
 
 def _missing_view(cache, key: ViewKey) -> str:
@@ -112,21 +116,26 @@ def _missing_view(cache, key: ViewKey) -> str:
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="Image directory.")
 @click.option("--variant", type=click.Choice(VARIANTS), default="identity", show_default=True,
               help="Which cached view: unflipped or horizontally flipped.")
-@click.option("--scale", callback=_parse_scale, metavar="LONG,SHORT",
+@click.option("--scale", callback=parse_scale, metavar="LONGxSHORT",
               help="Target scale of the cached view (default: the cache's first scale).")
 @click.option("--soft", is_flag=True,
               help="Draw the teacher's soft labels instead: stored anchors coloured by their top teacher probability.")
 @click.option("--out", type=click.Path(dir_okay=False), metavar="OUT.png",
               help="Output PNG (default: labels_<id>_<variant>_<long>x<short>.png, soft_... with --soft).")
+@click.option("--zoom", type=click.IntRange(1, 16),
+              help="Draw on the view enlarged this many times (default: small views are enlarged to about 512 px; "
+                   "marks and labels keep their size).")
 def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, variant: str,
-                        scale: Optional[tuple[int, int]], soft: bool, out: Optional[str]) -> None:
+                        scale: Optional[tuple[int, int]], soft: bool, out: Optional[str], zoom: Optional[int]) -> None:
     """Draw what the teacher taught on one cached view: GT boxes, positive anchors (filled squares in
-    their GT's colour, bigger for coarser FPN levels) and rejected candidates (faint hollow squares).
+    their GT's colour, bigger for coarser FPN levels) and rejected candidates (faint hollow squares), with
+    a title and legend underneath.
     With --soft (a cache made with lad cache-labels --soft): the anchors its soft record stores, coloured
     by their top teacher probability (dark blue 0 .. green .. yellow 1), box-KD anchors with a white rim."""
     from lad_pipeline.cache import LabelCache, annotation_fingerprint
     from lad_pipeline.data import CocoViews
-    from lad_pipeline.visualize import draw_assignment, format_summary, write_png
+    from lad_pipeline.visualize import add_caption, auto_zoom, class_text, draw_assignment, format_summary, plural, \
+        write_png
 
     cache = LabelCache.open(cache_path)
     if soft and not cache.has_soft:
@@ -134,7 +143,7 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     if scale is None:
         scales = cache.attrs.get("scales") or []
         if not scales:
-            raise LadError(f"label cache {cache_path} records no scales; pass --scale LONG,SHORT")
+            raise LadError(f"label cache {cache_path} records no scales; pass --scale LONGxSHORT")
         scale = (int(scales[0][0]), int(scales[0][1]))
     key = ViewKey(image_id, scale, variant == "hflip")
     cached = cache.get(key)
@@ -151,46 +160,54 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     if made_from and made_from != annotation_fingerprint(ann):
         click.echo(f"warning: {ann} is not the annotation file the cache was made from (fingerprints differ); "
                    "boxes and anchors are drawn from the cache, pixels and class names from it", err=True)
+    zoom = zoom or auto_zoom(*cached.view_size)
     if soft:
         _show_soft(cached, view.image, cache.layout.anchors, dataset.class_names,
-                   out or f"soft_{image_id}_{variant}_{_scale_text(scale)}.png", variant, scale)
+                   out or f"soft_{image_id}_{variant}_{_scale_text(scale)}.png", variant, scale, zoom)
         return
     image, rows = draw_assignment(view.image, cached.targets, cached.assignment, cached.pad_size,
-                                  cache.layout.anchors, dataset.class_names)
-    path = write_png(image, out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
+                                  cache.layout.anchors, dataset.class_names, zoom=zoom)
+    names = dataset.class_names
+    title = (f"image {image_id}, {variant}, scale {_scale_text(scale)}: {plural(len(rows), 'GT')}, "
+             f"{plural(cached.assignment.num_pos, 'positive anchor')}, "
+             f"{plural(int((~cached.assignment.cand_pos).sum()), 'rejected candidate')}")
+    legend = [(r.color, f"gt {r.gt}: {class_text(names, r.label)}, {r.positives}/{r.candidates} positive")
+              for r in rows]
+    key_lines = ["filled squares: positive anchors in their GT's colour (bigger = coarser FPN level)",
+                 "faint hollow squares: candidates the teacher rejected"]
+    path = write_png(add_caption(image, title, legend, key_lines),
+                     out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
     h, w = cached.view_size
-    click.echo(f"wrote {path} ({w}x{h}, image {image_id}, {variant}, scale {_scale_text(scale)}): "
-               f"{len(rows)} GTs, {cached.assignment.num_pos} positive anchors, "
-               f"{int((~cached.assignment.cand_pos).sum())} rejected candidates")
-    click.echo("filled squares: positives, in their GT's colour (bigger = coarser FPN level); "
-               "faint hollow squares: rejected candidates")
-    for line in format_summary(rows):
+    click.echo(f"wrote {path} ({w}x{h} px view, zoom {zoom}): {title}")
+    for line in [*key_lines, *format_summary(rows, names)]:
         click.echo(line)
 
 
-def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scale) -> None:
+def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scale, zoom: int) -> None:
     """Write the soft-label picture of one cached view and print what it shows."""
     import numpy as np
     import torch
 
-    from lad_pipeline.visualize import draw_soft_scores, write_png
+    from lad_pipeline.visualize import SCORE_RAMP, add_caption, class_text, draw_soft_scores, plural, write_png
 
     record = cached.soft
     counts = record.cls_count.astype(np.int64)
     first = np.cumsum(counts) - counts
     top = torch.from_numpy(record.cls_logit[first].astype(np.float32)).sigmoid()  # each anchor's largest first
     drawn = draw_soft_scores(image, cached.targets, torch.from_numpy(record.anchor.astype("int64")), top,
-                             record.num_box, cached.pad_size, anchors, class_names)
-    path = write_png(drawn, out)
+                             record.num_box, cached.pad_size, anchors, class_names, zoom=zoom)
+    title = (f"image {cached.key.image_id}, {variant}, scale {_scale_text(scale)}: "
+             f"{plural(len(record.anchor), 'stored anchor')} ({record.num_box} box-KD), {record.nbytes} bytes")
+    ramp = [(c, f"p {p:g}") for c, p in zip(SCORE_RAMP, (0, 0.25, 0.5, 0.75, 1))]
+    key_lines = ["squares: stored anchors coloured by their top teacher probability (bigger = coarser FPN "
+                 "level); white rim: box-KD anchors"]
+    path = write_png(add_caption(drawn, title, ramp, key_lines), out)
     h, w = cached.view_size
-    click.echo(f"wrote {path} ({w}x{h}, image {cached.key.image_id}, {variant}, scale {_scale_text(scale)}): "
-               f"{len(record.anchor)} stored anchors ({record.num_box} box-KD), soft record {record.nbytes} bytes")
-    click.echo("squares: stored anchors coloured by their top teacher probability (dark blue 0, green 0.5, "
-               "yellow 1; bigger = coarser FPN level); white rim: box-KD anchors")
+    click.echo(f"wrote {path} ({w}x{h} px view, zoom {zoom}): {title}")
+    click.echo(key_lines[0])
     if len(top):
         q = torch.quantile(top, torch.tensor([0.0, 0.5, 0.9, 1.0])).tolist()
         classes = Counter(int(c) for c in record.cls_class[first].tolist())
-        names = ", ".join(f"{class_names[c] if class_names and c < len(class_names) else c} {n}"
-                          for c, n in classes.most_common(5))
+        names = ", ".join(f"{class_text(class_names, c)} ({n})" for c, n in classes.most_common(5))
         click.echo(f"top probability min/p50/p90/max {q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f}/{q[3]:.3f}; "
                    f"top classes: {names}")

@@ -29,17 +29,17 @@ if [ -n "${STUDENT_ITERS:-}" ]; then STUDENT_SETS+=(--set "train.max_iters=$STUD
 done_run() { [ -f "runs/$1/checkpoints/final.pth" ]; }
 
 step "toy dataset ($TRAIN_IMAGES train / $VAL_IMAGES val images)"
-[ -f toy/toy.json ] || lad make-toy-data toy --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" --seed 0
+[ -f toy/toy.json ] || lad make-toy-data --out toy --train "$TRAIN_IMAGES" --val "$VAL_IMAGES" --seed 0
 
 step "teacher: ResNet-18 PAA trained on its own labels (the long schedule)"
 done_run teacher || lad train-teacher --config "$TEACHER_CFG" "${DATA[@]}" --out runs/teacher --resume \
   "${SETS[@]}" "${TEACHER_SETS[@]}"
 
 step "stage one: the teacher's labels for both flips of every image"
-lad cache-info labels.zarr --json 2>/dev/null | grep -q '"finalized": true' || \
+lad cache-info --cache labels.zarr --json 2>/dev/null | grep -q '"finalized": true' || \
   lad cache-labels --teacher runs/teacher/checkpoints/final.pth "${DATA[@]}" --out labels.zarr "${SCALES[@]}" \
     --overwrite
-lad cache-info labels.zarr
+lad cache-info --cache labels.zarr
 
 step "stage two: two ResNet-18 students for the same short schedule, from the same start"
 train_lad() { lad train-student --cache labels.zarr --config "$STUDENT_CFG" "${DATA[@]}" --out runs/student_lad \
@@ -75,9 +75,9 @@ OMP_NUM_THREADS=1 lad eval --checkpoint runs/teacher/checkpoints/final.pth "${VA
   --out runs/teacher/val_metrics.json > runs/teacher/eval.txt &
 eval_pid=$!
 OMP_NUM_THREADS=1 lad show --checkpoint runs/teacher/checkpoints/final.pth --image-id 1 "${VAL[@]}" --out teacher.png \
-  --zoom 4 --score-thr 0.5 &
+  --gt --score-thr 0.5 &
 show_pid=$!
-OMP_NUM_THREADS=1 lad plot runs/student_paa runs/student_lad --label "student, PAA (own labels)" \
+OMP_NUM_THREADS=1 lad plot --run runs/student_paa --run runs/student_lad --label "student, PAA (own labels)" \
   --label "student, LAD (teacher's labels)" --out curves.png
 wait "$eval_pid" && wait "$show_pid"
 

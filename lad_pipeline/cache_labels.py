@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,12 +42,12 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
     teacher runs (``TEACHER_MODE_FIELDS``)."""
     attrs = {
         "teacher_sha256": teacher.sha256,
-        "teacher_checkpoint": str(teacher.path),
+        "teacher_checkpoint": os.path.abspath(teacher.path),  # absolute, as every path a cache records
         "model": {"detector": asdict(teacher_model), "assign": asdict(config.assign), "loss": asdict(config.loss)},
         "anchor": anchor_attrs(teacher_anchors, config.data.size_divisor),
         "transform": transform_attrs(config),
         "annotation_fingerprint": annotation_fingerprint(ann_file),
-        "annotation_file": str(ann_file),
+        "annotation_file": os.path.abspath(ann_file),
         "variants": list(variants),
         "scales": [list(s) for s in scales],
         "ignore_iof_thr": config.assign.ignore_iof_thr,

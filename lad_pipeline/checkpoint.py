@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .errors import LadError
+from .models.swin_weights import IMAGENET_ABSENT, MMDET_SWIN_RENAMES, convert_imagenet_swin, imagenet_swin_layout
 from .runtime.atomic import atomic_write
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ _MMDET_RENAMES = [
     (re.compile(r"^bbox_head\.atss_cls\."), "bbox_head.cls_logits."),
     (re.compile(r"^bbox_head\.atss_reg\."), "bbox_head.bbox_pred."),
     (re.compile(r"^bbox_head\.atss_centerness\."), "bbox_head.iou_pred."),
+    *MMDET_SWIN_RENAMES,
 ]
 # numpy objects mmdetection/mmengine may leave in ``meta``: plain data, safe to rebuild
 _np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
@@ -140,7 +142,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, require_finite
 
 
 def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
-    """``model.init_from``: a whole detector checkpoint, or a torchvision ResNet state dict for the backbone.
+    """``model.init_from``: a whole detector checkpoint, or an ImageNet backbone: a torchvision ResNet state
+    dict, or a Swin in the original release's or torchvision's layout (converted here).
 
     Returns which of the two it was.
     """
@@ -148,6 +151,13 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
     if any(k.startswith(("backbone.", "neck.", "bbox_head.")) for k in state):
         load_state_dict_strict(model, state, f"init_from {path}")
         return "detector"
+    layout = imagenet_swin_layout(state)
+    if layout is not None:
+        body = convert_imagenet_swin(state, layout)
+        # what ImageNet weights do not hold (the detector's output norms, computed indices) keeps its value
+        body.update({k: v for k, v in model.backbone.state_dict().items() if IMAGENET_ABSENT.search(k)})
+        load_state_dict_strict(model.backbone, body, f"init_from {path} (as a {layout}-layout Swin backbone)")
+        return "backbone"
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet classifier not used
     load_state_dict_strict(model.backbone, body, f"init_from {path} (as a backbone)")
     return "backbone"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 import typing
@@ -21,7 +22,29 @@ else:  # pragma: no cover
 from .errors import LadError
 from .runtime.atomic import atomic_write
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_64x4d")
+SWINS = ("swin_t", "swin_s", "swin_b")
+BACKBONES = RESNETS + SWINS
+
+
+@dataclass
+class SwinConfig:
+    """A Swin backbone's shape: ``embed_dim`` channels in stage 1 (stage i has ``embed_dim * 2**i``), blocks and
+    attention heads per stage, window side (patch size 4). In ``[model.swin]`` each key overrides the preset
+    named by ``model.backbone`` (0 or an empty list keeps the preset's), so toy runs can use small Swins."""
+
+    embed_dim: int = 0
+    depths: list[int] = field(default_factory=list)
+    num_heads: list[int] = field(default_factory=list)
+    window_size: int = 0
+
+
+# the Swin paper's variants, as mmdetection's Swin detector configs build them
+SWIN_PRESETS = {
+    "swin_t": SwinConfig(96, [2, 2, 6, 2], [3, 6, 12, 24], 7),
+    "swin_s": SwinConfig(96, [2, 2, 18, 2], [3, 6, 12, 24], 7),
+    "swin_b": SwinConfig(128, [2, 2, 18, 2], [4, 8, 16, 32], 7),
+}
 
 
 @dataclass
@@ -34,9 +57,11 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     octave_base_scale: float = 8.0  # anchor side = octave_base_scale * stride (one square anchor per location)
     prior_prob: float = 0.01
-    frozen_stages: int = 1  # stem and stage 1 get no gradients
+    frozen_stages: int = 1  # stem (Swin: patch embedding) and stages 1..N get no gradients; -1 trains everything
     norm_eval: bool = True  # BN statistics frozen (mmdetection); false lets BN learn them, for from-scratch runs
-    init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
+    init_from: str = ""  # checkpoint (ours, mmdetection's, or an ImageNet backbone: torchvision's or Swin's)
+    swin: SwinConfig = field(default_factory=SwinConfig)  # overrides of the swin_* preset
+    drop_path_rate: float = 0.0  # Swin stochastic depth, rising linearly to this over the blocks
 
 
 @dataclass
@@ -139,6 +164,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False
     grad_clip: float = 0.0  # max grad norm; 0 disables
+    optimizer: str = "sgd"  # "adamw": mmdetection's Swin recipe (no weight decay on norms and position bias tables)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
     checkpoint_every: int = 500
     log_every: int = 50
     eval_every: int = 0  # > 0: COCO AP on data.val_ann every this many iterations and at the end (metrics.jsonl)
@@ -219,6 +246,17 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "frozen_stages": between(-1, 4),
         "norm_eval": ANY,
         "init_from": PATH,
+        "swin": ANY,  # a table: its keys are SwinConfig's
+        "drop_path_rate": Allowed(lambda v: 0 <= v < 1, ">= 0 and < 1"),
+    },
+    SwinConfig: {
+        "embed_dim": at_least(0),
+        "depths": Allowed(lambda v: v == [] or (len(v) == 4 and min(v) >= 1),
+                          "4 block counts >= 1, one per stage (or [] for the preset's)"),
+        "num_heads": Allowed(lambda v: v == [] or (len(v) == 4 and min(v) >= 1),
+                             "4 head counts >= 1, one per stage (or [] for the preset's)"),
+        "window_size": Allowed(lambda v: v == 0 or v >= 2,
+                               ">= 2 (the shifted blocks move the windows by half a window), or 0 for the preset's"),
     },
     TeacherConfig: {
         "checkpoint": PATH,
@@ -286,6 +324,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "seed": Allowed(lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
         "amp": ANY,
         "grad_clip": at_least(0),  # 0: no clipping
+        "optimizer": one_of("sgd", "adamw"),
+        "betas": Allowed(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers >= 0 and < 1"),
         "checkpoint_every": at_least(1),
         "log_every": at_least(1),
         "eval_every": at_least(0),  # 0: no validation during training
@@ -342,7 +382,32 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _check_value(name, value, hint)
             if key in rules and not rules[key].test(kwargs[key]):
                 raise LadError(f"config key {name} is {_show(kwargs[key])}; it must be {rules[key].text}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if cls is ModelConfig:
+        resolved_swin(built, prefix)  # keys that must agree with each other
+    return built
+
+
+def resolved_swin(model: ModelConfig, prefix: str = "model.") -> SwinConfig:
+    """The Swin shape ``model`` asks for: its preset with ``[model.swin]``'s overrides, checked.
+
+    For a ResNet backbone the Swin keys must be left unset.
+    """
+    if model.backbone not in SWINS:
+        if model.swin != SwinConfig() or model.drop_path_rate:
+            raise LadError(f"config keys {prefix}swin and {prefix}drop_path_rate apply to Swin backbones; "
+                           f"{prefix}backbone is {model.backbone!r}: remove them or choose one of {', '.join(SWINS)}")
+        return model.swin
+    preset, given = SWIN_PRESETS[model.backbone], model.swin
+    swin = SwinConfig(given.embed_dim or preset.embed_dim, list(given.depths or preset.depths),
+                      list(given.num_heads or preset.num_heads), given.window_size or preset.window_size)
+    for stage, heads in enumerate(swin.num_heads):
+        width = swin.embed_dim * 2**stage
+        if width % heads:
+            raise LadError(f"{prefix}backbone {model.backbone}: stage {stage + 1} has {width} channels "
+                           f"({prefix}swin.embed_dim {swin.embed_dim} x {2 ** stage}), which {heads} heads do not "
+                           f"divide; change {prefix}swin.embed_dim or {prefix}swin.num_heads")
+    return swin
 
 
 def _show(value: Any) -> str:
@@ -392,6 +457,26 @@ def rename_old_keys(data: dict[str, Any]) -> dict[str, Any]:
                 if cls is ModelConfig and old in section and new not in section:
                     section[new] = section.pop(old)
     return data
+
+
+def resolve_paths(config: Config, base: str | Path | None = None) -> Config:
+    """The config with every path key (``data.ann``, ``data.val_images``, ``model.init_from``,
+    ``teacher.checkpoint``, ``train.tensorboard``, ...) made absolute against ``base`` (default: the current
+    directory). A run saves its config resolved, so that the run means the same files from any directory."""
+    base = Path(base) if base is not None else Path.cwd()
+
+    def resolve(node: Any) -> Any:
+        rules = ALLOWED.get(type(node), {})
+        changes = {}
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = resolve(value)
+            elif rules.get(f.name) is PATH and value and "://" not in value:  # a URL stays as it is
+                changes[f.name] = os.path.abspath(base / Path(value).expanduser())
+        return dataclasses.replace(node, **changes)
+
+    return resolve(config)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -444,7 +529,18 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+# sections of features a run may not use (a teacher, CoLAD's second network, soft-label KD): written only when
+# they differ from their defaults, so that a plain run's config shows only what it uses
+OPTIONAL_SECTIONS = ("teacher", "colad", "distill")
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config."""
+    """Write the config as TOML, atomically (aside, then renamed): a crash never leaves half a config.
+
+    An optional section at its defaults is left out; loading the file gives the same config."""
+    data, defaults = config.to_dict(), Config().to_dict()
+    for name in OPTIONAL_SECTIONS:
+        if data[name] == defaults[name]:
+            del data[name]
     with atomic_write(path, "w", what="config") as f:
-        f.write(dump_toml(config.to_dict()))
+        f.write(dump_toml(data))

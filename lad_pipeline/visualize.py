@@ -14,6 +14,10 @@ An assignment picture shows, on the view the teacher saw:
 A mark stays closer to its centre than the smallest distance between two anchor centres, so the
 pixel at a positive's centre always carries the colour of a positive anchored there.
 
+Small images are enlarged for drawing (``auto_zoom``): marks and text keep their pixel size, so the digit
+under a positive stays visible. ``add_caption`` puts a title and a colour legend under a picture, so that it
+reads on its own.
+
 A soft-label picture (``draw_soft_scores``) shows the GT boxes and every anchor the teacher's soft record
 stores, as a filled square coloured by its top stored teacher probability (``score_color``: dark blue for
 0, through green, to yellow for 1); the box-KD anchors get a white rim, the others a black one.
@@ -27,6 +31,7 @@ from functools import reduce
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.io import encode_png
@@ -86,21 +91,126 @@ def _check_image(image: Tensor) -> None:
         raise ValueError(f"expected a uint8 [3, H, W] image, got {image.dtype} {tuple(image.shape)}")
 
 
-def _boxes(image: Tensor, boxes: Tensor, labels: list[str], colors: list[Color], width: int) -> Tensor:
-    """``draw_bounding_boxes`` with labels on a filled background in the box colour."""
+def auto_zoom(height: int, width: int, target: int = 512) -> int:
+    """The whole-number enlargement that brings the long side of a small image to about ``target`` pixels
+    (1 for an image that is already that big, at most 16)."""
+    return max(1, min(16, round(target / max(height, width, 1))))
+
+
+def enlarge(image: Tensor, zoom: int) -> Tensor:
+    """``image`` with every pixel repeated ``zoom`` times in each direction (no smoothing)."""
+    return image if zoom == 1 else image.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
+
+
+def class_text(class_names: Optional[Sequence[str]], label: int) -> str:
+    """A class as a label that cannot run into a number next to it: its name, or ``cls 3`` for a numeric one."""
+    name = _name(class_names, label)
+    return f"cls {name}" if name.replace(".", "", 1).isdigit() else name
+
+
+def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """``1 detection``, ``2 detections``."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def _font(size: int = 13):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # a Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def add_caption(image: Tensor, title: str, legend: Sequence[tuple[Color, str]] = (),
+                notes: Sequence[str] = ()) -> Tensor:
+    """``image`` with a white strip underneath: the ``title``, then a colour swatch and text per ``legend``
+    entry (wrapped to the picture's width), then ``notes`` lines. The picture above keeps its pixels."""
+    from PIL import Image, ImageDraw
+
+    _check_image(image)
+    font, pad, line = _font(), 6, 18
+    width = max(int(image.shape[2]), 320)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows: list[list[tuple[Color, str, int]]] = [[]]
+    x = pad
+    for swatch, text in legend:
+        w = line + int(measure.textlength(text, font=font)) + 14
+        if rows[-1] and x + w > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((swatch, text, x))
+        x += w
+    rows = [r for r in rows if r]
+    height = pad + line * (1 + len(rows) + len(notes)) + pad
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    y = pad + line
+    for row in rows:
+        for swatch, text, x in row:
+            draw.rectangle([x, y + 2, x + line - 6, y + line - 4], fill=swatch, outline=(0, 0, 0))
+            draw.text((x + line, y), text, fill=(0, 0, 0), font=font)
+        y += line
+    for note in notes:
+        draw.text((pad, y), note, fill=(60, 60, 60), font=font)
+        y += line
+    below = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)
+    canvas = torch.full((3, image.shape[1] + height, width), 255, dtype=torch.uint8)
+    canvas[:, :image.shape[1], :image.shape[2]] = image.cpu()
+    canvas[:, image.shape[1]:, :] = below
+    return canvas
+
+
+def _tags(image: Tensor, boxes: Tensor, texts: Sequence[str], colors: Sequence[Color], below: bool = False
+          ) -> Tensor:
+    """Each box's label on a filled tag in the box colour, drawn with PIL at a fixed pixel size whatever the
+    zoom: outside the box, above its top-left corner (``below``: under its bottom-left corner) where the
+    picture has room, else just inside."""
+    from PIL import Image, ImageDraw
+
     if boxes.shape[0] == 0:
-        return image.clone()
-    return draw_bounding_boxes(
-        image.cpu(), boxes.detach().cpu().float(), labels=labels, colors=colors, width=width,
-        fill_labels=True, label_background_colors=colors, label_colors=[_text_color(c) for c in colors],
-    )
+        return image
+    picture = Image.fromarray(image.cpu().permute(1, 2, 0).numpy())
+    draw, font = ImageDraw.Draw(picture), _font()
+    for box, text, c in zip(boxes.tolist(), texts, colors):
+        x1, y1, x2, y2 = box
+        w = int(draw.textlength(text, font=font)) + 6
+        x = min(max(0, int(x1)), max(0, picture.width - w))
+        room_below, room_above = y2 + 17 < picture.height, y1 >= 17
+        if below:
+            y = int(y2) + 1 if room_below else (int(y1) - 17 if room_above else max(0, int(y2) - 17))
+        else:
+            y = int(y1) - 17 if room_above else max(0, int(y1))
+        draw.rectangle([x, y, x + w, y + 16], fill=tuple(c))
+        draw.text((x + 3, y + 1), text, fill=_text_color(c), font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
-# -- detections ----------------------------------------------------------------------------------
+def _boxes_then_labels(image: Tensor, boxes: Tensor, texts: Sequence[str], colors: Sequence[Color],
+                       width: int) -> Tensor:
+    boxes = boxes.detach().cpu().float()
+    return _tags(_outlines(image, boxes, colors, width), boxes, texts, colors)
+
+
+def display_order(dets: Detections, score_thr: float, overlap: float = 0.5) -> tuple[Tensor, int]:
+    """Which detections a picture draws: those scoring above ``score_thr``, less each one that overlaps
+    (IoU > ``overlap``, any class) a higher-scoring drawn one, whose label it would hide. Returns their
+    indices, lowest score first (drawn first, so the best lies on top), and how many were left out."""
+    from torchvision.ops import nms
+
+    scores = dets.scores.detach().cpu()
+    above = torch.nonzero(scores > score_thr).flatten()
+    if above.numel() == 0:
+        return above, 0
+    kept = above[nms(dets.boxes.detach().cpu().float()[above], scores[above], overlap)]
+    return kept.flip(0), int(above.numel() - kept.numel())
+
+
 def draw_detections(image: Tensor, dets: Detections, class_names: Optional[Sequence[str]] = None,
                     score_thr: float = 0.3, width: int = 2) -> Tensor:
     """The detections scoring above ``score_thr`` drawn on ``image`` (uint8 ``[3, H, W]``, same pixels
-    as the boxes), one colour per class, labelled ``"<class name> <score>"``; returns a new image.
+    as the boxes), one colour per class, labelled ``"<class>: <score>"``; returns a new image.
 
     The highest-scoring boxes are drawn last, on top.
     """
@@ -111,8 +221,8 @@ def draw_detections(image: Tensor, dets: Detections, class_names: Optional[Seque
     boxes = dets.boxes.detach().cpu()[order]
     labels = dets.labels.detach().cpu()[order].tolist()
     scores = dets.scores.detach().cpu()[order].tolist()
-    text = [f"{_name(class_names, lab)} {s:.2f}" for lab, s in zip(labels, scores)]
-    return _boxes(image, boxes, text, [color(lab) for lab in labels], width)
+    text = [f"{class_text(class_names, lab)}: {s:.2f}" for lab, s in zip(labels, scores)]
+    return _boxes_then_labels(image, boxes, text, [color(lab) for lab in labels], width)
 
 
 # -- assignments ---------------------------------------------------------------------------------
@@ -185,13 +295,13 @@ def _paint_squares(canvas: Tensor, centres: Tensor, colors: Tensor, half: int, *
 
 def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad_size: Sequence[int],
                     anchors: AnchorLayout, class_names: Optional[Sequence[str]] = None,
-                    box_width: int = 3) -> tuple[Tensor, list[GTSummary]]:
+                    box_width: int = 3, zoom: int = 1) -> tuple[Tensor, list[GTSummary]]:
     """A teacher's assignment of one view drawn on the view (see the module docstring for what is drawn).
 
     ``image``: the view, uint8 ``[3, h, w]``; ``targets`` in view pixels; ``assignment`` over the view's own
     padded grid ``pad_size`` (H, W), as the label cache stores it, on the layout ``anchors`` (the cache's, or the
-    teacher's). Returns the new image and one summary
-    row per GT (``format_summary`` makes the legend lines).
+    teacher's). ``zoom``: the view enlarged this many times, marks and labels at their own size (see
+    ``auto_zoom``). Returns the new image and one summary row per GT (``format_summary`` makes the legend lines).
     """
     _check_image(image)
     num_anchors = anchors.num_anchors(anchors.feature_sizes(pad_size))
@@ -210,8 +320,8 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
                   colors[g], int((gt_index == g).sum()), int((cand_gt == g).sum()))
         for g in range(num_gt)
     ]
-    text = [f"{g} {_name(class_names, int(labels[g]))}" for g in range(num_gt)]
-    canvas = _boxes(image, boxes, text, colors, box_width).float()
+    text = [f"gt {g}" for g in range(num_gt)]  # the legend says which class
+    canvas = _outlines(enlarge(image, zoom), boxes * zoom, colors, box_width).float()
     if num_gt == 0:
         return canvas.to(torch.uint8), rows
 
@@ -219,7 +329,7 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
     halves = mark_half_sizes(anchors.strides)
     # rejected candidates: faint hollow squares
     rejected = ~cand_pos
-    centres, levels = anchor_centres(assignment.cand_anchor[rejected], pad_size, anchors)
+    centres, levels = _zoomed_centres(assignment.cand_anchor[rejected], pad_size, anchors, zoom)
     rej_gt = cand_gt[rejected]
     for level in reversed(range(anchors.num_levels)):
         sel = levels == level
@@ -227,14 +337,37 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
                        alpha=REJECTED_ALPHA)
     # positives: filled squares with a black rim, coarse levels first so fine ones stay on top
     pos = torch.nonzero(gt_index >= 0).flatten()
-    centres, levels = anchor_centres(pos, pad_size, anchors)
+    centres, levels = _zoomed_centres(pos, pad_size, anchors, zoom)
     pos_gt = gt_index[pos]
     rim = torch.tensor(RIM, dtype=torch.float32).expand(len(pos), 3)
     for level in reversed(range(anchors.num_levels)):
         sel = levels == level
         _paint_squares(canvas, centres[sel], rim[sel], halves[level] + 1)
         _paint_squares(canvas, centres[sel], color_table[pos_gt[sel]], halves[level])
-    return canvas.round().clamp(0, 255).to(torch.uint8), rows
+    # the GT labels last, under their boxes: no mark hides them, and they hide neither the object nor its marks
+    return _tags(canvas.round().clamp(0, 255).to(torch.uint8), boxes * zoom, text, colors, below=True), rows
+
+
+GT_COLOR: Color = (255, 255, 255)  # ground-truth outlines in a detection picture
+
+
+def draw_outlines(image: Tensor, boxes: Tensor, color: Color = GT_COLOR, width: int = 2) -> Tensor:
+    """Unlabelled box outlines in one colour (e.g. the ground truth under a detector's boxes)."""
+    _check_image(image)
+    return _outlines(image, boxes.reshape(-1, 4), [color] * len(boxes.reshape(-1, 4)), width)
+
+
+def _outlines(image: Tensor, boxes: Tensor, colors: Sequence[Color], width: int) -> Tensor:
+    if boxes.shape[0] == 0:
+        return image.clone()
+    return draw_bounding_boxes(image.cpu(), boxes.detach().cpu().float(), colors=list(colors), width=width)
+
+
+def _zoomed_centres(index: Tensor, pad_size: Sequence[int], anchors: AnchorLayout, zoom: int
+                    ) -> tuple[Tensor, Tensor]:
+    """``anchor_centres`` on a view enlarged ``zoom`` times: the centre pixel of each enlarged pixel."""
+    centres, levels = anchor_centres(index, pad_size, anchors)
+    return centres * zoom + zoom // 2, levels
 
 
 def score_color(scores: Tensor) -> Tensor:
@@ -248,7 +381,7 @@ def score_color(scores: Tensor) -> Tensor:
 
 def draw_soft_scores(image: Tensor, targets: Targets, anchor: Tensor, score: Tensor, num_box: int,
                      pad_size: Sequence[int], anchors: AnchorLayout, class_names: Optional[Sequence[str]] = None,
-                     box_width: int = 3) -> Tensor:
+                     box_width: int = 3, zoom: int = 1) -> Tensor:
     """The anchors of a soft record drawn on the view: ``anchor [N]`` own-grid indices (the first ``num_box``
     the box-KD anchors), ``score [N]`` their top stored teacher probability. Coarse levels are painted
     first, so the marks of finer levels at a shared centre stay visible. GT boxes as in ``draw_assignment``."""
@@ -256,9 +389,9 @@ def draw_soft_scores(image: Tensor, targets: Targets, anchor: Tensor, score: Ten
     boxes = targets.boxes.detach().cpu().float().reshape(-1, 4)
     labels = targets.labels.detach().cpu().tolist()
     colors = palette(boxes.shape[0])
-    text = [f"{g} {_name(class_names, int(labels[g]))}" for g in range(boxes.shape[0])]
-    canvas = _boxes(image, boxes, text, colors, box_width).float()
-    centres, levels = anchor_centres(anchor, pad_size, anchors)
+    text = [f"gt {g}: {class_text(class_names, int(labels[g]))}" for g in range(boxes.shape[0])]
+    canvas = _outlines(enlarge(image, zoom), boxes * zoom, colors, box_width).float()
+    centres, levels = _zoomed_centres(anchor, pad_size, anchors, zoom)
     score = score.detach().cpu().float().reshape(-1)
     rims = torch.tensor(RIM, dtype=torch.float32).expand(len(score), 3).clone()
     rims[:num_box] = torch.tensor(BOX_KD_RIM, dtype=torch.float32)
@@ -268,19 +401,22 @@ def draw_soft_scores(image: Tensor, targets: Targets, anchor: Tensor, score: Ten
         sel = levels == level
         _paint_squares(canvas, centres[sel], rims[sel], halves[level] + 1)
         _paint_squares(canvas, centres[sel], fills[sel], halves[level])
-    return canvas.round().clamp(0, 255).to(torch.uint8)
+    return _tags(canvas.round().clamp(0, 255).to(torch.uint8), boxes * zoom, text, colors, below=True)
 
 
-def format_summary(rows: Sequence[GTSummary]) -> list[str]:
-    """Legend lines of an assignment picture: per GT its colour, class, box, positives / candidates; then a total."""
-    width = max([len(r.name) for r in rows] + [5])
-    lines = [
-        f"gt {r.gt:>3}  {r.name:<{width}}  {hex_color(r.color)}  positives {r.positives:>3} / candidates "
-        f"{r.candidates:>3}  box [{', '.join(f'{v:g}' for v in r.box)}]"
-        for r in rows
+def format_summary(rows: Sequence[GTSummary], class_names: Optional[Sequence[str]] = None) -> list[str]:
+    """The legend of an assignment picture as a table: per GT its class, colour, positives, candidates and box
+    (view pixels, one decimal); then the totals."""
+    names = [class_text(class_names, r.label) if class_names is not None else r.name for r in rows]
+    width = max([len(n) for n in names] + [5])
+    head = f"{'gt':>3}  {'class':<{width}}  {'colour':<7}  {'positives':>9}  {'candidates':>10}  box x1, y1, x2, y2"
+    lines = [head] + [
+        f"{r.gt:>3}  {n:<{width}}  {hex_color(r.color)}  {r.positives:>9}  {r.candidates:>10}  "
+        + ", ".join(f"{v:.1f}" for v in r.box)
+        for r, n in zip(rows, names)
     ]
     pos, cand = sum(r.positives for r in rows), sum(r.candidates for r in rows)
-    lines.append(f"total   {len(rows)} GTs, positives {pos} / candidates {cand}")
+    lines.append(f"{'all':>3}  {plural(len(rows), 'GT'):<{width}}  {'':<7}  {pos:>9}  {cand:>10}")
     return lines
 
 

@@ -40,7 +40,7 @@ def test_store_holds_every_view_as_the_teacher_assigns_it(store, world):
 
 
 def test_cache_info_cli(store):
-    result = lad("cache-info", store, "--verify", "--json")
+    result = lad("cache-info", "--cache", store, "--verify", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["verify"]["ok"] and info["counts"]["views"] == 2 * info["counts"]["images"] == 24

@@ -95,28 +95,31 @@ def test_torchvision_backbone_init(tmp_path):
 def test_cli_bad_checkpoints(small_mmdet_ckpt, tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("this is not a checkpoint\n")
-    assert_one_line_error(run_lad("checkpoint-info", text, "--config", SMALL), "notes.pth", "not a readable")
+    assert_one_line_error(run_lad("checkpoint-info", "--checkpoint", text, "--config", SMALL), "notes.pth",
+                          "not a readable")
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(small_mmdet_ckpt.read_bytes()[: 1 << 20])
-    assert_one_line_error(run_lad("checkpoint-info", truncated, "--config", SMALL), "truncated.pth")
+    assert_one_line_error(run_lad("checkpoint-info", "--checkpoint", truncated, "--config", SMALL), "truncated.pth")
 
     missing = tmp_path / "absent.pth"
-    assert_one_line_error(run_lad("checkpoint-info", missing, "--config", SMALL), "absent.pth", "not found")
+    assert_one_line_error(run_lad("checkpoint-info", "--checkpoint", missing, "--config", SMALL), "absent.pth",
+                          "not found")
 
     # R-50 weights into the R-101 config
     manifest = load_manifest(GOLDEN)
     r50 = tmp_path / "r50.pth"
     torch.save({"state_dict": {k: torch.zeros(v["shape"], dtype=getattr(torch, v["dtype"]))
                                for k, v in manifest["paa_r50_fpn_1x_coco"].items()}}, r50)
-    result = run_lad("checkpoint-info", r50, "--config", REPO / "configs" / "paa_r101_fpn_1x_coco.toml")
+    result = run_lad("checkpoint-info", "--checkpoint", r50, "--config", REPO / "configs" / "paa_r101_fpn_1x_coco.toml")
     assert_one_line_error(result, "r50.pth", "does not fit", "keys missing")
 
     # an mmdetection file without --config
-    assert_one_line_error(run_lad("checkpoint-info", small_mmdet_ckpt), "no embedded config", "--config")
+    assert_one_line_error(run_lad("checkpoint-info", "--checkpoint", small_mmdet_ckpt), "no embedded config",
+                          "--config")
 
 
 def test_cli_good_checkpoint(small_mmdet_ckpt):
-    result = run_lad("checkpoint-info", small_mmdet_ckpt, "--config", SMALL)
+    result = run_lad("checkpoint-info", "--checkpoint", small_mmdet_ckpt, "--config", SMALL)
     assert result.returncode == 0, result.stderr
     assert "mmdetection" in result.stdout and "all keys" in result.stdout

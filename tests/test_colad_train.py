@@ -69,7 +69,7 @@ def test_train_colad_trains_both_networks_and_serves_each(world, tmp_path):
     net2.load_state_dict(state["peers"][PEER])
     assert any(not torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values()))
 
-    info = lad("checkpoint-info", final)
+    info = lad("checkpoint-info", "--checkpoint", final)
     assert info.returncode == 0, info.stderr
     assert "network 1    resnet18" in info.stdout and "network 2    resnet18" in info.stdout
     assert "inference    network 2" in info.stdout
@@ -82,7 +82,7 @@ def test_train_colad_trains_both_networks_and_serves_each(world, tmp_path):
         assert out.returncode == 0, out.stderr
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     exported = tmp_path / "network2.pth"
-    wrote = lad("export-network", final, "--network", "2", "--out", exported)
+    wrote = lad("export-network", "--checkpoint", final, "--network", "2", "--out", exported)
     assert wrote.returncode == 0, wrote.stderr
     plain = lad("eval", "--checkpoint", exported, *_val(world), "--out", tmp_path / "exported.json")
     assert plain.returncode == 0, plain.stderr
@@ -90,7 +90,7 @@ def test_train_colad_trains_both_networks_and_serves_each(world, tmp_path):
     stats = ("AP", "AP50", "AR100")
     assert [metrics["default"][k] for k in stats] == [metrics["two"][k] for k in stats]
     assert [metrics["exported"][k] for k in stats] == [metrics["two"][k] for k in stats]
-    assert "network 2" not in lad("checkpoint-info", exported).stdout
+    assert "network 2" not in lad("checkpoint-info", "--checkpoint", exported).stdout
     assert_same_tensors(checkpoint(exported)["model"], state["peers"][PEER], "exported network 2")
 
     # a plain checkpoint has no network 2; a CoLAD run cannot be resumed as plain PAA

@@ -111,9 +111,9 @@ def test_tensorboard_events_hold_the_metrics_scalars(world, tmp_path):
                 assert logged[record["iter"]] == pytest.approx(value, rel=1e-6), name
 
 
-def test_tensorboard_missing_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+def test_tensorboard_missing_is_one_line_naming_the_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
-    with pytest.raises(LadError, match=r"pip install lad\[tensorboard\]"):
+    with pytest.raises(LadError, match=r"need the tensorboard package: pip install tensorboard$"):
         TensorBoardLog(tmp_path / "tb")
 
 
@@ -164,12 +164,12 @@ def test_plot_overlays_runs_into_a_png(tmp_path):
 def test_plot_command(tmp_path):
     a = write_run(tmp_path / "paa", [3.0, 2.0], [0.1])
     runner = CliRunner()
-    result = runner.invoke(lad_main, ["plot", str(a), "--out", str(tmp_path / "c.png"), "--stat", "AP",
+    result = runner.invoke(lad_main, ["plot", "--run", str(a), "--out", str(tmp_path / "c.png"), "--stat", "AP",
                                       "--stat", "AP50"])
     assert result.exit_code == 0, result.output
     image = read_png(tmp_path / "c.png")
     assert image.shape[1:] == (640, 1260)  # loss, loss_cls, val AP, val AP50: two rows of three panels
-    result = runner.invoke(lad_main, ["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")])
+    result = runner.invoke(lad_main, ["plot", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")])
     assert result.exit_code == 1 and "metrics.jsonl not found" in result.output
-    result = runner.invoke(lad_main, ["plot", str(a), "--label", "x", "--label", "y"])
+    result = runner.invoke(lad_main, ["plot", "--run", str(a), "--label", "x", "--label", "y"])
     assert result.exit_code == 1 and "2 --label for 1 runs" in result.output

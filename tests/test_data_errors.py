@@ -148,7 +148,8 @@ def test_cli_reports_one_line_error(tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("someone else's data")
     for extra in ([], ["--overwrite"]):
-        result = CliRunner().invoke(group, ["make-toy-data", str(target), "--train", "1", "--val", "1", *extra])
+        result = CliRunner().invoke(group, ["make-toy-data", "--out", str(target), "--train", "1", "--val", "1",
+                                            *extra])
         assert result.exit_code == 1
         assert result.output.startswith("error: ") and result.output.strip().count("\n") == 0
         assert "is not empty" in result.output and "Traceback" not in result.output

@@ -23,7 +23,8 @@ from lad_pipeline.models import build_detector
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Assignment, Detections, Targets, ViewKey
-from lad_pipeline.visualize import anchor_centres, color, draw_assignment, draw_detections, mark_half_sizes, palette
+from lad_pipeline.visualize import (anchor_centres, color, display_order, draw_assignment, draw_detections,
+                                    mark_half_sizes, palette)
 
 from conftest import REPO
 
@@ -148,11 +149,12 @@ def test_show_draws_detections_on_the_original_image(world, tmp_path):
     out = tmp_path / "det.png"
     image_id = 11
     result = run("show", "--checkpoint", world["checkpoint"], "--image-id", image_id, "--ann", world["ann"],
-                 "--images", world["images"], "--score-thr", "0.3", "--out", out)
+                 "--images", world["images"], "--score-thr", "0.3", "--out", out, "--zoom", "1")
     assert result.exit_code == 0, result.output
-    drawn = read_png(out)
+    picture = read_png(out)
     h, w, _ = IMAGES[image_id]
-    assert tuple(drawn.shape) == (3, h, w)
+    assert picture.shape[1] > h and picture.shape[2] >= w  # the image, then its title and legend underneath
+    drawn = picture[:, :h, :w]
 
     # the count reported is what the detector finds above the threshold on that view
     dataset, cfg = world["dataset"], world["cfg"]
@@ -160,11 +162,12 @@ def test_show_draws_detections_on_the_original_image(world, tmp_path):
     inputs, _ = normalize_and_pad([view.image], cfg.data.mean, cfg.data.std)
     with torch.no_grad():
         dets = postprocess(world["model"](inputs), [view.view_size], [view.scale_factor])[0]
-    expected = int((dets.scores > 0.3).sum())
-    assert expected > 0
+    above = int((dets.scores > 0.3).sum())
+    expected, hidden = len(display_order(dets, 0.3)[0]), display_order(dets, 0.3)[1]
+    assert expected > 0 and expected + hidden == above
     assert str(out) in result.stdout
-    assert f": {expected} detections with score > 0.3 drawn" in result.stdout
-    assert f"{dataset.class_names[DETECT_CLASS]} {expected}" in result.stdout
+    assert f"image {image_id}: {expected} detection{'s' if expected > 1 else ''} with score > 0.3" in result.stdout
+    assert f"{dataset.class_names[DETECT_CLASS]} ({expected})" in result.stdout
     # drawn in the colour of the detected class
     assert (drawn == torch.tensor(color(DETECT_CLASS), dtype=torch.uint8)[:, None, None]).all(0).sum() > 20
 
@@ -172,6 +175,7 @@ def test_show_draws_detections_on_the_original_image(world, tmp_path):
 def test_show_zoom_enlarges_the_image_and_the_boxes_with_it(world, tmp_path):
     def drawn_extent(path):
         drawn = read_png(path)
+        drawn = drawn[:, :drawn.shape[1] - 40]  # above the caption strip (and its colour swatches)
         mask = (drawn == torch.tensor(color(DETECT_CLASS), dtype=torch.uint8)[:, None, None]).all(0)
         ys, xs = torch.nonzero(mask, as_tuple=True)
         return drawn.shape, (xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item())
@@ -179,27 +183,46 @@ def test_show_zoom_enlarges_the_image_and_the_boxes_with_it(world, tmp_path):
     args = ("show", "--checkpoint", world["checkpoint"], "--image-id", 11, "--ann", world["ann"],
             "--images", world["images"], "--score-thr", "0.3")
     plain, zoomed = tmp_path / "plain.png", tmp_path / "zoomed.png"
-    assert run(*args, "--out", plain).exit_code == 0
+    assert run(*args, "--out", plain, "--zoom", "1").exit_code == 0
     result = run(*args, "--out", zoomed, "--zoom", "3")
     assert result.exit_code == 0, result.output
-    (shape1, box1), (shape3, box3) = drawn_extent(plain), drawn_extent(zoomed)
+    (_, box1), (_, box3) = drawn_extent(plain), drawn_extent(zoomed)
     h, w, _ = IMAGES[11]
-    assert tuple(shape1) == (3, h, w) and tuple(shape3) == (3, 3 * h, 3 * w)
+    assert read_png(zoomed).shape[2] == 3 * w and read_png(zoomed).shape[1] > 3 * h
     # the same detections, three times as far from the corner (lines keep their width, hence the slack)
     assert all(abs(3 * a - b) <= 6 for a, b in zip(box1, box3)), (box1, box3)
-    assert "detections with score > 0.3 drawn" in result.stdout
+    assert "zoom 3" in result.stdout
+    # by default a small image is enlarged to about 512 px
+    assert "zoom 3" in run(*args, "--out", tmp_path / "auto.png").stdout
     assert run(*args, "--zoom", "0").exit_code == 2
 
 
 def test_show_default_output_and_nothing_above_threshold(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("show", "--checkpoint", world["checkpoint"], "--image-id", 13, "--ann", world["ann"],
-                 "--images", world["images"], "--score-thr", "1.0")
+                 "--images", world["images"], "--score-thr", "1.0", "--zoom", "1")
     assert result.exit_code == 0, result.output
     drawn = read_png(tmp_path / "show_13.png")
     original = read_png(world["images"] / "img_13.png")
-    assert torch.equal(drawn, original)
-    assert "0 detections with score > 1 drawn" in result.stdout
+    assert torch.equal(drawn[:, :original.shape[1], :original.shape[2]], original)
+    assert "0 detections with score > 1" in result.stdout
+
+
+def test_show_gt_outlines_the_ground_truth_and_the_picture_carries_its_legend(world, tmp_path):
+    args = ("show", "--checkpoint", world["checkpoint"], "--image-id", 11, "--ann", world["ann"],
+            "--images", world["images"], "--score-thr", "1.0", "--zoom", "1")
+    result = run(*args, "--gt", "--out", tmp_path / "gt.png")
+    assert result.exit_code == 0, result.output
+    picture = read_png(tmp_path / "gt.png")
+    h, w, boxes = IMAGES[11]
+    white = (picture[:, :h, :w] == 255).all(0)
+    for _, x, y, bw, bh in boxes:  # the middle of each box's left and right edges
+        assert white[y + bh // 2, x] and white[y + bh // 2, x + bw - 1], (x, y, bw, bh)
+    plain = read_png(world["images"] / "img_11.png")
+    assert not torch.equal(picture[:, :h, :w], plain)
+    # under the image: a white strip with the title and the legend (text and swatches are not white)
+    strip = picture[:, h:, :]
+    assert strip.shape[1] >= 30 and (strip != 255).any(0).float().mean() > 0.005
 
 
 def test_show_unknown_image_id_is_one_line(world, tmp_path):
@@ -224,7 +247,8 @@ def test_draw_detections_threshold_and_colours():
     out = draw_detections(image, dets, ["a", "b", "c"], score_thr=0.3, width=2)
     assert out.dtype == torch.uint8 and out.shape == image.shape and torch.equal(image, torch.full_like(image, 128))
     assert tuple(out[:, 45, 10].tolist()) == color(2)  # left edge of the kept box, below its label
-    assert torch.equal(out[:, :, 44:], image[:, :, 44:])  # the low-scoring box is not drawn
+    assert torch.equal(out[:, 28:, 44:], image[:, 28:, 44:])  # the low-scoring box is not drawn (below the tag)
+    assert torch.equal(out[:, :, 70:], image[:, :, 70:])
     assert palette(3) == [color(0), color(1), color(2)] and len(set(palette(40))) == 40
 
 
@@ -246,18 +270,20 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
     image_id = 11
     out = tmp_path / "labels.png"
     result = run("show-labels", "--cache", world["cache"], "--image-id", image_id, "--ann", world["ann"],
-                 "--images", world["images"], "--variant", variant, "--out", out)
+                 "--images", world["images"], "--variant", variant, "--out", out, "--zoom", "1")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     key = ViewKey(image_id, SCALE, variant == "hflip")
     cached = LabelCache.open(world["cache"]).get(key)
-    drawn = read_png(out)
-    assert tuple(drawn.shape) == (3, *cached.view_size)
+    picture = read_png(out)
+    h, w = cached.view_size
+    assert picture.shape[1] > h and picture.shape[2] >= w  # the view, then its title and legend
+    drawn = picture[:, :h, :w]
 
-    # legend: per GT, positives / candidates as the cache holds them
+    # legend: per GT, positives / candidates as the cache holds them, under a header
     gt_index, cand_gt = cached.assignment.gt_index, cached.assignment.cand_gt
-    rows = re.findall(r"^gt\s+(\d+)\s+(\S+)\s+#[0-9a-f]{6}\s+positives\s+(\d+) / candidates\s+(\d+)",
-                      result.stdout, re.M)
+    assert re.search(r"^ +gt +class +colour +positives +candidates +box", result.stdout, re.M)
+    rows = re.findall(r"^\s*(\d+)\s+(\S+)\s+#[0-9a-f]{6}\s+(\d+)\s+(\d+)\s", result.stdout, re.M)
     assert len(rows) == len(cached.targets.labels) == len(IMAGES[image_id][2])
     names = world["dataset"].class_names
     for g, name, pos, cand in rows:
@@ -266,6 +292,7 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
         assert int(pos) == int((gt_index == g).sum()) and int(cand) == int((cand_gt == g).sum())
     assert sum(int(r[2]) for r in rows) == cached.assignment.num_pos > 0
     assert f"{cached.assignment.num_pos} positive anchors" in result.stdout
+    assert re.search(rf"^\s*all\s+{len(rows)} GTs\s+{cached.assignment.num_pos}\s", result.stdout, re.M)
 
     # the pixel at a positive's anchor centre has its GT's colour (the finest positive at a shared centre wins)
     pos = torch.nonzero(gt_index >= 0).flatten()
@@ -292,7 +319,7 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
 def test_show_labels_default_output_name(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("show-labels", "--cache", world["cache"], "--image-id", 12, "--ann", world["ann"],
-                 "--images", world["images"], "--scale", "320,256")
+                 "--images", world["images"], "--scale", "320x256")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "labels_12_identity_320x256.png").is_file()
 
@@ -306,7 +333,7 @@ def test_show_labels_missing_variant_lists_what_the_cache_holds(world, tmp_path)
 
 def test_show_labels_missing_scale_and_image(world):
     result = run("show-labels", "--cache", world["cache"], "--image-id", 11, "--ann", world["ann"],
-                 "--images", world["images"], "--scale", "640,512")
+                 "--images", world["images"], "--scale", "640x512")
     one_line_error(result, "scale 640x512", "identity 320x256, hflip 320x256", "scales: 320x256")
     result = run("show-labels", "--cache", world["cache"], "--image-id", 999, "--ann", world["ann"],
                  "--images", world["images"])
@@ -324,7 +351,7 @@ def test_show_labels_image_missing_from_annotations(world, tmp_path):
 def test_show_labels_bad_scale_and_cache(world, tmp_path):
     result = run("show-labels", "--cache", world["cache"], "--image-id", 11, "--ann", world["ann"],
                  "--images", world["images"], "--scale", "big")
-    assert result.exit_code == 2 and "LONG,SHORT" in result.stderr
+    assert result.exit_code == 2 and "LONGxSHORT" in result.stderr
     result = run("show-labels", "--cache", tmp_path / "nope.zarr", "--image-id", 11, "--ann", world["ann"],
                  "--images", world["images"])
     one_line_error(result, "nope.zarr", "does not exist")

@@ -274,13 +274,13 @@ def test_torchrun_soft_cache_equals_one_process(soft_store, world, tmp_path):
 
 
 def test_cache_labels_soft_then_verify(soft_store):
-    result = lad("cache-info", soft_store, "--verify")
+    result = lad("cache-info", "--cache", soft_store, "--verify")
     assert result.returncode == 0, result.stderr
     assert "verify           OK" in result.stdout
     d = SoftKnobs()
     assert (f"soft labels      floor 0.011  top_k {d.top_k}  max_confident {d.max_confident}  min_iou 0.1  "
             f"bg_rank {d.bg_rank}  bg_bits {d.bg_bits}  (10 classes)") in result.stdout
-    info = json.loads(lad("cache-info", soft_store, "--json").stdout)
+    info = json.loads(lad("cache-info", "--cache", soft_store, "--json").stdout)
     assert info["counts"]["soft_anchors"] > 0 and info["counts"]["soft_box_anchors"] >= 0
     assert info["soft"]["teacher"]["num_classes"] == 10 and info["soft"]["bytes_per_view"] > 0
 
@@ -326,7 +326,7 @@ def test_show_labels_soft(soft_store, world, tmp_path):
     out = tmp_path / "soft.png"
     key = sorted(LabelCache.open(soft_store).keys())[0]
     result = lad("show-labels", "--cache", soft_store, "--image-id", key.image_id, "--ann", world.ann, "--images",
-                 world.images, "--scale", f"{key.scale[0]},{key.scale[1]}", "--soft", "--out", out)
+                 world.images, "--scale", f"{key.scale[0]}x{key.scale[1]}", "--soft", "--out", out)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "stored anchors" in result.stdout and "box-KD" in result.stdout
 

@@ -7,7 +7,6 @@ records ``encode_soft`` makes from the teacher's outputs on each view alone.
 """
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -331,7 +330,7 @@ def test_online_soft_labels_end_to_end(world, tmp_path, method, keys):
                  *solad_args(f"distill.method={method}", LOW_IOU))
     assert result.returncode == 0, result.stderr
     records = step_records(run)
-    assert len(records) == 4 and json.loads(result.stdout) == summary(run)
+    assert len(records) == 4 and result.stdout == "" and summary(run)["iterations"] == 4
     assert (summary(run)["hits"], summary(run)["misses"]) == (0, 8)
     for r in records:
         assert keys <= set(r) and not (LAD_KEYS - keys) & set(r)

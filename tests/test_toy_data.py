@@ -96,14 +96,16 @@ def test_crowd_boxes_are_annotated(tmp_path):
 
 def test_cli_writes_refuses_and_overwrites(tmp_path):
     out = tmp_path / "toy"
-    result = CliRunner().invoke(cli(), ["make-toy-data", str(out), "--train", "2", "--val", "1", "--seed", "4"])
+    result = CliRunner().invoke(cli(), ["make-toy-data", "--out", str(out), "--train", "2", "--val", "1",
+                                        "--seed", "4"])
     assert result.exit_code == 0, result.output
     assert (out / "train" / "annotations.json").is_file() and len(list((out / "val" / "images").iterdir())) == 1
     before = digests(out)
-    result = CliRunner().invoke(cli(), ["make-toy-data", str(out), "--train", "3", "--val", "1"])
+    result = CliRunner().invoke(cli(), ["make-toy-data", "--out", str(out), "--train", "3", "--val", "1"])
     assert result.exit_code == 1 and "not empty: pass --overwrite" in result.output
     assert digests(out) == before
-    result = CliRunner().invoke(cli(), ["make-toy-data", str(out), "--train", "3", "--val", "1", "--overwrite"])
+    result = CliRunner().invoke(cli(), ["make-toy-data", "--out", str(out), "--train", "3", "--val", "1",
+                                        "--overwrite"])
     assert result.exit_code == 0, result.output
     assert len(list((out / "train" / "images").iterdir())) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # nothing left aside

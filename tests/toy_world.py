@@ -85,8 +85,9 @@ def shared_world(tmp_path_factory) -> World:
     return _MEMO["world"]
 
 
-def cache_args(world: World, out: Path, variants: str = "identity,hflip", *extra: str) -> list[str]:
-    return ["cache-labels", "--teacher", world.teacher, "--config", STUDENT_CONFIG, *world.data_args(),
+def cache_args(world: World, out: Path, variants: str = "identity,hflip", *extra: str,
+               teacher: Optional[Path] = None) -> list[str]:
+    return ["cache-labels", "--teacher", teacher or world.teacher, "--config", STUDENT_CONFIG, *world.data_args(),
             "--out", out, "--variants", variants, "--device", "cpu", *set_args(), *extra]
 
 
@@ -122,8 +123,10 @@ def lad_command(*args) -> list[str]:
     return [sys.executable, "-m", "cli", *map(str, args)]
 
 
-def lad(*args, timeout: float = 300, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lad_command(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
+def lad(*args, timeout: float = 300, env: Optional[dict] = None, cwd: Optional[Path] = None
+        ) -> subprocess.CompletedProcess:
+    """``lad ARGS`` in a subprocess, from the repository (or ``cwd``)."""
+    return subprocess.run(lad_command(*args), capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
                           env=_env(env))
 
 

@@ -311,6 +311,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"content digest   {info['content_digest']}")
     v = info.get("verify")
     if v is not None:
-        lines.append(f"verify           {'OK' if v['ok'] else 'FAILED'} ({v['shards_checked']} shards read)")
+        read = v["shards_checked"]
+        lines.append(f"verify           {'OK' if v['ok'] else 'FAILED'} ({read} shard{'' if read == 1 else 's'} read)")
         lines += [f"  problem: {p}" for p in v["problems"]]
     return "\n".join(lines)

@@ -10,6 +10,8 @@ worker's traceback into the message.
 from __future__ import annotations
 
 import functools
+import multiprocessing.connection
+import signal
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils import signal_handling
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from ..errors import LadError
 from ..runtime.device import constant
@@ -122,25 +126,88 @@ def worker_death(exc: BaseException) -> Optional[str]:
     text = str(exc).strip()
     if not isinstance(exc, RuntimeError) or not text.startswith("DataLoader worker"):
         return None
-    first = text.splitlines()[0].rstrip(". ")
-    return (f"a data-loading worker process died ({first}); if memory ran out, lower data.num_workers "
+    return _died(text.splitlines()[0].rstrip(". "))
+
+
+def _died(detail: str) -> str:
+    return (f"a data-loading worker process died ({detail}); if memory ran out, lower data.num_workers "
             f"or the batch size")
 
 
 class ViewLoader(DataLoader):
-    """A DataLoader of Batches whose errors reach the caller as LadErrors of one line."""
+    """A DataLoader of Batches whose errors reach the caller as LadErrors of one line.
+
+    An iteration that ends early (an error, an interrupt, the consumer stopping) stops its workers at once,
+    through ``_stop_workers``; a worker that died is reported as such, whatever error its death caused in
+    the main process first.
+    """
 
     def __iter__(self):
+        batches = super().__iter__()
         try:
-            for batch in super().__iter__():
+            for batch in batches:
                 if isinstance(batch, LoadFailure):
                     raise batch.error()
                 yield batch
-        except RuntimeError as exc:
-            message = worker_death(exc)
-            if message is None:
-                raise
-            raise LadError(message) from None
+        except BaseException as exc:
+            expected = isinstance(exc, (LadError, KeyboardInterrupt, GeneratorExit))
+            death = _stop_workers(batches, look_for_death=not expected)
+            if not expected:  # closing the generator, an interrupt or a user error keep their own report
+                death = death or worker_death(exc)
+                if death is not None:
+                    raise LadError(death) from None
+            raise
+
+
+def _stop_workers(batches, look_for_death: bool) -> Optional[str]:
+    """Shut down the worker processes of an iteration that ended early; the death of one, if one died.
+
+    torch keeps the workers' pids registered with its SIGCHLD handler until the very end of its shutdown, and
+    that handler raises, in the main thread, wherever it is, when it finds a registered worker that a signal
+    killed (and then forgets them). A death can end the iteration before the handler has run: the main
+    process reads a batch from a worker that is being killed and gets EOFError or ConnectionResetError while
+    the worker is not yet a zombie. The handler then runs during the shutdown, as each surviving worker
+    exits, and its error escapes from the iterator's ``__del__`` as a traceback after the command's line.
+    So the pids are unregistered before the shutdown, and the death is reported here, once.
+    """
+    if not isinstance(batches, _MultiProcessingDataLoaderIter):
+        return None
+    death = None
+    try:
+        _forget_worker_pids(batches)
+    except RuntimeError as exc:  # the handler ran in the meantime; having raised, it forgot the pids itself
+        death = worker_death(exc)
+        if death is None:
+            raise
+        _forget_worker_pids(batches)
+    if look_for_death and death is None:
+        death = _dead_worker(batches._workers)
+    batches._shutdown_workers()
+    return death
+
+
+def _forget_worker_pids(batches: _MultiProcessingDataLoaderIter) -> None:
+    if batches._worker_pids_set:
+        batches._worker_pids_set = False
+        signal_handling._remove_worker_pids(id(batches))
+
+
+def _dead_worker(workers) -> Optional[str]:
+    """One line for a worker process that has ended by a signal or an error exit, else None.
+
+    A worker whose connections just broke is exiting: its sentinel is ready, and joining it waits only for
+    the kernel to finish the exit."""
+    ready = set(multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.1))
+    for worker in workers:
+        if worker.sentinel in ready:
+            worker.join(timeout=5.0)
+            code = worker.exitcode
+            if code is not None and code < 0:
+                return _died(f"DataLoader worker (pid {worker.pid}) is killed by signal: "
+                             f"{signal.strsignal(-code) or -code}")
+            if code:
+                return _died(f"DataLoader worker (pid {worker.pid}) exited with code {code}")
+    return None
 
 
 def _round_up(n: int, divisor: int) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..config import Config
 from ..data import CocoViews, make_loader, shard_keys
@@ -50,9 +50,11 @@ def predict_dataset(predictor: Predictor, dataset: CocoViews, batch_size: int = 
 def run_inference(checkpoint: Optional[str] = None, config: Optional[str] = None, ann: Optional[str] = None,
                   images: Optional[str] = None, batch_size: Optional[int] = None,
                   num_workers: Optional[int] = None, network: Optional[int] = None,
-                  onnx: Optional[str] = None, device: Optional[str] = None) -> tuple[list[dict], str]:
+                  onnx: Optional[str] = None, device: Optional[str] = None,
+                  overrides: Sequence[str] = ()) -> tuple[list[dict], str]:
     """``lad eval --checkpoint`` (or ``--onnx``, a graph of ``lad export``, instead of the checkpoint): the
-    detector's COCO results on the evaluation split, and its annotation file.
+    detector's COCO results on the evaluation split, and its annotation file. ``overrides``
+    (``section.key=value``) apply to the checkpoint's config (e.g. ``test.score_thr``).
 
     ``device``: as ``init_from_env`` takes it (default: CUDA when PyTorch sees a GPU, not the device the
     checkpoint was trained on); a graph runs in onnxruntime's CPU provider when the device is the CPU."""
@@ -60,7 +62,7 @@ def run_inference(checkpoint: Optional[str] = None, config: Optional[str] = None
     if onnx is not None:
         predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if chosen.type == "cpu" else None)
     elif checkpoint is not None:
-        predictor = Predictor.from_checkpoint(checkpoint, config, device=chosen, network=network)
+        predictor = Predictor.from_checkpoint(checkpoint, config, overrides, device=chosen, network=network)
     else:
         raise LadError("nothing to evaluate: give a checkpoint or an ONNX graph")
     dataset = eval_dataset(predictor.config, ann, images)

@@ -1,4 +1,4 @@
-"""The PAA detector: ResNet body, FPN, PAA head. Input: normalised, padded images. Output: HeadOutputs.
+"""The PAA detector: ResNet or Swin body, FPN, PAA head. Input: normalised, padded images. Output: HeadOutputs.
 
 The detector owns its anchor layout (``detector.anchors``): whatever assigns, trains or decodes on its
 outputs is handed that layout.
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import SWINS, ModelConfig, resolved_swin
 from ..errors import LadError
 from ..types import HeadOutputs
 from .anchors import AnchorLayout
 from .backbone import ResNetBody
 from .fpn import FPN
 from .head import PAAHead
+from .swin import SwinBody
 
 
 class PAADetector(nn.Module):
@@ -22,9 +23,14 @@ class PAADetector(nn.Module):
         self.config = config
         self.anchors = AnchorLayout.from_config(config)
         _check_level_strides(self.anchors)
-        self.backbone = ResNetBody(config.backbone, config.frozen_stages, config.norm_eval)
-        # start_level=1: C3..C5 feed the pyramid; levels past P5 are extra stride-2 convs (P6, P7 by default)
-        in_channels = self.backbone.out_channels[1:]
+        if config.backbone in SWINS:
+            self.backbone = SwinBody(resolved_swin(config), config.drop_path_rate, config.frozen_stages)
+        else:
+            self.backbone = ResNetBody(config.backbone, config.frozen_stages, config.norm_eval)
+        # The last three outputs (strides 8, 16, 32) feed the pyramid: ResNet's C3..C5 of C2..C5 (mmdetection's
+        # start_level=1), all of Swin's stages 2-4 (start_level=0). Levels past P5 are extra stride-2 convs.
+        self.first_neck_input = len(self.backbone.out_channels) - 3
+        in_channels = self.backbone.out_channels[self.first_neck_input:]
         num_extra = self.anchors.num_levels - len(in_channels)
         self.neck = FPN(in_channels, config.fpn_channels, num_extra)
         self.bbox_head = PAAHead(
@@ -37,7 +43,7 @@ class PAADetector(nn.Module):
         )
 
     def forward(self, images: Tensor) -> HeadOutputs:
-        return self.bbox_head(self.neck(self.backbone(images)[1:]))
+        return self.bbox_head(self.neck(self.backbone(images)[self.first_neck_input:]))
 
 
 def _check_level_strides(anchors: AnchorLayout) -> None:

@@ -20,8 +20,8 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise LadError(f"--tensorboard {logdir} needs the tensorboard package: pip install lad[tensorboard] "
-                           f"(or pip install tensorboard)") from None
+            raise LadError(f"TensorBoard events ({logdir}) need the tensorboard package: "
+                           "pip install tensorboard") from None
         try:
             self.writer = SummaryWriter(str(logdir))
         except OSError as exc:

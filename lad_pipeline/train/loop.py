@@ -105,6 +105,9 @@ class Trainer:
             raise LadError(f"the dataset has {self.keys_per_epoch} training images, fewer than one batch of "
                            f"{total_batch}: lower train.batch_size")
         self.schedule = Schedule.from_config(config.train, self.iters_per_epoch)
+        if self.main and self.schedule.total_iters < config.train.warmup_iters:
+            log.warning("train.warmup_iters is %d but the run has %d iterations: the learning rate never reaches "
+                        "train.lr", config.train.warmup_iters, self.schedule.total_iters)
         self.amp = config.train.amp and self.device.type == "cuda"
         if config.train.amp and not self.amp:
             log.info("train.amp is set but there is no CUDA device: training in fp32")
@@ -117,12 +120,13 @@ class Trainer:
             setup_note = self._load_state(self.run_dir.latest)
             notes += [f"resumed from {self.run_dir.latest} at iteration {self.iteration}", *setup_note]
         validator = Validator(config, self.device) if config.train.eval_every > 0 else None
+        # the TensorBoard writer too (a missing package, an unwritable directory) before the run directory
+        board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
+        self.metrics = MetricsLog(self.run_dir.metrics, enabled=self.main, mirror=board)  # writes nothing yet
         self.run_dir.create(config)
         dist.barrier()
         for note in notes:
             log.info(note)
-        board = TensorBoardLog(config.train.tensorboard) if self.main and config.train.tensorboard else None
-        self.metrics = MetricsLog(self.run_dir.metrics, enabled=self.main, mirror=board)
         self.hooks: list[Hook] = [ProgressHook(), MetricsHook(config.train.log_every),
                                   CheckpointHook(config.train.checkpoint_every)]
         if validator is not None:
@@ -345,7 +349,9 @@ class Trainer:
         summary = {"iterations": self.iteration, "final": str(self.run_dir.final), **self.counts,
                    **self.summary_extra}
         self.write_metrics({"summary": summary})
-        if self.main:
-            log.info("done: %d iterations, label hits %d, misses %d, checkpoint %s", self.iteration,
-                     self.counts["hits"], self.counts["misses"], self.run_dir.final)
+        if self.main:  # label-cache hits and misses only where labels come from a cache or a teacher
+            used = self.counts["hits"] + self.counts["misses"]
+            labels = f", label-cache hits {self.counts['hits']}, misses {self.counts['misses']}" if used else ""
+            log.info("done: %d iterations%s, checkpoint %s (summary in %s)", self.iteration, labels,
+                     self.run_dir.final, self.run_dir.metrics)
         return summary

@@ -10,8 +10,8 @@ from typing import Callable, Optional
 import torch
 
 from ..cache import LabelCache, anchor_attrs, annotation_fingerprint
-from ..checkpoint import Checkpoint, load_init_weights
-from ..config import Config
+from ..checkpoint import Checkpoint, file_sha256, load_init_weights
+from ..config import Config, resolve_paths
 from ..data import CocoViews
 from ..errors import LadError
 from ..models import PAADetector, build_detector
@@ -27,17 +27,18 @@ log = logging.getLogger("lad")
 
 
 def with_train_data(config: Config, ann: Optional[str], images: Optional[str]) -> Config:
-    """The config with the training data actually used (``--ann``/``--images`` over ``data.ann``/``data.images``).
+    """The config with the training data actually used (``--ann``/``--images`` over ``data.ann``/``data.images``)
+    and every path made absolute.
 
-    The run directory's config.toml is the resolved config, so it names the data the run trained on, and a
-    ``--resume`` without ``--ann``/``--images`` continues on that data, not on the config file's default.
+    The run directory's config.toml is the resolved config, so it names the data the run trained on (a
+    ``--resume`` without ``--ann``/``--images`` continues on that data, not on the config file's default), and
+    its checkpoints find their validation data and teacher from any directory.
     """
     ann = ann or config.data.ann
     images = images or config.data.images
     if not ann or not images:
         raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
-    data = replace(config.data, ann=os.path.abspath(ann), images=os.path.abspath(images))
-    return replace(config, data=data)
+    return resolve_paths(replace(config, data=replace(config.data, ann=ann, images=images)))
 
 
 def train_dataset(config: Config) -> CocoViews:
@@ -118,6 +119,41 @@ def check_fallback_mode(cache: LabelCache, device: torch.device, precision: str)
                     device.type)
 
 
+def teacher_for_misses(config: Config, dataset: CocoViews, cache: LabelCache, fallback: bool) -> Optional[str]:
+    """The teacher for the views this config can draw that the cache lacks, when no teacher was given: the one
+    that made the cache (its recorded path, checked by sha256). None when the cache holds every view.
+
+    Refuses in one line, before anything is written, when views are missing and there is no such teacher (it
+    moved, it changed, or the fallback is off): the run would otherwise stop at its first miss.
+    """
+    data = config.data
+    variants = [name for name, possible in (("identity", data.flip_prob < 1), ("hflip", data.flip_prob > 0))
+                if possible]
+    views = dataset.views_for(variants, data.scales)
+    missing = [key for key in views if key not in cache]
+    if not missing:
+        return None
+    first = missing[0]
+    lacks = (f"label cache {cache.path} lacks {len(missing)} of the {len(views)} views this config can draw "
+             f"(image {first.image_id} at {first.scale[0]}x{first.scale[1]}, {first.variant()}, ...)")
+    if not fallback:
+        raise LadError(f"{lacks} and the fallback to the online teacher is off: cache those views, or train on "
+                       f"the cached ones (data.scales, data.flip_prob)")
+    recorded = cache.attrs.get("teacher_checkpoint")
+    if not recorded or not Path(recorded).is_file():
+        where = (f"the teacher that made it, {recorded}, is not there any more" if recorded
+                 else "it records no teacher")
+        raise LadError(f"{lacks}, no teacher is given for them and {where}: give that teacher "
+                       f"(teacher.checkpoint), or cache those views")
+    made_by, now = cache.attrs.get("teacher_sha256"), file_sha256(recorded)
+    if now != made_by:
+        raise LadError(f"{lacks}, no teacher is given for them and the teacher that made it, {recorded}, has "
+                       f"changed since (sha256 now {now[:12]}..., when cached {str(made_by)[:12]}...): give the "
+                       f"teacher that made it (teacher.checkpoint)")
+    log.info("%s: the teacher that made it labels them (%s)", lacks, recorded)
+    return recorded
+
+
 def train_student(config: Config, out: str, *, cache: Optional[str] = None, teacher: Optional[str] = None,
                   fallback: bool = True, ann: Optional[str] = None, images: Optional[str] = None,
                   resume: bool = False) -> dict:
@@ -132,9 +168,13 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
     teacher_ckpt = teacher or config.teacher.checkpoint or None
     if teacher_ckpt and not Path(teacher_ckpt).is_file():
         raise LadError(f"teacher checkpoint {teacher_ckpt} not found")
+    label_cache = open_cache_for(config, cache, dataset) if cache else None
+    if label_cache is not None and (not teacher_ckpt or not fallback):
+        teacher_ckpt = teacher_for_misses(config, dataset, label_cache, fallback) or teacher_ckpt
+    if teacher_ckpt:  # recorded with the run: a --resume finds it again
+        config = replace(config, teacher=replace(config.teacher, checkpoint=os.path.abspath(teacher_ckpt)))
     # read once: its hash, its architecture and, at the first view that needs it, the teacher itself
     teacher_file = Checkpoint.read(teacher_ckpt) if teacher_ckpt else None
-    label_cache = open_cache_for(config, cache, dataset) if cache else None
     distill = config.distill
     soft = distill.method in SOFT_METHODS
     check_soft_setup(distill, cache=cache or None, cache_attrs=label_cache.attrs if label_cache else None,
@@ -179,5 +219,5 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
             return SoftCachedLabels(label_cache, config.loss, anchors, distill, misses)
         return CachedLabels(label_cache, config.loss, anchors, misses)
 
-    extra = {"cache": cache, "teacher": teacher_ckpt}
+    extra = {"cache": cache and os.path.abspath(cache), "teacher": config.teacher.checkpoint or None}
     return Trainer(config, Path(out), dataset, source, resume=resume, summary_extra=extra).fit()

@@ -1,4 +1,5 @@
-"""mmdetection's 1x optimisation recipe: SGD, linear warm-up, step decay; lr scaled with the batch."""
+"""mmdetection's 1x optimisation recipe: SGD (or its Swin detectors' AdamW), linear warm-up, step decay; lr scaled
+with the batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,11 +15,21 @@ def scaled_lr(train: TrainConfig, world_size: int) -> float:
     return train.lr * train.batch_size * world_size / train.base_batch_size
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, world_size: int) -> torch.optim.SGD:
+# mmdetection's Swin recipe (paramwise custom_keys, matched anywhere in the parameter's name): no weight decay
+NO_DECAY_WITH_ADAMW = ("norm", "relative_position_bias_table", "absolute_pos_embed")
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, world_size: int) -> torch.optim.Optimizer:
+    lr = scaled_lr(train, world_size)
+    if train.optimizer == "adamw":
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if not any(key in n for key in NO_DECAY_WITH_ADAMW)]
+        no_decay = [p for n, p in named if any(key in n for key in NO_DECAY_WITH_ADAMW)]
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
     # mmdetection's PAA config decays every trainable tensor (norm weights and biases included)
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=scaled_lr(train, world_size), momentum=train.momentum,
-                           weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
 
 
 @dataclass(frozen=True)
