@@ -74,8 +74,8 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     ``device``: ``init_from_env``'s (default the config's ``train.device``). ``soft``: also store each view's
     soft record (``encode_soft`` with these knobs) from the same forward.
     """
-    rank, world, device = dist.init_from_env(device or config.train.device)
-    precision = resolve_precision(precision or config.teacher.precision, device, config.train.amp)
+    rank, world, dev = dist.init_from_env(device or config.train.device)
+    precision = resolve_precision(precision or config.teacher.precision, dev, config.train.amp)
     if Path(out).is_file():
         raise LadError(f"--out {out} is a file; give a directory path for the label cache")
     ann = ann or config.data.ann
@@ -89,7 +89,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     scales = [list(s) for s in (scales or config.data.scales)]
     checkpoint = Checkpoint.read(teacher_ckpt)
     teacher_cfg = checkpoint.teacher_model_config(config)
-    teacher = checkpoint.teacher(teacher_cfg, device)
+    teacher = checkpoint.teacher(teacher_cfg, dev)
     dataset = CocoViews(ann, images, scales=scales, flip_prob=0.0, train=True,
                         skip_bad_images=config.data.skip_bad_images)
     dataset.check_num_classes(teacher_cfg.num_classes, "the teacher")
@@ -99,7 +99,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
     attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft,
-                        device.type, precision)
+                        dev.type, precision)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None
@@ -116,7 +116,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         log.info("caching %d views of %d images in %d shards (%d already committed) with %d process(es)",
                  len(keys), len(dataset), num_shards, done, world)
     workers = config.data.num_workers if num_workers is None else num_workers
-    loader = make_loader(dataset, todo_keys, 1, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, todo_keys, 1, workers, pin_memory=dev.type == "cuda")
     progress = Progress(len(todo_keys) * world, "cache-labels", "views", enabled=rank == 0)
     data = config.data
     shards = iter(todo)
@@ -127,9 +127,9 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         writing: Optional[Future] = None
         for batch in loader:  # batches of one view, in the order of todo_keys (shard by shard)
             if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
-                image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, device)
+                image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, dev)
                 pad = (int(image.shape[-2]), int(image.shape[-1]))
-                target = batch.targets[0].to(device)
+                target = batch.targets[0].to(dev)
                 assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
                                                                  config.loss, precision)
                 record = None
@@ -140,6 +140,7 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
                                                   soft=record))
             consumed += 1
             progress.update(world)
+            assert shard_id is not None  # the loader gives the views of todo's shards, no more
             if consumed == min(shard_size, len(keys) - shard_id * shard_size):
                 if writing is not None:
                     writing.result()

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from .boxes import DELTA_STDS, decode
@@ -97,11 +98,12 @@ FIELD_ROWS = {"anchor": "anchor", "cls_count": "anchor", "cls_class": "entry", "
               "box_delta": "box", "box_iou_logit": "box", "box_weight": "box",
               "bg_logit": "level", "bg_axis": "axis", "bg_range": "axis", "bg_code": "code"}
 ROW_KINDS = ("anchor", "entry", "box", "level", "axis", "code")
-FIELD_DTYPES = {"anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
-                "cls_logit": np.dtype(np.float16),
-                "box_delta": np.dtype(np.float16), "box_iou_logit": np.dtype(np.float16),
-                "box_weight": np.dtype(np.float16), "bg_logit": np.dtype(np.float32),
-                "bg_axis": np.dtype(np.float16), "bg_range": np.dtype(np.float32), "bg_code": np.dtype(np.uint8)}
+FIELD_DTYPES: dict[str, np.dtype] = {
+    "anchor": np.dtype(np.int32), "cls_count": np.dtype(np.uint8), "cls_class": np.dtype(np.uint8),
+    "cls_logit": np.dtype(np.float16),
+    "box_delta": np.dtype(np.float16), "box_iou_logit": np.dtype(np.float16),
+    "box_weight": np.dtype(np.float16), "bg_logit": np.dtype(np.float32),
+    "bg_axis": np.dtype(np.float16), "bg_range": np.dtype(np.float32), "bg_code": np.dtype(np.uint8)}
 
 
 def field_tail(name: str, knobs: SoftKnobs, num_classes: int) -> tuple[int, ...]:
@@ -228,7 +230,7 @@ def soft_logits(record: SoftRecord, anchors: AnchorLayout, pad_shape: Sequence[i
     sizes = anchors.feature_sizes(pad_shape)
     rank = record.bg_rank
 
-    def tensor(a: np.ndarray, dtype=torch.float32) -> Tensor:
+    def tensor(a: ArrayLike, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
 
     mu = tensor(record.bg_logit)
@@ -278,7 +280,7 @@ def rebuild_soft(
     cls_mask = torch.zeros(len(records), grid_anchors.shape[0], dtype=torch.bool, device=device)
     rows: dict[str, list[Tensor]] = {k: [] for k in ("image", "anchor", "limit", "box", "iou", "weight")}
 
-    def tensor(a: np.ndarray, dtype=torch.float32) -> Tensor:
+    def tensor(a: ArrayLike, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
 
     for i, (rec, view_size, pad) in enumerate(zip(records, view_sizes, pad_shapes)):

@@ -15,6 +15,7 @@ from toy_world import (
     lad,
     set_args,
     shared_cache,
+    summary,
     tiny_config,
 )
 
@@ -207,7 +208,7 @@ def test_cache_records_how_its_teacher_ran_and_a_fallback_in_another_precision_i
     assert not out.exists()
     result = lad(*args, "--no-fallback", "--set", "data.flip_prob=0.0")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["misses"] == 0
+    assert summary(out)["misses"] == 0
 
 
 # -- validation's data workers, DDP's buffers ----------------------------------------------------------------

@@ -175,9 +175,9 @@ def test_loss_assembly_per_method(dataset, teacher):
         else:
             assert labels.assignments == [] and labels.num_pos == 0
         # the dense targets: the teacher's outputs of each view alone equal its batch outputs here
-        torch.testing.assert_close(labels.aux.cls_prob, reference.cls_prob, rtol=1e-4, atol=1e-6)
-        assert torch.equal(labels.aux.box_anchor, reference.box_anchor)
-        torch.testing.assert_close(labels.aux.weight, reference.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(labels.kd.cls_prob, reference.cls_prob, rtol=1e-4, atol=1e-6)
+        assert torch.equal(labels.kd.box_anchor, reference.box_anchor)
+        torch.testing.assert_close(labels.kd.weight, reference.weight, rtol=1e-4, atol=1e-6)
 
     expected_lad = lad_loss(outs, hard.assignments, hard.targets, anchors=anchors, config=config.loss)
     expected_kd = kd_loss(outs, reference, **{k: getattr(config.distill, k) for k in SOLAD_SETTINGS})
@@ -197,7 +197,7 @@ def test_online_targets_of_a_mixed_batch_are_each_view_alone(dataset, teacher):
     inputs = batch_of(dataset, mixed_keys(dataset))
     _, outs = student_outputs(inputs)
     anchors = teacher.anchors
-    kd = SoftOnlineTeacher(teacher, config.assign, config.loss, anchors, config.distill).labels(inputs, outs).aux
+    kd = SoftOnlineTeacher(teacher, config.assign, config.loss, anchors, config.distill).labels(inputs, outs).kd
     batch_sizes = [tuple(t.shape[-2:]) for t in outs.cls]
     padded = 0
     for i, (pad, view_size) in enumerate(zip(inputs.pad_shapes, inputs.view_sizes)):
@@ -269,7 +269,7 @@ def assert_hits_train_as_misses(cache, dataset, teacher, keys) -> None:
         torch.set_num_threads(threads)
     assert (from_cache.hits, from_cache.misses) == (len(keys), 0) and hits.fallback is None
     assert (from_teacher.hits, from_teacher.misses) == (0, len(keys))
-    for name, a, b in zip(from_cache.aux._fields, from_cache.aux, from_teacher.aux):
+    for name, a, b in zip(from_cache.kd._fields, from_cache.kd, from_teacher.kd):
         assert (a == b) if name == "min_iou" else torch.equal(a, b), name
     for a, b in zip(from_cache.assignments, from_teacher.assignments):
         assert torch.equal(a.gt_index, b.gt_index)
@@ -362,6 +362,21 @@ def test_soft_cache_refusals_name_the_field(world):
         with pytest.raises(LadError, match="distill.cls_on_padding"):
             check_soft_setup(padding, cache=cache, cache_attrs=lower, teacher_batch_padding=batch_padding)
     check_soft_setup(padding, cache=None, cache_attrs=None, teacher_batch_padding=True)
+
+
+def test_soft_sources_built_directly_refuse_what_they_cannot_serve(world, teacher):
+    """A run checks its soft setup once (check_soft_setup); a source made outside a run still refuses labels it
+    cannot make: a hard-only cache, class KD on padding it never sees, a method without soft labels."""
+    config = solad_config()
+    hard = LabelCache.open(shared_cache(world))
+    with pytest.raises(LadError, match="has no soft labels, which distill.method = solad needs"):
+        SoftCachedLabels(hard, config.loss, teacher.anchors, config.distill)
+    padding = DistillConfig(method="kd", cls_on_padding=True)
+    with pytest.raises(LadError, match="distill.cls_on_padding"):
+        SoftOnlineTeacher(teacher, config.assign, config.loss, teacher.anchors, padding)
+    SoftOnlineTeacher(teacher, config.assign, config.loss, teacher.anchors, padding, batch_padding=True)
+    with pytest.raises(ValueError, match="'lad' has no soft labels"):
+        SoftOnlineTeacher(teacher, config.assign, config.loss, teacher.anchors, DistillConfig())
 
 
 def test_commands_without_a_teacher_refuse_a_distill_method(world, tmp_path):

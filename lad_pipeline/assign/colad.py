@@ -16,6 +16,7 @@ we differ and why.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -29,7 +30,8 @@ from .paa import (Candidates, _check_finite, _group_rank, assign_from_scores, ch
                   find_candidates, score_candidates)
 
 
-class LevelChoice(NamedTuple):
+@dataclass(frozen=True)
+class LevelChoice:
     """One decision per (GT, level) pair that has candidates, in ascending pair order (float64 statistics).
 
     ``std1``/``std2`` are NaN where the pair has a single candidate (no std is taken there).

@@ -170,11 +170,11 @@ def fit_gmm(
         converged = first >= 0
         n_iter = torch.where(converged, first + 1, torch.full_like(first, len(bounds)))
         pick = (n_iter - 1).view(1, 1, n_sets, 1).expand(1, 2, n_sets, 1)
-        best = [torch.stack(column).gather(0, pick)[0] for column in history]  # [2, N, 1] each
-        w = _log_densities(*best, xs, sqs)
+        best_w, best_mean, best_var = (torch.stack(column).gather(0, pick)[0] for column in history)  # [2, N, 1]
+        w = _log_densities(best_w, best_mean, best_var, xs, sqs)
         predict = (w[1] > w[0]).long()  # argmax, component 0 on a tie
         score = F.softplus(w[0] - w[1], threshold=40.0).add_(w[1])
-        weights, means, var = (t[..., 0].t() for t in best)  # [N, 2] each
+        weights, means, var = (t[..., 0].t() for t in (best_w, best_mean, best_var))  # [N, 2] each
         weights = weights / _INV_SQRT_2PI
     outputs = (means, var, weights, n_iter, converged, predict, score)
     return GMMFit(*(t.clone(memory_format=torch.contiguous_format) for t in outputs))
@@ -240,7 +240,8 @@ def fit_gmm_sklearn(
         predict[i][ms[i]] = gmm.predict(sample)
         score[i][ms[i]] = gmm.score_samples(sample)
     dev = x.device
-    return GMMFit(*(torch.from_numpy(a).to(dev) for a in (means, variances, weights, n_iter, converged, predict, score)))
+    outputs = (means, variances, weights, n_iter, converged, predict, score)
+    return GMMFit(*(torch.from_numpy(a).to(dev) for a in outputs))
 
 
 def split_positives(fit: GMMFit, mask: Tensor) -> Tensor:

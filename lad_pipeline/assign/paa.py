@@ -79,7 +79,8 @@ def check_assign_args(outs: HeadOutputs, targets: Sequence[Targets], pad_shapes:
         raise LadError(f"assign.gmm must be one of {sorted(GMM_FITS)}, got {gmm!r}")
     num_images = outs.cls[0].shape[0]
     if len(targets) != num_images or len(pad_shapes) != num_images:
-        raise ValueError(f"{num_images} images of head outputs but {len(targets)} targets and {len(pad_shapes)} pad shapes")
+        raise ValueError(f"{num_images} images of head outputs but {len(targets)} targets and {len(pad_shapes)} "
+                         f"pad shapes")
 
 
 def find_candidates(

@@ -10,10 +10,10 @@ import numpy as np
 import zarr
 
 from lad_pipeline.cache.reader import (
-    INDEX,
     committed_shards,
     local_path,
     open_root,
+    read_index,
     read_shard,
     shard_name,
 )
@@ -23,6 +23,7 @@ from lad_pipeline.cache.schema import (
     SOFT_FIELDS,
     SOFT_OFFSETS,
     VIEW_COLUMNS,
+    ArraySpecs,
     ShardData,
     content_digest,
     soft_array_specs,
@@ -41,14 +42,15 @@ class SoftContext(NamedTuple):
     anchors: AnchorLayout
     knobs: SoftKnobs
     num_classes: int
-    specs: dict
+    specs: ArraySpecs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Optional["SoftContext"]:
-        if not attrs.get("soft"):
+        specs = soft_array_specs(attrs)
+        if specs is None:
             return None
         return cls(AnchorLayout.from_attrs(attrs["anchor"]), SoftKnobs.from_attrs(attrs["soft"]),
-                   int(attrs["soft_teacher"]["num_classes"]), soft_array_specs(attrs))
+                   int(attrs["soft_teacher"]["num_classes"]), specs)
 
 
 @dataclass
@@ -164,8 +166,9 @@ def _soft_structure_problem(shard: ShardData, soft: Optional[SoftContext]) -> st
         if a.dtype != dtype or a.shape != (rows,) + tail:
             return f"soft_{name} is {a.dtype} {a.shape}, expected {dtype} {(rows,) + tail}"
     for row in range(n):
-        meta = shard.meta[row]
-        problem = soft_problem(shard.soft(row), soft.anchors, meta.pad_size, soft.num_classes, soft.knobs)
+        meta, record = shard.meta[row], shard.soft(row)
+        problem = "is missing" if record is None else soft_problem(record, soft.anchors, meta.pad_size,
+                                                                    soft.num_classes, soft.knobs)
         if problem:
             return f"view {tuple(meta.key)}: soft record {problem}"
     return None
@@ -187,7 +190,8 @@ def _bytes_on_disk(path: str | os.PathLike, root: zarr.Group, soft_only: bool = 
     local = local_path(path)
     if local is not None:
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local) for f in files
-                   if not soft_only or any(part.startswith("soft_") for part in os.path.relpath(d, local).split(os.sep)))
+                   if not soft_only
+                   or any(part.startswith("soft_") for part in os.path.relpath(d, local).split(os.sep)))
     return sum(int(a.nbytes_stored()) for name, a in root.members(max_depth=None)
                if isinstance(a, zarr.Array) and (not soft_only or name.rsplit("/", 1)[-1].startswith("soft_")))
 
@@ -195,7 +199,7 @@ def _bytes_on_disk(path: str | os.PathLike, root: zarr.Group, soft_only: bool = 
 def cache_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
     """Summary of a label cache; with ``verify`` every shard is read and checked (see docs)."""
     root = open_root(path)
-    attrs = root.attrs.asdict()
+    attrs: dict[str, Any] = root.attrs.asdict()  # JSON, read by key below
     counts = attrs.get("counts", {})
     views = counts.get("views", 0)
     size = _bytes_on_disk(path, root)
@@ -243,13 +247,12 @@ def _verify(path: str | os.PathLike, root: zarr.Group, attrs: dict[str, Any], do
 
 def _index_problems(root: zarr.Group, scan: ShardScan) -> list[str]:
     try:
-        group = root[INDEX]
-        keys, shard, row = group["keys"][...], group["shard"][...], group["row"][...]
+        index = read_index(root)
     except Exception as exc:
         return [f"index is unreadable ({exc})"]
-    problems, seen = [], set()
-    for k, s, r in zip(keys.tolist(), shard.tolist(), row.tolist()):
-        key = ViewKey(k[0], (k[1], k[2]), bool(k[3]))
+    problems: list[str] = []
+    seen: set[ViewKey] = set()
+    for key, (s, r) in index:
         if key in seen:
             problems.append(f"view {tuple(key)} is indexed twice")
         seen.add(key)

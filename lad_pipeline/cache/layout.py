@@ -79,6 +79,8 @@ class GridLayout:
             gt[mask] = IGNORED
         gt[cand_anchor[cand_pos]] = cand_gt[cand_pos]
         if fix_anchor is not None and fix_anchor.shape[0]:
+            if fix_value is None:
+                raise ValueError("fix_anchor given without fix_value")
             gt[fix_anchor] = fix_value
         return gt
 

@@ -73,6 +73,30 @@ def open_root(path: str | os.PathLike) -> zarr.Group:
     return root
 
 
+def array_at(group: zarr.Group, name: str) -> np.ndarray:
+    """The whole array ``name`` of ``group``, read into numpy (zarr raises for a missing or unreadable one)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"{name} is a group where an array belongs")
+    return np.asarray(node[...])
+
+
+def group_at(group: zarr.Group, name: str) -> zarr.Group:
+    """The sub-group ``name`` of ``group`` (zarr raises for a missing one)."""
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise ValueError(f"{name} is an array where a group belongs")
+    return node
+
+
+def read_index(root: zarr.Group) -> list[tuple[ViewKey, tuple[int, int]]]:
+    """The index a finalized store holds, in stored order: each view with its (shard, row). Raises what zarr
+    raises when the index is missing or unreadable."""
+    index = group_at(root, INDEX)
+    keys, shard, row = (array_at(index, name).tolist() for name in ("keys", "shard", "row"))
+    return [(ViewKey(k[0], (k[1], k[2]), bool(k[3])), (s, r)) for k, s, r in zip(keys, shard, row)]
+
+
 def committed_shards(path: str | os.PathLike, root: zarr.Group) -> set[int]:
     """Ids of the shards whose commit is visible; uncommitted leftovers read as missing."""
     local = local_path(path)
@@ -80,7 +104,7 @@ def committed_shards(path: str | os.PathLike, root: zarr.Group) -> set[int]:
         folder = local / SHARDS
         names = [n for n in os.listdir(folder) if n.isdigit()] if folder.is_dir() else []
     else:
-        names = [n for n in root[SHARDS].group_keys() if n.isdigit()] if SHARDS in root else []
+        names = [n for n in group_at(root, SHARDS).group_keys() if n.isdigit()] if SHARDS in root else []
     out = set()
     for name in names:
         try:
@@ -110,7 +134,7 @@ def read_shard(path: str | os.PathLike, root: zarr.Group, shard_id: int) -> Shar
     if attrs.get("committed") is not True:
         raise LadError(f"{where} was never committed", hint="run lad cache-labels --resume")
     try:
-        arrays = {n: np.asarray(group[n][...]) for n in shard_array_names(root.attrs.asdict())}
+        arrays = {n: array_at(group, n) for n in shard_array_names(root.attrs.asdict())}
     except Exception as exc:
         raise LadError(f"{where} is corrupt ({type(exc).__name__}: {exc})",
                        hint=f"delete {SHARDS}/{name} and run lad cache-labels --resume") from None
@@ -171,12 +195,10 @@ class LabelCache:
         if attrs.get("finalized") is not True:
             raise LadError(f"label cache {path} is incomplete (not finalized)", hint="run lad cache-labels --resume")
         try:
-            group = root[INDEX]
-            keys, shard, row = group["keys"][...], group["shard"][...], group["row"][...]
+            index = dict(read_index(root))
         except Exception as exc:
-            raise LadError(f"label cache {path}: index is unreadable ({exc})", hint="run lad cache-labels --resume") from None
-        index = {ViewKey(k[0], (k[1], k[2]), bool(k[3])): (s, r)
-                 for k, s, r in zip(keys.tolist(), shard.tolist(), row.tolist())}
+            raise LadError(f"label cache {path}: index is unreadable ({exc})",
+                           hint="run lad cache-labels --resume") from None
         cache = cls(path, attrs, index, max_cached_bytes)
         if preload:
             cache.load_all()
@@ -240,7 +262,8 @@ class LabelCache:
         cgt = a["cand_gt"][lo[0]:hi[0]]
         pos = a["cand_pos"][lo[0]:hi[0]]
         ignore = a["ignore_boxes"][lo[2]:hi[2]] if meta.has_ignore else None
-        gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]], a["fix_value"][lo[3]:hi[3]])
+        gt = self.layout.gt_index(pad, anchor, cgt, pos, ignore, a["fix_anchor"][lo[3]:hi[3]],
+                                  a["fix_value"][lo[3]:hi[3]])
         anchor = anchor.astype(np.int64)
         if grid_sizes is not None:
             gt, anchor = self.layout.on_grid(gt, anchor, pad, grid_sizes)
@@ -256,9 +279,8 @@ class LabelCache:
             torch.from_numpy(a["cand_score"][lo[0]:hi[0]].copy()),
             torch.from_numpy(pos.copy()),
         )
-        soft = None
-        if shard.has_soft:
-            soft = SoftRecord(*(a.copy() for a in shard.soft(row)))
+        record = shard.soft(row)
+        soft = None if record is None else SoftRecord(*(a.copy() for a in record))
         return CachedView(meta.key, meta.view_size, pad, meta.scale_factor, targets, assignment, soft)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -61,9 +61,11 @@ SOFT_IDENTITY_FIELDS = ("soft", "soft_teacher")
 TEACHER_MODE_FIELDS = ("teacher_device", "teacher_precision")
 ANCHOR_LAYOUT_FIELDS = ("strides", "octave_base_scale", "size_divisor")
 
+ArraySpecs = dict[str, tuple[np.dtype, tuple[int, ...]]]  # array name -> (storage dtype, trailing shape)
+
 # name -> (storage dtype, trailing shape). Leading dim: N views ("views", "scale_factor"),
 # N+1 ("offsets") or the flat row count of its CSR column (everything else).
-SHARD_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+SHARD_ARRAYS: ArraySpecs = {
     "views": (np.dtype(np.int64), (9,)),
     "scale_factor": (np.dtype(np.float64), (2,)),
     "offsets": (np.dtype(np.int64), (4,)),
@@ -128,7 +130,7 @@ class ViewRecord:
     soft: Optional[SoftRecord] = None  # the teacher's soft labels, in a soft-label store
 
 
-def soft_array_specs(attrs: dict[str, Any]) -> Optional[dict[str, tuple[np.dtype, tuple[int, ...]]]]:
+def soft_array_specs(attrs: dict[str, Any]) -> Optional[ArraySpecs]:
     """``soft_<field>`` -> (storage dtype, trailing shape) of a soft-label store, or None for a hard-only one."""
     if not attrs.get("soft"):
         return None
@@ -252,7 +254,8 @@ def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int
         return f"has {rows['box']} box rows but only {rows['anchor']} anchors"
     if soft.anchor.size and (soft.anchor.min() < 0 or soft.anchor.max() >= num_own):
         return f"anchor outside the own grid (0..{num_own - 1})"
-    if soft.cls_count.size and (soft.cls_count.min() < 1 or int(soft.cls_count.astype(np.int64).sum()) != rows["entry"]):
+    if soft.cls_count.size and (soft.cls_count.min() < 1
+                                or int(soft.cls_count.astype(np.int64).sum()) != rows["entry"]):
         return f"cls_count does not add up to its {rows['entry']} entries (or an anchor has none)"
     if soft.cls_class.size and soft.cls_class.max() >= num_classes:
         return f"class id outside 0..{num_classes - 1}"
@@ -262,7 +265,7 @@ def soft_problem(soft: SoftRecord, anchors: AnchorLayout, pad_size: Sequence[int
 
 
 def pack_shard(records: Sequence[ViewRecord],
-               soft_specs: Optional[dict[str, tuple[np.dtype, tuple[int, ...]]]] = None) -> dict[str, np.ndarray]:
+               soft_specs: Optional[ArraySpecs] = None) -> dict[str, np.ndarray]:
     """Concatenate view records into the CSR arrays of one shard (storage dtypes). ``soft_specs``
     (``soft_array_specs``): the store keeps soft labels, and every record must carry one."""
     out = _pack_hard(records)
@@ -273,18 +276,19 @@ def pack_shard(records: Sequence[ViewRecord],
     return out
 
 
-def _pack_soft(records: Sequence[ViewRecord], specs: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    missing = [r.key for r in records if r.soft is None]
-    if missing:
-        raise ValueError(f"view {tuple(missing[0])} has no soft record; a soft-label store needs one for every view")
+def _pack_soft(records: Sequence[ViewRecord], specs: ArraySpecs) -> dict[str, np.ndarray]:
+    soft = [r.soft for r in records if r.soft is not None]
+    if len(soft) != len(records):
+        missing = next(r.key for r in records if r.soft is None)
+        raise ValueError(f"view {tuple(missing)} has no soft record; a soft-label store needs one for every view")
     counts = np.zeros((len(records) + 1, len(ROW_KINDS)), np.int64)
-    for i, r in enumerate(records):
-        rows = row_counts(r.soft)
+    for i, record in enumerate(soft):
+        rows = row_counts(record)
         counts[i + 1] = [rows[kind] for kind in ROW_KINDS]
     out = {SOFT_OFFSETS: np.cumsum(counts, axis=0)}
     for field in SOFT_FIELDS:
         dtype, tail = specs[f"soft_{field}"]
-        parts = [getattr(r.soft, field) for r in records]
+        parts = [getattr(record, field) for record in soft]
         parts = [p for p in parts if p.size]
         flat = np.concatenate([p.reshape((-1,) + tail) for p in parts]) if parts else np.zeros((0,) + tail, dtype)
         out[f"soft_{field}"] = np.ascontiguousarray(flat.astype(dtype, copy=False))

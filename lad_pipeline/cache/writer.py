@@ -179,10 +179,10 @@ class CacheWriter:
             raise ValueError(f"shard {shard_id}: a ViewKey appears twice")
         arrays = pack_shard(views, self._soft_specs)
         off = arrays["offsets"][-1]
-        meta = {"committed": True, "checksum": shard_checksum(arrays), "shard_id": shard_id,
-                "num_views": len(views), "num_candidates": int(off[0]), "num_gts": int(off[1]),
-                "num_ignore": int(off[2]), "num_fixes": int(off[3]),
-                "num_positives": int(arrays["cand_pos"].sum())}
+        meta: dict[str, Any] = {"committed": True, "checksum": shard_checksum(arrays), "shard_id": shard_id,
+                                "num_views": len(views), "num_candidates": int(off[0]), "num_gts": int(off[1]),
+                                "num_ignore": int(off[2]), "num_fixes": int(off[3]),
+                                "num_positives": int(arrays["cand_pos"].sum())}
         if SOFT_OFFSETS in arrays:
             soft_off = arrays[SOFT_OFFSETS][-1]
             meta.update({f"num_soft_{kind}_rows": int(n) for kind, n in zip(ROW_KINDS, soft_off)})
@@ -250,7 +250,7 @@ class CacheWriter:
                                    fill_value=0)
             if a.size:
                 z[...] = a
-        update = {"num_shards": num_shards, "counts": scan.counts(), "stats": scan.stats(),
+        update: dict[str, Any] = {"num_shards": num_shards, "counts": scan.counts(), "stats": scan.stats(),
                   "content_digest": scan.digest(), "finalized_at": _now()}
         self._root.attrs.update(update)
         self._root.attrs.update({"finalized": True})

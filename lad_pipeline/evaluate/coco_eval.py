@@ -94,8 +94,10 @@ def evaluate_coco(ann_file: str | Path, results: list[dict] | str | Path) -> dic
 def load_coco_annotations(ann_file: Path) -> COCO:
     """A pycocotools COCO of ``ann_file``, or a LadError that says what is wrong with the file."""
     data = _read_json(ann_file, "annotation file")
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise LadError(f"annotation file {ann_file} is not COCO: it needs 'images', 'annotations' and 'categories' lists")
+    sections = ("images", "annotations", "categories")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in sections):
+        raise LadError(f"annotation file {ann_file} is not COCO: it needs 'images', 'annotations' and 'categories' "
+                       f"lists")
     for what, keys in (("images", ("id",)), ("categories", ("id", "name")),
                        ("annotations", ("id", "image_id", "category_id", "bbox", "area"))):
         for n, item in enumerate(data[what]):

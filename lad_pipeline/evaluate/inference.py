@@ -61,8 +61,10 @@ def run_inference(checkpoint: Optional[str] = None, config: Optional[str] = None
     _, _, chosen = dist.init_from_env(device)
     if onnx is not None:
         predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if chosen.type == "cpu" else None)
-    else:
+    elif checkpoint is not None:
         predictor = Predictor.from_checkpoint(checkpoint, config, overrides, device=chosen, network=network)
+    else:
+        raise LadError("nothing to evaluate: give a checkpoint or an ONNX graph")
     dataset = eval_dataset(predictor.config, ann, images)
     dataset.check_num_classes(predictor.num_classes)
     workers = predictor.config.data.num_workers if num_workers is None else num_workers

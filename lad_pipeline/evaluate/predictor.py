@@ -86,7 +86,8 @@ class Predictor:
     def predict(self, images: Sequence[Tensor], score_thr: Optional[float] = None) -> list[Detections]:
         """Detections of original uint8 RGB images ``[3, H, W]``, resized to the first configured scale
         (keep ratio), as ``lad eval`` sees them."""
-        scale = tuple(self.config.data.scales[0])
+        long_side, short_side = self.config.data.scales[0]
+        scale = (long_side, short_side)
         views, sizes, factors = [], [], []
         for image in images:
             h, w = int(image.shape[-2]), int(image.shape[-1])

@@ -108,7 +108,8 @@ def _check_against_torch(deployed: DeployedDetector, path: Path) -> tuple[float,
           and torch.allclose(ort_scores, scores, rtol=SCORE_RTOL, atol=SCORE_ATOL))
     if not ok:
         raise LadError(f"the exported graph disagrees with PyTorch (boxes up to {box_error:.2e} px, scores up to "
-                       f"{score_error:.2e} relative), so it was not written", hint="please report this with the checkpoint")
+                       f"{score_error:.2e} relative), so it was not written",
+                       hint="please report this with the checkpoint")
     return box_error, score_error
 
 

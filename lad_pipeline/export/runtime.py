@@ -52,7 +52,8 @@ class OnnxDetector:
             self.session = ort.InferenceSession(self.path, options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own classes, each derived from Exception only
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LadError(f"ONNX model {path} cannot be loaded ({reason}): is it complete?", hint="export it again with lad export") from None
+            raise LadError(f"ONNX model {path} cannot be loaded ({reason}): is it complete?",
+                           hint="export it again with lad export") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("lad_format") is None:
             raise LadError(f"ONNX model {path} is not a lad detector ({self._signature()}, no lad metadata)",
@@ -73,7 +74,8 @@ class OnnxDetector:
         expected = self.anchors.num_anchors(self.anchors.feature_sizes(pad))
         if boxes.shape[1] != expected:
             raise LadError(f"ONNX model {self.path} gives {boxes.shape[1]} anchors for a {pad[0]}x{pad[1]} input but "
-                           f"the anchor layout it records has {expected}: its metadata is not its own", hint="export it again with lad export")
+                           f"the anchor layout it records has {expected}: its metadata is not its own",
+                           hint="export it again with lad export")
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
     def _check_signature(self) -> None:
@@ -83,7 +85,8 @@ class OnnxDetector:
         expected = {INPUT: ["batch", 3, "height", "width"], OUTPUTS[0]: ["batch", "anchors", 4],
                     OUTPUTS[1]: ["batch", "anchors", self.num_classes]}
         ok = (list(inputs) == [INPUT] and set(outputs) == set(OUTPUTS)
-              and all(_fits(v.shape, expected[n]) and v.type == "tensor(float)" for n, v in {**inputs, **outputs}.items()))
+              and all(_fits(v.shape, expected[n]) and v.type == "tensor(float)"
+                      for n, v in {**inputs, **outputs}.items()))
         if not ok:
             want = (f"input {INPUT} {_shape(expected[INPUT])}; outputs "
                     + ", ".join(f"{n} {_shape(expected[n])}" for n in OUTPUTS) + " (float32)")

@@ -70,7 +70,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_tree(folder: str | os.PathLike) -> None:
+def fsync_tree(folder: str | os.PathLike[str]) -> None:
     """Flush every file below ``folder``, then the folder, before it is renamed into place (a directory of files
     written by another library, such as a zarr group)."""
     for dirpath, _, files in os.walk(folder):

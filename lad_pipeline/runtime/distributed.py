@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..errors import LadError
+
+T = TypeVar("T")
 
 
 def init_from_env(device: str | None = None) -> tuple[int, int, torch.device]:
@@ -97,11 +100,11 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def gather_objects(obj: object) -> list[object]:
+def gather_objects(obj: T) -> list[T]:
     """Every rank's ``obj`` on every rank (small payloads: detections, counts)."""
     if not dist.is_initialized():
         return [obj]
-    out: list[object] = [None] * world_size()
+    out: list[Any] = [None] * world_size()  # all_gather_object fills each slot with a rank's obj
     dist.all_gather_object(out, obj)
     return out
 

@@ -16,9 +16,10 @@ from ..assign import colad_assign
 from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..losses import lad_loss
+from ..models import PAADetector
 from ..models.anchors import AnchorLayout
 from ..types import HeadOutputs
-from .label_sources import Labels, LabelSource, StepInputs
+from .label_sources import Labels, LabelSource, StepInputs, detached
 
 PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
 
@@ -26,7 +27,7 @@ PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
 class CoLearning(LabelSource):
     """Labels chosen jointly by the student (network 1) and ``network2``; the loss trains both."""
 
-    def __init__(self, network2: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout) -> None:
+    def __init__(self, network2: PAADetector, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout) -> None:
         super().__init__(loss, anchors)
         differs = anchors.differences(network2.anchors)
         if differs:  # one assignment trains both: both networks must share their anchors
@@ -40,16 +41,18 @@ class CoLearning(LabelSource):
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         outs2 = batch.peer_outs[PEER]
-        detached = [HeadOutputs(*[[t.detach() for t in level] for level in o]) for o in (outs, outs2)]
-        assignments, stats = colad_assign(*detached, batch.targets, batch.pad_shapes, anchors=self.anchors,
-                                          anchors2=self.network2.anchors, config=self.config, loss=self.loss_config)
-        return Labels(assignments, batch.targets, aux=outs2,
+        assignments, stats = colad_assign(detached(outs), detached(outs2), batch.targets, batch.pad_shapes,
+                                          anchors=self.anchors, anchors2=self.network2.anchors, config=self.config,
+                                          loss=self.loss_config)
+        return Labels(assignments, batch.targets, peer=outs2,
                       stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
+        if labels.peer is None:
+            raise ValueError("CoLAD's loss needs network 2's outputs (Labels.peer)")
         losses = lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
         # network 2's own layout: its head may differ (the recipe's network 2 is COP, class probabilities)
-        peer = lad_loss(labels.aux, labels.assignments, labels.targets, anchors=self.network2.anchors,
+        peer = lad_loss(labels.peer, labels.assignments, labels.targets, anchors=self.network2.anchors,
                         config=self.loss_config)
         return {**losses, **{f"{name}_t": value for name, value in peer.items()}}

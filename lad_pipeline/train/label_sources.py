@@ -8,7 +8,8 @@
 SoLAD and KD (soft labels) are the teacher sources with the KD losses added: ``soft_labels.py``.
 
 A source returns ``Labels``: the assignments on the batch grid of the student's outputs, the targets they
-index, and how many views came from a cache (hits) or from an online teacher (misses). The teacher runs on
+index, how many views came from a cache (hits) or from an online teacher (misses), and what else its loss
+trains on (the KD targets of SoLAD and KD, CoLAD's network 2 outputs). The teacher runs on
 each view padded on its own, as ``lad cache-labels`` does, so a cached label and an online one are the same
 label whatever the view was batched with.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,16 +27,32 @@ from ..cache import CachedView, LabelCache
 from ..config import AssignConfig, LossConfig
 from ..data import Batch
 from ..errors import LadError
+from ..kd import KDTargets
 from ..losses import lad_loss, paa_loss
+from ..models import PAADetector
 from ..models.anchors import AnchorLayout
 from ..teacher import teacher_outputs
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 
 log = logging.getLogger("lad")
+T = TypeVar("T")
 
 
 def grid_sizes(outs: HeadOutputs) -> list[tuple[int, int]]:
     return [(int(t.shape[-2]), int(t.shape[-1])) for t in outs.cls]
+
+
+def detached(outs: HeadOutputs) -> HeadOutputs:
+    """The outputs cut from the autograd graph: what an assignment reads of the networks it trains."""
+    return HeadOutputs(*[[t.detach() for t in level] for level in outs])
+
+
+def filled(items: Sequence[Optional[T]], what: str) -> list[T]:
+    """``items`` once every view's slot is filled (cache hits and the misses' online labels)."""
+    out = [x for x in items if x is not None]
+    if len(out) != len(items):
+        raise RuntimeError(f"{len(items) - len(out)} view(s) of the batch got no {what}")
+    return out
 
 
 def to_batch_grid(own: Assignment, pad_shape: tuple[int, int], batch_sizes: Sequence[tuple[int, int]],
@@ -77,6 +94,12 @@ class TeacherRun(NamedTuple):
     assignments: list[Assignment]
     outs: Optional[HeadOutputs]
 
+    def outputs(self) -> HeadOutputs:
+        """The teacher's outputs, which the run was asked for (``OnlineTeacher.run(outputs=True)``)."""
+        if self.outs is None:
+            raise ValueError("the teacher's outputs were not asked for: run(..., outputs=True)")
+        return self.outs
+
 
 @dataclass
 class StepInputs:
@@ -99,15 +122,17 @@ class Labels(NamedTuple):
     """A batch's labels: assignments over the batch grid of the student's outputs, the targets their GT
     indices refer to, and the views served by a label cache (``hits``) or an online teacher (``misses``).
 
-    ``aux`` is whatever else the source's loss needs (the peers' outputs, soft targets); ``stats`` are
-    ratios to log, as (numerator, denominator) so that they sum over ranks.
+    What else a loss trains on: ``kd`` the teacher's soft targets on the batch grid (SoLAD and KD), ``peer``
+    the outputs of the network trained along with the student on the same batch (CoLAD's network 2).
+    ``stats`` are ratios to log, as (numerator, denominator) so that they sum over ranks.
     """
 
     assignments: list[Assignment]
     targets: list[Targets]
     hits: int = 0
     misses: int = 0
-    aux: Any = None
+    kd: Optional[KDTargets] = None
+    peer: Optional[HeadOutputs] = None
     stats: Optional[dict[str, tuple[float, float]]] = None
 
     @property
@@ -155,9 +180,8 @@ class SelfAssign(LabelSource):
         self.config = assign
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
-        detached = HeadOutputs(*[[t.detach() for t in level] for level in outs])
-        assignments = paa_assign(detached, batch.targets, batch.pad_shapes, anchors=self.anchors, config=self.config,
-                                 loss=self.loss_config)
+        assignments = paa_assign(detached(outs), batch.targets, batch.pad_shapes, anchors=self.anchors,
+                                 config=self.config, loss=self.loss_config)
         return Labels(assignments, batch.targets)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
@@ -168,7 +192,7 @@ class SelfAssign(LabelSource):
 class OnlineTeacher(LabelSource):
     """mmdetection's LAD: a frozen teacher, never trained, never given to the optimiser or DDP."""
 
-    def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
+    def __init__(self, teacher: PAADetector, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
                  batch_padding: bool = False, precision: str = "fp32", batch_views: bool = False) -> None:
         super().__init__(loss, anchors)
         self.teacher = teacher.eval()
@@ -205,14 +229,14 @@ class OnlineTeacher(LabelSource):
             return [teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
                     for image, (h, w) in zip(images, pad_shapes)]
         sizes: dict[tuple[int, int], list[int]] = {}
-        for i, shape in enumerate(pad_shapes):
-            sizes.setdefault(tuple(shape), []).append(i)
+        for i, (h, w) in enumerate(pad_shapes):
+            sizes.setdefault((h, w), []).append(i)
         views: list[Optional[HeadOutputs]] = [None] * len(pad_shapes)
         for (h, w), members in sizes.items():
             outs = teacher_outputs(self.teacher, torch.stack([images[i, :, :h, :w] for i in members]), self.precision)
             for j, i in enumerate(members):
                 views[i] = HeadOutputs(*[[t[j:j + 1] for t in level] for level in outs])
-        return views
+        return filled(views, "teacher outputs")
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         assignments = self.run(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs)).assignments
@@ -273,7 +297,7 @@ class Lookup(NamedTuple):
     """A batch looked up in a label cache: per view its ``CachedView`` and batch-grid assignment (``None``
     for a miss), the targets to train on, and the indices of the misses."""
 
-    views: list
+    views: list[Optional[CachedView]]
     assignments: list[Optional[Assignment]]
     targets: list[Targets]
     missing: list[int]
@@ -285,7 +309,7 @@ class CachedLabels(LabelSource):
     ``fallback`` is a factory, so the teacher is loaded only when the first miss comes.
     """
 
-    def __init__(self, cache, loss: LossConfig, anchors: AnchorLayout,
+    def __init__(self, cache: LabelCache, loss: LossConfig, anchors: AnchorLayout,
                  fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
         super().__init__(loss, anchors)
         self.cache = cache
@@ -338,5 +362,6 @@ class CachedLabels(LabelSource):
                 batch_sizes)
             for i, a in zip(missing, run.assignments):
                 found.assignments[i] = a
-        return Labels(found.assignments, found.targets, hits=len(batch.keys) - len(missing), misses=len(missing))
+        return Labels(filled(found.assignments, "assignment"), found.targets, hits=len(batch.keys) - len(missing),
+                      misses=len(missing))
 

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import Checkpoint, first_non_finite, load_init_weights, load_state_dict_strict, save_checkpoint
 from ..config import Config
-from ..data import CocoViews, ViewSampler, make_loader, normalize_and_pad
+from ..data import Batch, CocoViews, ViewSampler, make_loader, normalize_and_pad
 from ..errors import LadError
 from ..models import PAADetector, build_detector
 from ..runtime import distributed as dist
@@ -20,7 +20,7 @@ from ..runtime.progress import MetricsLog
 from ..runtime.tensorboard import TensorBoardLog
 from ..types import HeadOutputs
 from .hooks import CheckpointHook, Hook, MetricsHook, ProgressHook, SignalHook, ValidationHook
-from .label_sources import LabelSource, StepInputs
+from .label_sources import Labels, LabelSource, StepInputs
 from .rng import epoch_seed, restore_rng_state, rng_state, seed_everything
 from .run_dir import RunDir
 from .schedule import Schedule, build_optimizer, scaled_lr, set_lr
@@ -45,6 +45,17 @@ def buffers_change_in_training(net: nn.Module) -> bool:
                    if isinstance(m, nn.modules.batchnorm._BatchNorm))
     net.train(was_training)
     return changing
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The sum of a source's loss terms, added in their order."""
+    terms = list(losses.values())
+    if not terms:
+        raise ValueError("the label source gave no loss terms")
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _setup(world: int, batch_size: int, device: torch.device, amp: bool) -> dict:
@@ -229,7 +240,7 @@ class Trainer:
                     return
 
     # -- the loop ---------------------------------------------------------------------------------
-    def step(self, batch) -> dict[str, float]:
+    def step(self, batch: Batch) -> dict[str, float | Tensor]:
         data = self.config.data
         if not batch.images:  # every view of the batch was an unreadable image (data.skip_bad_images)
             if self.world > 1:
@@ -250,7 +261,7 @@ class Trainer:
                             batch.prepared)
         labels = self.source.labels(inputs, outs)
         losses = self.source.loss(outs, labels)
-        loss = sum(losses.values())
+        loss = total_loss(losses)
         self._watch_finite(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -286,7 +297,7 @@ class Trainer:
             raise NonFiniteLoss(f"loss is {read[-1]} at iteration {int(read[-2])}; stopped: {self.last_good()}")
         return {**record, **{k: int(v) if k == "num_pos" else v for k, v in zip(names, read)}}
 
-    def _count(self, labels) -> dict[str, float]:
+    def _count(self, labels: Labels) -> dict[str, float]:
         """Add this step's label hits and misses of every rank to ``self.counts``; the source's ratios
         (numerator and denominator summed over ranks) of this step."""
         stats = labels.stats or {}

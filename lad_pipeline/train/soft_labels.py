@@ -7,60 +7,104 @@ assignment, and the loss adds the KD terms (``lad_pipeline/kd.py``; docs/solad.m
   rebuilt into KD targets on the student's batch grid (``rebuild_soft``). A miss goes to the online teacher,
   whose outputs are encoded with the cache's knobs and rebuilt with the hits, so hits and misses train alike.
 
-``distill.method``: ``solad`` = the LAD losses + the KD losses; ``kd`` = the KD losses alone (the authors' KD
-recipe has no loss on the GT labels; the GT boxes only choose the box-KD anchors), so no assignment is made.
+``distill.method`` (``DistillMethod``): ``solad`` = the LAD losses + the KD losses; ``kd`` = the KD losses alone
+(the authors' KD recipe has no loss on the GT labels; the GT boxes only choose the box-KD anchors), so no
+assignment is made.
 Targets always lie on the student's batch grid, each view on its own padded grid inside it.
 """
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, Callable, Mapping, Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..cache import LabelCache
 from ..config import AssignConfig, DistillConfig, LossConfig
 from ..errors import LadError
 from ..kd import kd_loss, kd_targets_dense
+from ..models import PAADetector
 from ..models.anchors import AnchorLayout
-from ..soft_record import encode_soft, rebuild_soft
+from ..soft_record import SoftRecord, encode_soft, rebuild_soft
 from ..types import HeadOutputs
-from .label_sources import CachedLabels, Labels, OnlineTeacher, StepInputs, grid_sizes
-
-SOFT_METHODS = ("solad", "kd")
+from .label_sources import CachedLabels, Labels, OnlineTeacher, StepInputs, filled, grid_sizes
 
 
-def kd_settings(distill: DistillConfig) -> dict[str, float]:
-    """The keyword arguments of ``kd_loss`` from the ``[distill]`` section."""
-    return {"cls_weight": distill.cls_weight, "iou_weight": distill.iou_weight, "bbox_weight": distill.bbox_weight,
-            "gamma": distill.gamma, "min_iou": distill.min_iou}
+class DistillMethod(Enum):
+    """``distill.method``: what the student learns from its teacher. The config holds the name; this is the one
+    place it is read."""
+
+    LAD = "lad"  # the teacher's assignment, the LAD losses
+    SOLAD = "solad"  # the LAD losses and the KD losses on the teacher's soft outputs
+    KD = "kd"  # the KD losses alone: no assignment is made
+
+    @classmethod
+    def of(cls, distill: DistillConfig) -> "DistillMethod":
+        return cls(distill.method)
+
+    @property
+    def soft(self) -> bool:
+        """Trains on the teacher's soft outputs (the KD losses)."""
+        return self is not DistillMethod.LAD
+
+    @property
+    def hard(self) -> bool:
+        """Trains on the teacher's assignment (the LAD losses)."""
+        return self is not DistillMethod.KD
 
 
-def distill_loss(distill: DistillConfig, outs: HeadOutputs, labels: Labels,
+SOFT_METHODS = tuple(m.value for m in DistillMethod if m.soft)
+
+
+def soft_method(distill: DistillConfig) -> DistillMethod:
+    """The config's method, which must train on soft labels (a soft source serves no other)."""
+    method = DistillMethod.of(distill)
+    if not method.soft:
+        raise ValueError(f"distill.method {distill.method!r} has no soft labels")
+    return method
+
+
+def distill_loss(method: DistillMethod, distill: DistillConfig, outs: HeadOutputs, labels: Labels,
                  hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]],
                  anchors: AnchorLayout = AnchorLayout()) -> dict[str, Tensor]:
     """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone.
     ``anchors``: the student's layout (how its class outputs read)."""
-    if distill.method not in SOFT_METHODS:
-        raise ValueError(f"distill.method {distill.method!r} has no soft labels")
-    losses = dict(hard_loss(outs, labels)) if distill.method == "solad" else {}
-    losses.update(kd_loss(outs, labels.aux, **kd_settings(distill), anchors=anchors))
+    if labels.kd is None:
+        raise ValueError("soft-label losses need the KD targets (Labels.kd)")
+    losses = dict(hard_loss(outs, labels)) if method.hard else {}
+    losses.update(kd_loss(outs, labels.kd, cls_weight=distill.cls_weight, iou_weight=distill.iou_weight,
+                          bbox_weight=distill.bbox_weight, gamma=distill.gamma, min_iou=distill.min_iou,
+                          anchors=anchors))
     return losses
+
+
+def refuse_cls_on_padding(distill: DistillConfig, *, on_batch_tensor: bool) -> None:
+    """``distill.cls_on_padding`` needs the teacher's outputs on the batch tensor (``on_batch_tensor``)."""
+    if distill.cls_on_padding and not on_batch_tensor:
+        raise LadError("config key distill.cls_on_padding = true needs the online teacher on the batch tensor: "
+                       "train.teacher_batch_padding = true and no --cache (a label cache holds each view on its own "
+                       "grid)")
+
+
+def no_soft_labels(cache: str, method: DistillMethod) -> LadError:
+    """The refusal of a hard-only label cache for a soft-label method."""
+    return LadError(f"label cache {cache} has no soft labels, which distill.method = {method.value} needs: "
+                    f"rebuild it with lad cache-labels --soft (or train with --teacher and no --cache)")
 
 
 def check_soft_setup(distill: DistillConfig, *, cache: Optional[str], cache_attrs: Optional[Mapping[str, Any]],
                      teacher_batch_padding: bool) -> None:
-    """Refuse, before anything is written, a SoLAD/KD run its labels cannot serve (one LadError line)."""
-    if distill.method not in SOFT_METHODS:
+    """Refuse, before anything is written, a SoLAD/KD run its labels cannot serve (one LadError line). Run once,
+    where the run's config meets its label cache; the soft sources only guard what they cannot serve at all."""
+    method = DistillMethod.of(distill)
+    if not method.soft:
         return
-    if distill.cls_on_padding and (cache is not None or not teacher_batch_padding):
-        raise LadError("config key distill.cls_on_padding = true needs the online teacher on the batch tensor: "
-                       "train.teacher_batch_padding = true and no --cache (a label cache holds each view on its own "
-                       "grid)")
+    refuse_cls_on_padding(distill, on_batch_tensor=cache is None and teacher_batch_padding)
     if cache is None:
         return
     soft = (cache_attrs or {}).get("soft")
     if not soft:
-        raise LadError(f"label cache {cache} has no soft labels, which distill.method = {distill.method} needs: "
-                       f"rebuild it with lad cache-labels --soft (or train with --teacher and no --cache)")
+        raise no_soft_labels(cache, method)
     if float(soft["min_iou"]) > distill.min_iou:
         raise LadError(f"label cache {cache}: soft.min_iou is {soft['min_iou']} but distill.min_iou is "
                        f"{distill.min_iou}: its records lack the box-KD anchors in between; rebuild it with "
@@ -78,11 +122,12 @@ def check_kd_heads(distill: DistillConfig, *layouts: AnchorLayout) -> None:
 class SoftOnlineTeacher(OnlineTeacher):
     """Online SoLAD / KD: the teacher's outputs on each view give its assignment and the exact KD targets."""
 
-    def __init__(self, teacher: nn.Module, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
+    def __init__(self, teacher: PAADetector, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout,
                  distill: DistillConfig, batch_padding: bool = False, precision: str = "fp32",
                  batch_views: bool = False) -> None:
         super().__init__(teacher, assign, loss, anchors, batch_padding, precision, batch_views)
-        check_soft_setup(distill, cache=None, cache_attrs=None, teacher_batch_padding=batch_padding)
+        self.method = soft_method(distill)
+        refuse_cls_on_padding(distill, on_batch_tensor=batch_padding)
         check_kd_heads(distill, anchors, teacher.anchors)
         self.distill = distill
 
@@ -90,14 +135,14 @@ class SoftOnlineTeacher(OnlineTeacher):
         if len(batch.view_sizes) != len(batch.keys):
             raise ValueError("soft labels need the unpadded view sizes (StepInputs.view_sizes)")
         run = self.run(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs),
-                       assign=self.distill.method == "solad", outputs=True)
-        kd = kd_targets_dense(run.outs, batch.targets, batch.view_sizes, anchors=self.teacher.anchors,
+                       assign=self.method.hard, outputs=True)
+        kd = kd_targets_dense(run.outputs(), batch.targets, batch.view_sizes, anchors=self.teacher.anchors,
                               min_iou=self.distill.min_iou, pad_shapes=batch.pad_shapes,
                               cls_on_padding=self.distill.cls_on_padding)
-        return Labels(run.assignments, batch.targets, misses=len(batch.keys), aux=kd)
+        return Labels(run.assignments, batch.targets, misses=len(batch.keys), kd=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
+        return distill_loss(self.method, self.distill, outs, labels, super().loss, self.anchors)
 
 
 class SoftCachedLabels(CachedLabels):
@@ -107,10 +152,13 @@ class SoftCachedLabels(CachedLabels):
     encoded with the same ones.
     """
 
-    def __init__(self, cache, loss: LossConfig, anchors: AnchorLayout, distill: DistillConfig,
+    def __init__(self, cache: LabelCache, loss: LossConfig, anchors: AnchorLayout, distill: DistillConfig,
                  fallback: Optional[Callable[[], OnlineTeacher]] = None) -> None:
         super().__init__(cache, loss, anchors, fallback)
-        check_soft_setup(distill, cache=str(cache.path), cache_attrs=cache.attrs, teacher_batch_padding=False)
+        self.method = soft_method(distill)
+        refuse_cls_on_padding(distill, on_batch_tensor=False)
+        if cache.soft_knobs is None:
+            raise no_soft_labels(str(cache.path), self.method)
         check_kd_heads(distill, anchors)
         self.distill = distill
         self.knobs = cache.soft_knobs  # a miss is encoded as the store's views were
@@ -119,14 +167,15 @@ class SoftCachedLabels(CachedLabels):
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         batch_sizes = grid_sizes(outs)
         found = self.lookup(batch, batch_sizes)
-        solad = self.distill.method == "solad"
-        records, view_sizes = [], []
+        solad = self.method.hard
+        records: list[Optional[SoftRecord]] = []
+        view_sizes: list[Optional[tuple[int, int]]] = []  # the size each view was encoded at
         for i, view in enumerate(found.views):
             if view is not None and view.soft is None:
                 raise LadError(f"label cache {self.cache.path}: view {batch.keys[i]} has no soft record; rebuild "
                                f"the cache with lad cache-labels --soft")
             records.append(None if view is None else view.soft)
-            view_sizes.append(None if view is None else tuple(view.view_size))  # the size it was encoded at
+            view_sizes.append(None if view is None else view.view_size)
         missing = found.missing
         if missing:
             if len(batch.view_sizes) != len(batch.keys):
@@ -135,15 +184,17 @@ class SoftCachedLabels(CachedLabels):
             run = teacher.run(batch.images[missing], [batch.pad_shapes[i] for i in missing],
                               [found.targets[i] for i in missing], batch_sizes, assign=solad, outputs=True)
             for j, i in enumerate(missing):
-                view_sizes[i] = tuple(batch.view_sizes[i])
-                records[i] = encode_soft(run.outs, found.targets[i], view_sizes[i], anchors=teacher.teacher.anchors,
+                h, w = batch.view_sizes[i]
+                view_sizes[i] = (h, w)
+                records[i] = encode_soft(run.outputs(), found.targets[i], (h, w), anchors=teacher.teacher.anchors,
                                          knobs=self.knobs, image=j, pad_shape=batch.pad_shapes[i])
                 if solad:
                     found.assignments[i] = run.assignments[j]
-        kd = rebuild_soft(records, view_sizes, batch.pad_shapes, anchors=self.cache.layout.anchors,
-                          min_iou=self.record_min_iou, grid_sizes=batch_sizes, device=batch.images.device)
-        return Labels(found.assignments if solad else [], found.targets, hits=len(batch.keys) - len(missing),
-                      misses=len(missing), aux=kd)
+        kd = rebuild_soft(filled(records, "soft record"), filled(view_sizes, "view size"), batch.pad_shapes,
+                          anchors=self.cache.layout.anchors, min_iou=self.record_min_iou, grid_sizes=batch_sizes,
+                          device=batch.images.device)
+        assignments = filled(found.assignments, "assignment") if solad else []
+        return Labels(assignments, found.targets, hits=len(batch.keys) - len(missing), misses=len(missing), kd=kd)
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.distill, outs, labels, super().loss, self.anchors)
+        return distill_loss(self.method, self.distill, outs, labels, super().loss, self.anchors)
