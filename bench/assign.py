@@ -20,10 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import device, machine, wall_time, write_result  # noqa: E402
+
 from lad_pipeline.assign import fit_gmm, fit_gmm_sklearn, paa_assign, split_positives  # noqa: E402
 from lad_pipeline.checkpoint import load_checkpoint  # noqa: E402
-from lad_pipeline.config import AssignConfig  # noqa: E402
-from lad_pipeline.config import load_config  # noqa: E402
+from lad_pipeline.config import (
+    AssignConfig,  # noqa: E402
+    load_config,  # noqa: E402
+)
 from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.types import Targets  # noqa: E402
 

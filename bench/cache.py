@@ -27,9 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lad_pipeline.cache import (  # noqa: E402
+    CacheWriter,
+    LabelCache,
+    ViewGeometry,
+    anchor_attrs,  # noqa: E402
+    cache_info,
+)
 from lad_pipeline.cache.writer import DEFAULT_COMPRESSION as DEFAULT  # noqa: E402
-from lad_pipeline.cache import CacheWriter, LabelCache, ViewGeometry, cache_info  # noqa: E402
-from lad_pipeline.cache import anchor_attrs  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.types import NEGATIVE, Assignment, Targets, ViewKey  # noqa: E402
 
@@ -148,10 +153,11 @@ def _worker(args) -> float:
 def teacher_throughput(out: Path, n_views: int, scale: tuple[int, int]) -> dict:
     """Seconds per view of the whole cache-labels stage and of the teacher's forward alone."""
     from common import timeit
+
+    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.checkpoint import save_checkpoint
     from lad_pipeline.config import load_config
     from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad
-    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.models import build_detector
 
     repo = Path(__file__).resolve().parents[1]

@@ -22,7 +22,6 @@ import statistics
 import sys
 from pathlib import Path
 
-
 from common import interleaved_step_times, machine, report_ratios, step_bench_args, step_bench_data, write_result
 
 REPO = Path(__file__).resolve().parents[1]

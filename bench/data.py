@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import device, machine, write_result
+
 from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,7 @@ def compare_with_training_step(data_views_per_s: float, step_seconds: float, bat
 def small_model_step_seconds(dataset: CocoViews, batch: int, repeats: int = 3) -> float:
     """Seconds per training step of the small PAA model on ``batch`` views at (1333, 800)."""
     from common import timeit
+
     from lad_pipeline.assign import paa_assign
     from lad_pipeline.config import load_config
     from lad_pipeline.losses import paa_loss

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 import torch
-
 from common import device, machine, timeit, write_result
+
 from lad_pipeline.config import TestConfig
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import machine, report_ratios, timeit, write_result
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import device, machine, timeit, write_result
 
 REPO = Path(__file__).resolve().parents[1]

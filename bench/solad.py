@@ -35,9 +35,16 @@ import sys
 from pathlib import Path
 
 import torch
-
-from common import (cached_step_batches, interleaved_step_times, machine, report_ratios, step_bench_args,
-                    step_bench_data, wall_time, write_result)
+from common import (
+    cached_step_batches,
+    interleaved_step_times,
+    machine,
+    report_ratios,
+    step_bench_args,
+    step_bench_data,
+    wall_time,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

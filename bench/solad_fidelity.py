@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the golden weight recipe
 
 from common import write_result  # noqa: E402
+
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, kd_loss, kd_targets_dense  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.soft_record import SoftKnobs, encode_soft, rebuild_soft  # noqa: E402
@@ -258,10 +259,10 @@ def main() -> None:
             groups["toy"] = (run_views(toy, toy.eval_keys()[:args.toy_views], teacher, students, args.noise, "toy"),
                              True)
     else:
-        from mmdet_recipe import SEED_R50, load_manifest, recipe_state_dict
         from lad_pipeline.checkpoint import from_mmdet_key, load_state_dict_strict
         from lad_pipeline.config import load_config
         from lad_pipeline.models import build_detector
+        from mmdet_recipe import SEED_R50, load_manifest, recipe_state_dict
 
         views, anchors = golden_views(args.cls_shift)
         groups["golden"] = (views, True)

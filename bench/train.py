@@ -29,23 +29,35 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import (cached_step_batches, interleaved_step_times, machine, report_ratios, step_bench_args,
-                    step_bench_data, write_result)
+from common import (
+    cached_step_batches,
+    interleaved_step_times,
+    machine,
+    report_ratios,
+    step_bench_args,
+    step_bench_data,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lad_pipeline.cache_labels import cache_labels  # noqa: E402
 from lad_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from lad_pipeline.config import Config, load_config  # noqa: E402
 from lad_pipeline.data import CocoViews, make_loader, normalize_and_pad  # noqa: E402
-from lad_pipeline.cache_labels import cache_labels  # noqa: E402
-from lad_pipeline.train.label_sources import (BatchLookup, CachedLabels, LabelSource, OnlineTeacher,  # noqa: E402
-                                             SelfAssign, StepInputs)
-from lad_pipeline.teacher import load_teacher  # noqa: E402
-from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.models import build_detector  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
+from lad_pipeline.teacher import load_teacher  # noqa: E402
+from lad_pipeline.train.label_sources import (  # noqa: E402
+    BatchLookup,
+    CachedLabels,
+    LabelSource,
+    OnlineTeacher,
+    SelfAssign,
+    StepInputs,
+)
+from lad_pipeline.train.loop import Trainer  # noqa: E402
 from lad_pipeline.types import HeadOutputs  # noqa: E402
 
 # teacher -> (config, name); its random weights are saved as our checkpoint, as a trained one would be

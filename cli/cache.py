@@ -7,8 +7,17 @@ import click
 
 from lad_pipeline.errors import LadError
 
-from .options import (ann_option, config_option, device_option, images_option, num_workers_option,
-                      overrides_option, parse_scales, path_option, resume_option)
+from .options import (
+    ann_option,
+    config_option,
+    device_option,
+    images_option,
+    num_workers_option,
+    overrides_option,
+    parse_scales,
+    path_option,
+    resume_option,
+)
 
 
 @click.command("cache-info")
@@ -81,9 +90,9 @@ def cache_labels_command(teacher: str, config_path: str | None, ann: str | None,
                          overrides: tuple[str, ...]) -> None:
     """Run the teacher once over every view and store its PAA assignment (stage one); with --soft also
     its soft labels for SoLAD/KD (docs/cache-format.md, "Soft labels")."""
+    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.checkpoint import resolve_config
     from lad_pipeline.runtime import distributed
-    from lad_pipeline.cache_labels import cache_labels
     from lad_pipeline.soft_knobs import SoftKnobs
 
     if resume and overwrite:

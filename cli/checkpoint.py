@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-
 from .options import overrides_option, path_option
 
 
@@ -13,7 +12,8 @@ from .options import overrides_option, path_option
 @click.option("--config", "config_path", type=click.Path(), help="Model config (needed for mmdetection files).")
 @click.option("--teacher", is_flag=True, help="Build the config's teacher model instead of its student.")
 @overrides_option("model.num_classes=10")
-def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool, overrides: tuple[str, ...]) -> None:
+def checkpoint_info_command(checkpoint: str, config_path: str | None, teacher: bool,
+                            overrides: tuple[str, ...]) -> None:
     """Load a checkpoint (ours or mmdetection's) into its detector and summarise it."""
     from lad_pipeline.checkpoint import Checkpoint, first_non_finite
     from lad_pipeline.errors import LadError

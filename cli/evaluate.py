@@ -60,8 +60,8 @@ def eval_command(checkpoint: str | None, config_path: str | None, onnx: str | No
     click.echo(_per_class_table(metrics["per_class_ap"]))
     if out is not None:
         record = {k: v for k, v in metrics.items() if k != "summary"}
-        record["ann_file"] = os.path.abspath(ann)
-        record["source"] = os.path.abspath(detections or checkpoint or onnx)
+        record["ann_file"] = os.path.abspath(str(ann))
+        record["source"] = os.path.abspath(str(detections or checkpoint or onnx))
         if network is not None:
             record["network"] = network
         _write_json_atomic(Path(out), record)

@@ -52,8 +52,19 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
     from lad_pipeline.evaluate.predictor import Predictor
     from lad_pipeline.runtime.distributed import resolve_device
     from lad_pipeline.types import Detections, ViewKey
-    from lad_pipeline.visualize import (GT_COLOR, add_caption, auto_zoom, class_text, color, display_order,
-                                        draw_detections, draw_outlines, enlarge, plural, write_png)
+    from lad_pipeline.visualize import (
+        GT_COLOR,
+        add_caption,
+        auto_zoom,
+        class_text,
+        color,
+        display_order,
+        draw_detections,
+        draw_outlines,
+        enlarge,
+        plural,
+        write_png,
+    )
 
     dev = resolve_device(device)
     if (checkpoint is None) == (onnx is None):
@@ -63,6 +74,7 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
     if onnx is not None:
         predictor = Predictor.from_onnx(onnx, providers=["CPUExecutionProvider"] if dev.type == "cpu" else None)
     else:
+        assert checkpoint is not None
         predictor = Predictor.from_checkpoint(checkpoint, config_path, overrides, device=dev, network=network)
     scale = predictor.config.data.scales[0]
     dataset = CocoViews(ann, images, scales=[scale], flip_prob=0.0, train=False)
@@ -135,10 +147,17 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
     With --soft (a cache made with lad cache-labels --soft): the anchors its soft record stores, coloured
     by their top teacher probability (dark blue 0 .. green .. yellow 1), box-KD anchors with a white rim."""
     from lad_pipeline.cache import LabelCache, annotation_fingerprint
-    from lad_pipeline.types import ViewKey
     from lad_pipeline.data import CocoViews
-    from lad_pipeline.visualize import add_caption, auto_zoom, class_text, draw_assignment, format_summary, plural, \
-        write_png
+    from lad_pipeline.types import ViewKey
+    from lad_pipeline.visualize import (
+        add_caption,
+        auto_zoom,
+        class_text,
+        draw_assignment,
+        format_summary,
+        plural,
+        write_png,
+    )
 
     cache = LabelCache.open(cache_path)
     if soft and not cache.has_soft:

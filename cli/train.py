@@ -5,8 +5,15 @@ import json
 
 import click
 
-from .options import (ann_option, config_option, device_option, images_option, num_workers_option, resume_option,
-                      set_option)
+from .options import (
+    ann_option,
+    config_option,
+    device_option,
+    images_option,
+    num_workers_option,
+    resume_option,
+    set_option,
+)
 
 amp_option = click.option("--amp", is_flag=True, help="Mixed precision on CUDA (same as --set train.amp=true).")
 tensorboard_option = click.option(

@@ -56,7 +56,8 @@ def aligned_iou(boxes1: Tensor, boxes2: Tensor, eps: float = EPS) -> tuple[Tenso
     overlap = wh[..., 0] * wh[..., 1]
     union = (area1 + area2 - overlap).clamp(min=eps)
     iou = overlap / union
-    enclose_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    enclose_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:])
+                  - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return iou, iou - (enclose - union) / enclose
 
@@ -84,7 +85,8 @@ def decode(
     if max_shape is not None:
         h, w = max_shape[0], max_shape[1]
         boxes = torch.stack(
-            [boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h), boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)],
+            [boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h),
+             boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)],
             dim=-1,
         )
     return boxes

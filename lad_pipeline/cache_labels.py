@@ -8,19 +8,19 @@ the store once every rank is done. ``resume`` redoes only the shards that were n
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .boxes import DELTA_STDS
 from .cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
 from .checkpoint import Checkpoint
 from .config import Config, ModelConfig
 from .data import CocoViews, make_loader, normalize_and_pad
 from .errors import LadError
 from .models.anchors import AnchorLayout
-from .boxes import DELTA_STDS
 from .runtime import distributed as dist
 from .runtime.progress import Progress
 from .soft_record import SoftKnobs, check_soft_teacher, encode_soft

@@ -142,7 +142,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, require_finite
     Checkpoint.read(path).load_into(model, require_finite=require_finite)
 
 
-def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
+def load_init_weights(model: "PAADetector", path: str | os.PathLike) -> str:
     """``model.init_from``: a whole detector checkpoint, or an ImageNet backbone: a torchvision ResNet state
     dict, or a Swin in the original release's or torchvision's layout (converted here).
 

@@ -64,7 +64,6 @@ class ModelConfig:
     init_from: str = ""  # checkpoint (ours, mmdetection's, or an ImageNet backbone: torchvision's or Swin's)
     swin: SwinConfig = field(default_factory=SwinConfig)  # overrides of the swin_* preset
     drop_path_rate: float = 0.0  # Swin stochastic depth, rising linearly to this over the blocks
-    init_from: str = ""  # checkpoint (ours, mmdetection's or a torchvision backbone state dict)
     # "paa" (class logits); the LAD authors' "paa_iop", "paa_cop" (class probabilities) and their "_base"
     # variants without the IoU branch
     head: str = "paa"
@@ -371,7 +370,7 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
 
 
 # keys that were renamed: (section dataclass, old name) -> new name
-RENAMED = {(ModelConfig, "anchor_scale"): "octave_base_scale"}
+RENAMED: dict[tuple[type, str], str] = {(ModelConfig, "anchor_scale"): "octave_base_scale"}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -387,7 +386,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in known:
             raise LadError(f"unknown config key {name} (known: {', '.join(sorted(known))})")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise LadError(f"config key {name} must be a table")
             kwargs[key] = _build(hint, value, name + ".")
@@ -492,7 +491,7 @@ def resolve_paths(config: Config, base: str | Path | None = None) -> Config:
     return resolve(config)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """Load a TOML config file; ``overrides`` are ``"section.key=value"`` strings (TOML values)."""
     path = Path(path)
     if not path.is_file():

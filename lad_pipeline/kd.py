@@ -149,7 +149,8 @@ def kd_targets_dense(
     if len(targets) != num_images or len(img_shapes) != num_images:
         raise ValueError(f"{num_images} images of teacher outputs, {len(targets)} targets, {len(img_shapes)} shapes")
     sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in teacher_outs.cls]
-    layout, anchors = anchors, anchors.anchors(sizes, device=cls.device)
+    layout = anchors
+    grid = layout.anchors(sizes, device=cls.device)
     if pad_shapes is None:
         valid = torch.ones(num_images, num_anchors, dtype=torch.bool, device=cls.device)
     else:
@@ -159,9 +160,9 @@ def kd_targets_dense(
     for i in range(num_images):
         index = valid[i].nonzero()[:, 0]
         limit = cls.new_tensor([float(img_shapes[i][0]), float(img_shapes[i][1])])
-        boxes = decode(anchors[index], reg[i, index], max_shape=img_shapes[i], stds=stds)
+        boxes = decode(grid[index], reg[i, index], max_shape=img_shapes[i], stds=stds)
         selected, weight = box_kd_selection(boxes, targets[i].boxes.to(cls.device), min_iou,
-                                            None if use_teacher_boxes else anchors[index])
+                                            None if use_teacher_boxes else grid[index])
         index = index[selected]
         rows["image"].append(torch.full_like(index, i))
         rows["anchor"].append(index)
@@ -175,7 +176,7 @@ def kd_targets_dense(
         cls_mask=torch.ones_like(valid) if cls_on_padding else valid,
         box_image=torch.cat(rows["image"]),
         box_anchor=box_anchor,
-        anchors=anchors[box_anchor],
+        anchors=grid[box_anchor],
         box_limit=torch.cat(rows["limit"]),
         teacher_box=torch.cat(rows["box"]),
         iou_prob=torch.cat(rows["iou"]),
@@ -210,7 +211,7 @@ def kd_loss(
     iou_logit = flatten_levels(student_outs.iou).float()[..., 0]
     if kd.cls_prob.shape != cls.shape:
         raise ValueError(f"KD targets cover {tuple(kd.cls_prob.shape)} but the student outputs {tuple(cls.shape)}")
-    keep = slice(None)
+    keep: slice | Tensor = slice(None)
     if min_iou is not None and min_iou != kd.min_iou:
         if min_iou < kd.min_iou:
             raise ValueError(f"KD targets were selected above IoU {kd.min_iou}; they cannot serve min_iou={min_iou}")

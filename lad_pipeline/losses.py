@@ -116,7 +116,8 @@ def _loss(
     reg = flatten_levels(outs.reg).float()
     num_images, num_anchors, num_classes = cls.shape
     if len(assignments) != num_images or len(targets) != num_images:
-        raise ValueError(f"{num_images} images of head outputs but {len(assignments)} assignments and {len(targets)} targets")
+        raise ValueError(f"{num_images} images of head outputs but {len(assignments)} assignments and "
+                         f"{len(targets)} targets")
     for i, a in enumerate(assignments):
         if a.gt_index.shape[0] != num_anchors:
             raise ValueError(f"the assignment of image {i} covers {a.gt_index.shape[0]} anchors but the head outputs "

@@ -32,12 +32,12 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from .boxes import DELTA_STDS, decode
-from .soft_background import LOGIT_CLAMP, code_bits, fit_levels, pack_codes, unpack_codes
 from .errors import LadError
-from .soft_knobs import SoftKnobs
 from .kd import KDTargets, box_kd_selection
 from .losses import flatten_levels
 from .models.anchors import AnchorLayout
+from .soft_background import LOGIT_CLAMP, code_bits, fit_levels, pack_codes, unpack_codes
+from .soft_knobs import SoftKnobs
 from .types import HeadOutputs, Targets
 
 FP16_MAX = 65504.0  # stored fp16 values are clamped to its range (never inf)

@@ -220,8 +220,8 @@ def draw_detections(image: Tensor, dets: Detections, class_names: Optional[Seque
     order = keep[torch.argsort(scores, stable=True)]
     boxes = dets.boxes.detach().cpu()[order]
     labels = dets.labels.detach().cpu()[order].tolist()
-    scores = dets.scores.detach().cpu()[order].tolist()
-    text = [f"{class_text(class_names, lab)}: {s:.2f}" for lab, s in zip(labels, scores)]
+    shown = dets.scores.detach().cpu()[order].tolist()
+    text = [f"{class_text(class_names, lab)}: {s:.2f}" for lab, s in zip(labels, shown)]
     return _boxes_then_labels(image, boxes, text, [color(lab) for lab in labels], width)
 
 
@@ -316,7 +316,7 @@ def draw_assignment(image: Tensor, targets: Targets, assignment: Assignment, pad
     cand_gt = assignment.cand_gt.detach().cpu().to(torch.int64)
     cand_pos = assignment.cand_pos.detach().cpu().to(torch.bool)
     rows = [
-        GTSummary(g, int(labels[g]), _name(class_names, int(labels[g])), tuple(round(float(v), 1) for v in boxes[g]),
+        GTSummary(g, int(labels[g]), _name(class_names, int(labels[g])), _box_tuple(boxes[g]),
                   colors[g], int((gt_index == g).sum()), int((cand_gt == g).sum()))
         for g in range(num_gt)
     ]
@@ -430,3 +430,8 @@ def write_png(image: Tensor, path: str | os.PathLike) -> Path:
     with atomic_write(path, "wb", what="image") as f:
         f.write(data.numpy().tobytes())
     return path
+
+
+def _box_tuple(box: Tensor) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (round(float(v), 1) for v in box)
+    return x1, y1, x2, y2

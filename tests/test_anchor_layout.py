@@ -21,8 +21,6 @@ import lad_pipeline.losses
 import lad_pipeline.postprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import shared_world, tiny_config  # noqa: E402
-
 from lad_pipeline.assign import paa_assign  # noqa: E402
 from lad_pipeline.cache import LabelCache  # noqa: E402
 from lad_pipeline.cache_labels import cache_labels  # noqa: E402
@@ -37,6 +35,7 @@ from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.postprocess import postprocess  # noqa: E402
 from lad_pipeline.teacher import load_teacher, teacher_model_config  # noqa: E402
 from lad_pipeline.train.recipes import open_cache_for, train_student, train_teacher  # noqa: E402
+from toy_world import shared_world, tiny_config  # noqa: E402
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,12 @@ import torch
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
+from lad_pipeline.config import ALLOWED, BACKBONES, RESNETS, SWIN_PRESETS, SWINS, Config, config_from_dict  # noqa: E402
+from lad_pipeline.errors import LadError  # noqa: E402
+from lad_pipeline.runtime import atomic as atomic_module  # noqa: E402
 from toy_world import (  # noqa: E402
     STUDENT_CONFIG,
+    _env,
     checkpoint,
     lad_command,
     set_args,
@@ -34,12 +38,7 @@ from toy_world import (  # noqa: E402
     start_lad,
     step_records,
     wait_for,
-    _env,
 )
-
-from lad_pipeline.runtime import atomic as atomic_module  # noqa: E402
-from lad_pipeline.config import ALLOWED, BACKBONES, RESNETS, SWIN_PRESETS, SWINS, Config, config_from_dict  # noqa: E402
-from lad_pipeline.errors import LadError  # noqa: E402
 
 WORKERS = "data.num_workers=2"
 REPO = Path(__file__).resolve().parents[1]

@@ -11,18 +11,17 @@ import json
 import pytest
 import torch
 
-from toy_world import CACHE_THREADS, save_teacher, shared_cache, tiny_config
-
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad
-from lad_pipeline.train.label_sources import CachedLabels, OnlineTeacher, StepInputs
-from lad_pipeline.train.recipes import open_cache_for, train_student
-from lad_pipeline.teacher import load_teacher, teacher_model_config
 from lad_pipeline.errors import LadError
 from lad_pipeline.losses import lad_loss
 from lad_pipeline.models import build_detector
 from lad_pipeline.models.anchors import AnchorLayout
+from lad_pipeline.teacher import load_teacher, teacher_model_config
+from lad_pipeline.train.label_sources import CachedLabels, OnlineTeacher, StepInputs
+from lad_pipeline.train.recipes import open_cache_for, train_student
 from lad_pipeline.types import IGNORED, ViewKey
+from toy_world import CACHE_THREADS, save_teacher, shared_cache, tiny_config
 
 CPU = torch.device("cpu")
 

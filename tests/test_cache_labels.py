@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config
 from lad_pipeline.cache import LabelCache, cache_info
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs
+from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config
 
 
 @pytest.fixture(scope="module")

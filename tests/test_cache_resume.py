@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from test_cache_store import cache_attrs, write_store
 
 from lad_pipeline.cache import CacheWriter, LabelCache, cache_info
 from lad_pipeline.cache.reader import committed_shards, open_root, read_shard
 from lad_pipeline.types import Assignment
-
-from test_cache_store import cache_attrs, write_store
 
 N_VIEWS, SHARD = 30, 4
 NUM_SHARDS = -(-N_VIEWS // SHARD)

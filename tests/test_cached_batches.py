@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from toy_world import shared_cache, tiny_config
-
 from lad_pipeline.data import make_loader, normalize_and_pad
 from lad_pipeline.models import build_detector
 from lad_pipeline.train.label_sources import CachedLabels, HostLookup, StepInputs, grid_sizes
 from lad_pipeline.train.recipes import open_cache_for, train_dataset, with_train_data
+from toy_world import shared_cache, tiny_config
 
 
 def _source_and_data(world):

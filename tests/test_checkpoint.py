@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from conftest import GOLDEN, REPO
-from toy_world import assert_one_line_error, lad as run_lad
-from mmdet_recipe import SEED_SMALL, load_manifest, recipe_state_dict
 from lad_pipeline.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -18,6 +16,9 @@ from lad_pipeline.checkpoint import (
 from lad_pipeline.config import load_config
 from lad_pipeline.errors import LadError
 from lad_pipeline.models import build_detector
+from mmdet_recipe import SEED_SMALL, load_manifest, recipe_state_dict
+from toy_world import assert_one_line_error
+from toy_world import lad as run_lad
 
 SMALL = REPO / "configs" / "paa_r18_small.toml"
 

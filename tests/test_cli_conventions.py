@@ -10,10 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
-from toy_world import STUDENT_CONFIG, assert_one_line_error, lad, set_args, shared_cache  # noqa: E402
-
 from cli.main import main  # noqa: E402
 from lad_pipeline.config import load_config  # noqa: E402
+from toy_world import STUDENT_CONFIG, assert_one_line_error, lad, set_args, shared_cache  # noqa: E402
 
 READS_A_CONFIG = ("train-teacher", "train-student", "train-colad", "cache-labels", "eval", "show", "checkpoint-info")
 LOADS_IMAGES = ("train-teacher", "train-student", "train-colad", "cache-labels", "eval")

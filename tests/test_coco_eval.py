@@ -16,8 +16,8 @@ from pycocotools.cocoeval import COCOeval
 
 from cli.evaluate import eval_command
 from cli.main import LadGroup
-from lad_pipeline.evaluate.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from lad_pipeline.errors import LadError
+from lad_pipeline.evaluate.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from lad_pipeline.types import Detections
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_assign import golden_outputs, golden_pads, golden_targets
 
 from lad_pipeline.assign import colad_assign, paa_assign
 from lad_pipeline.assign.colad import choose_losses, colad_reassign
@@ -13,8 +14,6 @@ from lad_pipeline.config import AssignConfig, LossConfig
 from lad_pipeline.errors import LadError
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.types import NEGATIVE, HeadOutputs, Targets
-from test_assign import golden_outputs, golden_pads, golden_targets
-
 
 # --- hand-built candidates --------------------------------------------------------------------------------
 

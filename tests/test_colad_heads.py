@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from toy_world import REPO, TINY, checkpoint, lad, step_records, summary
 from lad_pipeline.assign import colad_assign
-from lad_pipeline.config import load_config
+from lad_pipeline.config import AssignConfig, LossConfig, ModelConfig, load_config
 from lad_pipeline.losses import lad_loss
 from lad_pipeline.models import build_detector
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.train.colearning import PEER, CoLearning
-from lad_pipeline.config import AssignConfig, LossConfig, ModelConfig
 from lad_pipeline.train.label_sources import Labels
 from lad_pipeline.types import HeadOutputs, Targets
+from toy_world import REPO, TINY, checkpoint, lad, step_records, summary
 
 COLAD_CONFIG = REPO / "configs" / "toy_colad_r18_r50.toml"
 SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]

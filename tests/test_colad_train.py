@@ -6,6 +6,15 @@ import signal
 
 import torch
 
+from lad_pipeline.config import load_config
+from lad_pipeline.data import CocoViews, ViewSampler, collate_views, make_loader, normalize_and_pad
+from lad_pipeline.models import build_detector
+from lad_pipeline.train import colearning
+from lad_pipeline.train.colearning import PEER, CoLearning
+from lad_pipeline.train.label_sources import SelfAssign, StepInputs
+from lad_pipeline.train.loop import Trainer
+from lad_pipeline.train.recipes import colad_source, train_dataset
+from lad_pipeline.train.schedule import scaled_lr
 from toy_world import (
     REPO,
     TINY,
@@ -19,16 +28,6 @@ from toy_world import (
     torchrun,
     wait_for,
 )
-
-from lad_pipeline.config import load_config
-from lad_pipeline.data import CocoViews, ViewSampler, collate_views, make_loader, normalize_and_pad
-from lad_pipeline.models import build_detector
-from lad_pipeline.train import colearning
-from lad_pipeline.train.colearning import PEER, CoLearning
-from lad_pipeline.train.label_sources import SelfAssign, StepInputs
-from lad_pipeline.train.loop import Trainer
-from lad_pipeline.train.recipes import colad_source, train_dataset
-from lad_pipeline.train.schedule import scaled_lr
 
 COLAD_CONFIG = REPO / "configs" / "toy_colad_r18_r50.toml"
 # network 2 slimmed to a ResNet-18 so that the tests stay quick; the two networks still start apart

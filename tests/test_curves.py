@@ -9,14 +9,13 @@ import torch
 from click.testing import CliRunner
 from torchvision.io import decode_png
 
-from toy_world import STUDENT_CONFIG, lad, set_args, step_records, tiny_config, torchrun
-
 from cli.main import main as lad_main
 from lad_pipeline.data.transforms import quiet_torchvision_io
 from lad_pipeline.errors import LadError
 from lad_pipeline.plot import plot_runs, read_metrics
 from lad_pipeline.runtime.tensorboard import TensorBoardLog
 from lad_pipeline.train.validation import Validator
+from toy_world import STUDENT_CONFIG, lad, set_args, step_records, tiny_config, torchrun
 
 
 def val_args(world) -> list[str]:

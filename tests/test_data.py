@@ -11,8 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from lad_pipeline.data import (Batch, CocoViews, ViewSampler, collate_views, draw_train_keys, keep_ratio_size,
-                               make_loader, normalize_and_pad, rank_slice, read_image, shard_keys)
+from lad_pipeline.data import (
+    Batch,
+    CocoViews,
+    ViewSampler,
+    collate_views,
+    draw_train_keys,
+    keep_ratio_size,
+    make_loader,
+    normalize_and_pad,
+    rank_slice,
+    read_image,
+    shard_keys,
+)
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
 

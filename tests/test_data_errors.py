@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_data import random_image, write_coco
 
 from cli.data import make_toy_data_command
 from cli.main import LadGroup
 from lad_pipeline.data import BadImageError, CocoViews, collate_views, make_loader
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
-from test_data import random_image, write_coco
 
 IMAGE = {"id": 1, "file_name": "a.png", "height": 40, "width": 50}
 BOX = {"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20]}

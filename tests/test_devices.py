@@ -8,6 +8,12 @@ import json
 import pytest
 import torch
 
+from lad_pipeline.cache.reader import LabelCache
+from lad_pipeline.errors import LadError
+from lad_pipeline.runtime import distributed
+from lad_pipeline.teacher import resolve_precision, teacher_arithmetic
+from lad_pipeline.train import loop, rng
+from lad_pipeline.train.recipes import train_teacher
 from toy_world import (
     STUDENT_CONFIG,
     assert_one_line_error,
@@ -18,13 +24,6 @@ from toy_world import (
     summary,
     tiny_config,
 )
-
-from lad_pipeline.cache.reader import LabelCache
-from lad_pipeline.errors import LadError
-from lad_pipeline.runtime import distributed
-from lad_pipeline.teacher import resolve_precision, teacher_arithmetic
-from lad_pipeline.train import loop, rng
-from lad_pipeline.train.recipes import train_teacher
 
 
 def fake_gpus(monkeypatch, count: int) -> list:

@@ -3,11 +3,10 @@ import json
 
 import torch
 
-from toy_world import assert_one_line_error, lad, torchrun
-
 from lad_pipeline.evaluate.coco_eval import STAT_NAMES, evaluate_coco
 from lad_pipeline.evaluate.inference import eval_dataset, predict_dataset
 from lad_pipeline.evaluate.predictor import Predictor
+from toy_world import assert_one_line_error, lad, torchrun
 
 
 def _val(world):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from toy_world import lad, summary
 from lad_pipeline.config import config_from_dict, dump_toml, load_config
+from toy_world import lad, summary
 
 HEAD_CONFIGS = {
     "paa_cop_r50_fpn_1x_coco.toml": ("resnet50", "paa_cop"),

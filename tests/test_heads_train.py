@@ -7,13 +7,22 @@ import json
 import pytest
 import torch
 
-from toy_world import (STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, save_teacher, set_args, step_records,
-                        summary, tiny_config)
 from lad_pipeline.cache import LabelCache
+from lad_pipeline.checkpoint import Checkpoint
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.models import build_detector
-from lad_pipeline.checkpoint import Checkpoint
 from lad_pipeline.teacher import teacher_assign_with_outputs
+from toy_world import (
+    STUDENT_CONFIG,
+    assert_one_line_error,
+    checkpoint,
+    lad,
+    save_teacher,
+    set_args,
+    step_records,
+    summary,
+    tiny_config,
+)
 
 TWO = ("train.max_iters=2",)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import GOLDEN, REPO, golden_batch
-from mmdet_recipe import SEED_R50, SEED_SMALL, load_manifest, recipe_state_dict
 from lad_pipeline.checkpoint import load_checkpoint
 from lad_pipeline.config import load_config
 from lad_pipeline.models import build_detector
+from mmdet_recipe import SEED_R50, SEED_SMALL, load_manifest, recipe_state_dict
 
 CASES = {
     "r50": ("paa_r50_fpn_1x_coco.toml", "paa_r50_fpn_1x_coco", SEED_R50),

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import GOLDEN
 from lad_pipeline.boxes import box_iou
 from lad_pipeline.config import TestConfig
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Detections, HeadOutputs
-from conftest import GOLDEN
 
 NUM_CLASSES = 80
 ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
+from lad_pipeline.config import load_config  # noqa: E402
 from toy_world import (  # noqa: E402
     STUDENT_CONFIG,
     assert_one_line_error,
@@ -16,8 +17,6 @@ from toy_world import (  # noqa: E402
     set_args,
     summary,
 )
-
-from lad_pipeline.config import load_config  # noqa: E402
 
 
 # -- paths ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from lad_pipeline.data.sampling import draw_train_keys
+from lad_pipeline.errors import LadError
 from toy_world import (
     STUDENT_CONFIG,
     assert_one_line_error,
@@ -17,8 +19,6 @@ from toy_world import (
     summary,
     tiny_config,
 )
-from lad_pipeline.data.sampling import draw_train_keys
-from lad_pipeline.errors import LadError
 
 RANGE = ("data.scale_mode=range", "data.scales=[[128, 128], [128, 64]]")
 

@@ -13,6 +13,7 @@ from torchvision.io import decode_png, write_png
 
 from cli.main import LadGroup
 from cli.show import show_command, show_labels_command
+from conftest import REPO
 from lad_pipeline.assign import paa_assign
 from lad_pipeline.cache import CacheWriter, LabelCache, ViewGeometry, annotation_fingerprint
 from lad_pipeline.checkpoint import save_checkpoint
@@ -23,10 +24,15 @@ from lad_pipeline.models import build_detector
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.postprocess import postprocess
 from lad_pipeline.types import Assignment, Detections, Targets, ViewKey
-from lad_pipeline.visualize import (anchor_centres, color, display_order, draw_assignment, draw_detections,
-                                    mark_half_sizes, palette)
-
-from conftest import REPO
+from lad_pipeline.visualize import (
+    anchor_centres,
+    color,
+    display_order,
+    draw_assignment,
+    draw_detections,
+    mark_half_sizes,
+    palette,
+)
 
 SCALE = (320, 256)
 ANCHORS = AnchorLayout()  # the layout of the default model config these tests build

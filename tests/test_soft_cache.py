@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_cache_store import ANCHORS, cache_attrs, synthetic_view
 
 from lad_pipeline.cache import CacheWriter, LabelCache, cache_info, format_info
 from lad_pipeline.cache.reader import open_root, read_shard
@@ -23,10 +24,7 @@ from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.soft_background import pack_codes, unpack_codes
 from lad_pipeline.soft_record import SoftKnobs, SoftRecord, encode_soft, rebuild_soft, soft_logits
 from lad_pipeline.types import HeadOutputs, Targets
-
-from test_cache_store import ANCHORS, cache_attrs, synthetic_view
-from toy_world import (CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config,
-                       torchrun)
+from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config, torchrun
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

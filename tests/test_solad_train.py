@@ -12,19 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from toy_world import (
-    CACHE_THREADS,
-    REPO,
-    assert_one_line_error,
-    cache_args,
-    lad,
-    set_args,
-    shared_cache,
-    step_records,
-    summary,
-    tiny_config,
-)
-
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.config import DistillConfig, config_from_dict, load_config
 from lad_pipeline.data import CocoViews, collate_views, normalize_and_pad
@@ -38,6 +25,18 @@ from lad_pipeline.train.label_sources import OnlineTeacher, StepInputs
 from lad_pipeline.train.recipes import train_student, train_teacher
 from lad_pipeline.train.soft_labels import SoftCachedLabels, SoftOnlineTeacher, check_soft_setup
 from lad_pipeline.types import ViewKey
+from toy_world import (
+    CACHE_THREADS,
+    REPO,
+    assert_one_line_error,
+    cache_args,
+    lad,
+    set_args,
+    shared_cache,
+    step_records,
+    summary,
+    tiny_config,
+)
 
 SOLAD_CONFIG = REPO / "configs" / "toy_solad_r18.toml"
 CPU = torch.device("cpu")

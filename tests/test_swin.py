@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import GOLDEN, REPO, golden_batch
-from mmdet_recipe import recipe_tensor
 from lad_pipeline.checkpoint import load_checkpoint, load_init_weights
 from lad_pipeline.config import load_config
 from lad_pipeline.errors import LadError
 from lad_pipeline.models import build_detector
 from lad_pipeline.models.swin import relative_position_index
+from mmdet_recipe import recipe_tensor
 
 SEED_SMALL_SWIN, SEED_IMAGENET_ORIGINAL, SEED_IMAGENET_TORCHVISION = 4004, 4005, 4006
 IMAGE_SEED, SHAPES = 5005, [(170, 250), (192, 160)]

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import REPO
-from toy_world import STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, set_args, step_records, summary
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, normalize_and_pad
 from lad_pipeline.models import build_detector
 from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs, teacher_model_config
 from lad_pipeline.train.schedule import build_optimizer
+from toy_world import STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, set_args, step_records, summary
 
 SWIN_TOY = REPO / "configs" / "toy_teacher_swint.toml"
 

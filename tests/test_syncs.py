@@ -11,12 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sync_count import SyncCounter
-from toy_world import shared_cache, tiny_config
-
 from lad_pipeline.train.label_sources import CachedLabels, SelfAssign
 from lad_pipeline.train.loop import Trainer
 from lad_pipeline.train.recipes import open_cache_for, train_dataset, with_train_data
+from sync_count import SyncCounter
+from toy_world import shared_cache, tiny_config
 
 BATCH = 8
 GOAL = {"paa": 40, "cached_lad": 15}  # the most a step may make

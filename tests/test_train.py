@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lad_pipeline.checkpoint import load_checkpoint
+from lad_pipeline.config import load_config
+from lad_pipeline.errors import LadError
+from lad_pipeline.models import build_detector
 from toy_world import (
     REPO,
     STUDENT_CONFIG,
@@ -31,12 +35,6 @@ from toy_world import (
     tiny_config,
     wait_for,
 )
-
-from lad_pipeline.checkpoint import load_checkpoint
-from lad_pipeline.config import load_config
-from lad_pipeline.errors import LadError
-from lad_pipeline.models import build_detector
-
 
 
 def resolved(world, *overrides: str, teacher: Path | None = None) -> dict:

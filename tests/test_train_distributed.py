@@ -6,9 +6,13 @@ are split across the ranks and the store's content digest equals a one-process s
 """
 from __future__ import annotations
 
-
 import pytest
+import torch.distributed as dist
 
+from lad_pipeline.cache import cache_info
+from lad_pipeline.checkpoint import load_checkpoint
+from lad_pipeline.config import load_config
+from lad_pipeline.models import build_detector
 from toy_world import (
     STUDENT_CONFIG,
     cache_args,
@@ -22,13 +26,6 @@ from toy_world import (
     tiny_config,
     torchrun,
 )
-
-import torch.distributed as dist
-
-from lad_pipeline.cache import cache_info
-from lad_pipeline.checkpoint import load_checkpoint
-from lad_pipeline.config import load_config
-from lad_pipeline.models import build_detector
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")

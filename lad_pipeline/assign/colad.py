@@ -26,8 +26,15 @@ from ..config import AssignConfig, LossConfig
 from ..errors import LadError
 from ..models.anchors import AnchorLayout
 from ..types import Assignment, HeadOutputs, Targets
-from .paa import (Candidates, _check_finite, _group_rank, assign_from_scores, check_assign_args,
-                  find_candidates, score_candidates)
+from .paa import (
+    Candidates,
+    _check_finite,
+    _group_rank,
+    assign_from_scores,
+    check_assign_args,
+    find_candidates,
+    score_candidates,
+)
 
 
 @dataclass(frozen=True)

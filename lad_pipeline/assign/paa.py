@@ -200,12 +200,12 @@ def _check_finite(outs: HeadOutputs) -> None:
     """LadError naming the first image whose head outputs hold NaN or inf: they must never reach the GMM."""
     # a per-image sum is NaN/inf whenever an element is (40x faster than isfinite); a finite sum that
     # overflowed is told apart by the exact test, which only runs when the screen fires
-    outs = tuple(part for part in outs if part)  # a head without IoU branch has no IoU levels
-    screen = torch.cat([torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in outs])
+    parts = [part for part in outs if part]  # a head without IoU branch has no IoU levels
+    screen = torch.cat([torch.stack([t.flatten(1).sum(dim=1) for t in tensors]) for tensors in parts])
     if bool(torch.isfinite(screen).all()):  # one look at the device for the whole batch
         return
     names = ("classification", "regression", "IoU")
-    bad = [torch.stack([~torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]).any(dim=0) for tensors in outs]
+    bad = [torch.stack([~torch.isfinite(t).flatten(1).all(dim=1) for t in tensors]).any(dim=0) for tensors in parts]
     hits = torch.stack(bad).any(dim=0).nonzero()
     if len(hits):
         i = int(hits[0])

@@ -71,8 +71,8 @@ class CocoViews(Dataset):
 
     ``scales``: (long, short) target scales; ``scale_mode``: how training views take them ("list": one of
     them; "range": sides drawn between the two, ``draw_train_keys``); ``flip_prob``: training-time
-    horizontal flip (default 0.5 when ``train`` else 0). With ``skip_bad_images`` an unusable image file yields ``None`` (``collate_views``
-    drops and counts it) instead of raising.
+    horizontal flip (default 0.5 when ``train`` else 0). With ``skip_bad_images`` an unusable image file
+    yields ``None`` (``collate_views`` drops and counts it) instead of raising.
     """
 
     def __init__(self, ann_file: Union[str, Path], image_dir: Union[str, Path], *,
@@ -224,15 +224,16 @@ class CocoViews(Dataset):
     # -- views ------------------------------------------------------------------------------------
     def load_view(self, key: ViewKey) -> View:
         """The view ``key``; raises LadError (BadImageError for an unusable image file)."""
-        key = ViewKey(int(key[0]), tuple(int(s) for s in key[1]), bool(key[2]))
+        key = ViewKey(int(key[0]), (int(key[1][0]), int(key[1][1])), bool(key[2]))
         path = self.image_path(key.image_id)
         try:
             image = read_image(path)
         except LadError as exc:
             raise BadImageError(str(exc)) from None
         expected = self.image_size(key.image_id)
-        if tuple(image.shape[-2:]) != expected:
-            raise BadImageError(self._size_mismatch(path, tuple(image.shape[-2:]), expected))
+        got = (int(image.shape[-2]), int(image.shape[-1]))
+        if got != expected:
+            raise BadImageError(self._size_mismatch(path, got, expected))
         try:
             return make_view(image, self.original_targets(key.image_id), key)
         except LadError as exc:

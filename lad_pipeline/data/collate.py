@@ -58,11 +58,9 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked host memory for asynchronous copies."""
-        def pin(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t.pin_memory()
-
-        self.images = [pin(i) for i in self.images]
-        self.targets = [Targets(pin(t.boxes), pin(t.labels), pin(t.ignore)) for t in self.targets]
+        self.images = [i.pin_memory() for i in self.images]
+        self.targets = [Targets(t.boxes.pin_memory(), t.labels.pin_memory(),
+                                None if t.ignore is None else t.ignore.pin_memory()) for t in self.targets]
         pin_prepared = getattr(self.prepared, "pin_memory", None)
         if pin_prepared is not None:
             self.prepared = pin_prepared()
@@ -260,7 +258,8 @@ def make_loader(dataset: Dataset, keys_or_sampler: Union[Sequence[ViewKey], Samp
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ViewLoader(_ReportingDataset(dataset), batch_size=batch_size, sampler=keys_or_sampler,
-                      collate_fn=functools.partial(_collate, prepare=prepare), num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                      collate_fn=functools.partial(_collate, prepare=prepare), num_workers=num_workers,
+                      pin_memory=pin_memory, generator=generator,
                       worker_init_fn=_quiet_on_parent_exit if num_workers > 0 else None)
 
 

@@ -68,7 +68,7 @@ def variant_keys(image_ids: Sequence[int], scales: Sequence[tuple[int, int]],
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise LadError(f"unknown view variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-    return [ViewKey(int(i), tuple(s), VARIANTS[v]) for i in image_ids for s in scales for v in variants]
+    return [ViewKey(int(i), (int(s[0]), int(s[1])), VARIANTS[v]) for i in image_ids for s in scales for v in variants]
 
 
 def rank_slice(keys: Sequence[ViewKey], batch_size: int, rank: int = 0, world_size: int = 1,

@@ -22,10 +22,9 @@ import torch
 from sklearn.datasets import load_digits
 from torchvision.io import encode_png
 
-from ..runtime.progress import Progress
 from ..errors import LadError
+from ..runtime.progress import Progress
 from .transforms import quiet_torchvision_io
-
 
 VERSION = 2
 MANIFEST = "toy.json"
@@ -118,7 +117,8 @@ def _write_split(root: Path, split_no: int, n: int, pool: np.ndarray, images: np
                  seed: int, style: ToyStyle, progress: Progress) -> None:
     (root / "images").mkdir(parents=True)
     by_class = [pool[labels[pool] == c] for c in range(10)]
-    records, anns = [], []
+    records: list[dict] = []
+    anns: list[dict] = []
     for index in range(n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, split_no, index]))
         pixels, objects = _render(rng, style, pool, by_class, images, labels)

@@ -23,6 +23,7 @@ class PAADetector(nn.Module):
         self.config = config
         self.anchors = AnchorLayout.from_config(config)  # also says whether the class outputs are probabilities
         _check_level_strides(self.anchors)
+        self.backbone: nn.Module
         if config.backbone in SWINS:
             self.backbone = SwinBody(resolved_swin(config), config.drop_path_rate, config.frozen_stages)
         else:

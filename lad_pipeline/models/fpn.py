@@ -20,14 +20,21 @@ class FPN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.zeros_(_bias(m))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
             # nearest upsampling to the lateral's exact size: odd sizes do not double evenly
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            upsampled = F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + upsampled
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         for conv in self.fpn_convs[len(laterals):]:
             outs.append(conv(outs[-1]))
         return outs
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """The bias of a convolution built with one (every conv this module initialises)."""
+    assert conv.bias is not None
+    return conv.bias

@@ -72,9 +72,9 @@ class PAAHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    nn.init.zeros_(_bias(m))
         # start every class at the prior probability so the focal loss is stable at step one
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(_bias(self.cls_logits), -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: list[Tensor]) -> HeadOutputs:
         cls, reg, iou = [], [], []
@@ -107,9 +107,9 @@ class IOPHead(PAAHead):
         self.obj_threshold = nn.Conv2d(feat_channels, 1, 3, padding=1)  # the source's obj_bias
         for conv in (self.objectness, self.obj_threshold):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(_bias(conv))
         # the threshold starts near zero, so every class probability passes it at step one
-        nn.init.constant_(self.obj_threshold.bias, -math.log((1 - objectness_prior) / objectness_prior))
+        nn.init.constant_(_bias(self.obj_threshold), -math.log((1 - objectness_prior) / objectness_prior))
 
     def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
         prob = self.cls_logits(cls_feat).float().sigmoid()
@@ -128,7 +128,7 @@ class COPHead(PAAHead):
         self.kernel = kernel
         self.coeff_conv = nn.Conv2d(self.bbox_pred.in_channels, kernel * kernel, 3, padding=1)
         nn.init.normal_(self.coeff_conv.weight, std=0.01)
-        nn.init.zeros_(self.coeff_conv.bias)
+        nn.init.zeros_(_bias(self.coeff_conv))
 
     def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
         logits = self.cls_logits(cls_feat)
@@ -141,3 +141,8 @@ class COPHead(PAAHead):
         coeffs = self.coeff_conv(reg_feat).permute(0, 2, 3, 1).reshape(n, 1, h, w, k2)
         return (neighbours.sigmoid() * coeffs.sigmoid()).mean(-1)
 
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """The bias of a convolution built with one (every conv this module initialises)."""
+    assert conv.bias is not None
+    return conv.bias

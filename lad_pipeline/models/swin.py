@@ -33,6 +33,8 @@ def relative_position_index(window: int) -> Tensor:
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, with a relative position bias per head."""
 
+    relative_position_index: Tensor  # a buffer
+
     def __init__(self, dim: int, num_heads: int, window: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -223,6 +225,7 @@ class SwinBody(nn.Module):
             x = stage(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
-            if stage.downsample is not None:
-                x = stage.downsample(x)
+            downsample = stage.downsample
+            if isinstance(downsample, nn.Module):
+                x = downsample(x)
         return outs

@@ -210,7 +210,8 @@ def train_student(config: Config, out: str, *, cache: Optional[str] = None, teac
 
         if label_cache is None:
             if teacher_file is None:
-                raise LadError("train-student needs a label cache, a teacher, or both", hint="pass --cache and/or --teacher")
+                raise LadError("train-student needs a label cache, a teacher, or both",
+                               hint="pass --cache and/or --teacher")
             if soft:
                 return SoftOnlineTeacher(teacher_model(), config.assign, config.loss, anchors, distill,
                                          config.train.teacher_batch_padding, precision, config.teacher.batch_views)

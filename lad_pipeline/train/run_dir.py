@@ -83,7 +83,7 @@ class RunDir:
     def log_to_file(self, message: str) -> None:
         """A line in train.log only (the terminal hears it another way)."""
         if self._log_handler is not None:
-            self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))
+            self._log_handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
 
     def close(self) -> None:
         """Stop mirroring the ``lad`` log into train.log and release the directory."""

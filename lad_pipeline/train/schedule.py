@@ -26,7 +26,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig, world_size: int) -> to
         decay = [p for n, p in named if not any(key in n for key in NO_DECAY_WITH_ADAMW)]
         no_decay = [p for n, p in named if any(key in n for key in NO_DECAY_WITH_ADAMW)]
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=(train.betas[0], train.betas[1]), weight_decay=train.weight_decay)
     # mmdetection's PAA config decays every trainable tensor (norm weights and biases included)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)

@@ -116,7 +116,8 @@ def check_kd_heads(distill: DistillConfig, *layouts: AnchorLayout) -> None:
     losses distil the teacher's IoU prediction into the student's."""
     if distill.method in SOFT_METHODS and not all(layout.iou_branch for layout in layouts):
         raise LadError(f"distill.method = {distill.method} distils the teacher's IoU branch, and a paa_iop_base or "
-                       f"paa_cop_base head has none: use a head with it (paa, paa_iop, paa_cop), or distill.method = lad")
+                       f"paa_cop_base head has none: use a head with it (paa, paa_iop, paa_cop), or "
+                       f"distill.method = lad")
 
 
 class SoftOnlineTeacher(OnlineTeacher):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from ..errors import LadError
 from ..evaluate.coco_eval import evaluate_coco
 from ..evaluate.inference import eval_dataset, predict_dataset
 from ..evaluate.predictor import Predictor
+from ..models import PAADetector
 from ..runtime import distributed as dist
 
 log = logging.getLogger("lad")
@@ -50,7 +52,8 @@ class Validator:
             # a network built by build_detector carries its own model config (strides, anchors)
             config = replace(self.config, model=getattr(network, "config", self.config.model))
             with torch.random.fork_rng(devices=[]):  # the training run's random stream is left alone
-                results = predict_dataset(Predictor(network, config, self.device), self.dataset, BATCH_SIZE,
+                predictor = Predictor(cast(PAADetector, network), config, self.device)
+                results = predict_dataset(predictor, self.dataset, BATCH_SIZE,
                                           num_workers=self.config.data.num_workers, progress=False)
             if dist.is_main():
                 metrics = evaluate_coco(self.dataset.ann_file, results)

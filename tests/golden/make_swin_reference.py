@@ -61,11 +61,10 @@ def swin_backbone(*args, **kwargs):
 
 
 def paa_swin(embed_dims, depths, num_heads, window_size=7, channels=256, stacked_convs=4, num_classes=80):
+    import mmdet
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
-
-    import mmdet
 
     register_all_modules()
     cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim/configs/paa/paa_r50_fpn_1x_coco.py"))
