@@ -52,7 +52,7 @@ def test_colearning_trains_a_cop_network_2_on_probabilities():
     outs1 = HeadOutputs([torch.logit(c) for c in outs1.cls], outs1.reg, outs1.iou)
     outs2, _ = _outs(3)
     assignments, _ = colad_assign(outs1, outs2, TARGETS, PADS, anchors=AnchorLayout(), anchors2=PROB)
-    losses = source.loss(outs1, Labels(assignments, TARGETS, aux=outs2))
+    losses = source.loss(outs1, Labels(assignments, TARGETS, peer=outs2))
     expected = lad_loss(outs2, assignments, TARGETS, anchors=PROB)
     for name, value in expected.items():
         assert torch.equal(losses[f"{name}_t"], value)
