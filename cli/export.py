@@ -5,9 +5,12 @@ from typing import Optional
 
 import click
 
+from .options import path_option
+
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@path_option("checkpoint", "--checkpoint", "CKPT", "Checkpoint: ours or an mmdetection file.",
+             type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="MODEL.onnx",
               help="ONNX file to write.")
 @click.option("--network", type=click.IntRange(1, 2),
@@ -15,7 +18,7 @@ import click
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Model config (default: the one embedded in the checkpoint; needed for mmdetection files).")
 def export_command(checkpoint: str, out: str, network: Optional[int], config_path: Optional[str]) -> None:
-    """Export the detector of CHECKPOINT (ours or mmdetection's) to ONNX: backbone, FPN, head, box decoding and
+    """Export the detector of a checkpoint (ours or mmdetection's) to ONNX: backbone, FPN, head, box decoding and
     the PAA score, with dynamic batch, height and width. The graph outputs every anchor's boxes and scores;
     NMS and score voting stay in lad (lad eval --onnx, lad show --onnx)."""
     from lad_pipeline.export import export_onnx

@@ -257,6 +257,8 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
         "init_from": PATH,
         "swin": ANY,  # a table: its keys are SwinConfig's
         "drop_path_rate": Allowed(lambda v: 0 <= v < 1, ">= 0 and < 1"),
+        "head": one_of(*HEADS),
+        "cop_kernel": Allowed(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1 (the neighbourhood is centred)"),
     },
     SwinConfig: {
         "embed_dim": at_least(0),
@@ -266,8 +268,6 @@ ALLOWED: dict[type, dict[str, Allowed]] = {
                              "4 head counts >= 1, one per stage (or [] for the preset's)"),
         "window_size": Allowed(lambda v: v == 0 or v >= 2,
                                ">= 2 (the shifted blocks move the windows by half a window), or 0 for the preset's"),
-        "head": one_of(*HEADS),
-        "cop_kernel": Allowed(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1 (the neighbourhood is centred)"),
     },
     TeacherConfig: {
         "checkpoint": PATH,

@@ -142,7 +142,18 @@ def test_shards_are_written_while_the_teacher_runs_on_the_next_views(store, worl
                              images=str(world.images), shard_size=5, device="cpu")
     finally:
         torch.set_num_threads(threads)
-    assert attrs["content_digest"] == LabelCache.open(store).attrs["content_digest"]
+    # the command's store, view for view; the PAA scores to float32 rounding (an in-process run and the command
+    # sum some of them in another order)
+    ours, theirs = LabelCache.open(tmp_path / "labels.zarr"), LabelCache.open(store)
+    assert sorted(ours.keys()) == sorted(theirs.keys()) and attrs["counts"] == theirs.attrs["counts"]
+    for key in theirs.keys():
+        a, b = ours.get(key), theirs.get(key)
+        for name in a.assignment._fields:
+            if name == "cand_score":
+                torch.testing.assert_close(a.assignment.cand_score, b.assignment.cand_score, rtol=1e-5, atol=0)
+            else:
+                assert torch.equal(getattr(a.assignment, name), getattr(b.assignment, name)), (key, name)
+        assert torch.equal(a.targets.boxes, b.targets.boxes)
     writes = [e for e in events if e[0] != "forward"]
     assert {name for _, _, name in writes} == {"lad-shard-writer_0"}
     assert [e[1] for e in writes if e[0] == "written"] == list(range(5))

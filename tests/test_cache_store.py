@@ -363,11 +363,11 @@ def test_cache_info_command(tmp_path):
 
     path = tmp_path / "c.zarr"
     write_store(path, 10, shard_size=4)
-    result = CliRunner().invoke(cache_info_command, [str(path), "--verify", "--json"])
+    result = CliRunner().invoke(cache_info_command, ["--cache", str(path), "--verify", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["verify"]["ok"]
     shutil.rmtree(path / "shards" / "000001")
-    result = CliRunner().invoke(cache_info_command, [str(path), "--verify"])
+    result = CliRunner().invoke(cache_info_command, ["--cache", str(path), "--verify"])
     assert isinstance(result.exception, LadError) and "shard 000001 is missing" in str(result.exception)
     assert "FAILED" in result.output
 

@@ -90,7 +90,7 @@ def trained(tmp_path_factory):
                 "--out", root / "run", *[a for item in TRAIN for a in ("--set", item)], timeout=600)
     assert train.returncode == 0, train.stderr
     ckpt = root / "run" / "checkpoints" / "final.pth"
-    exported = lad("export", ckpt, "--out", root / "model.onnx")
+    exported = lad("export", "--checkpoint", ckpt, "--out", root / "model.onnx")
     assert exported.returncode == 0, exported.stderr
     assert re.search(r"boxes within \S+ px, scores within \S+ relative", exported.stdout), exported.stdout
     val = ["--ann", root / "toy/val/annotations.json", "--images", root / "toy/val/images"]
@@ -211,7 +211,7 @@ def test_export_colad_checkpoint_needs_network(world, tmp_path):
     net1, net2 = build_detector(config.model), build_detector(config.colad.model)
     ckpt = tmp_path / "colad.pth"
     save_checkpoint(ckpt, net1, config.to_dict(), peers={"colad": net2.state_dict()})
-    assert_one_line_error(lad("export", ckpt, "--out", tmp_path / "m.onnx"), "two detectors", "--network 1 or 2")
+    assert_one_line_error(lad("export", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx"), "two detectors", "--network 1 or 2")
     assert not (tmp_path / "m.onnx").exists()
     assert export_onnx(ckpt, tmp_path / "m.onnx", network=2).network == 2
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
@@ -226,7 +226,7 @@ def test_export_refuses_non_finite_weights(world, tmp_path):
         model.bbox_head.cls_logits.weight[0, 0, 0, 0] = float("nan")
     ckpt = tmp_path / "nan.pth"
     save_checkpoint(ckpt, model, config.to_dict())
-    assert_one_line_error(lad("export", ckpt, "--out", tmp_path / "m.onnx"), "non-finite", "cls_logits")
+    assert_one_line_error(lad("export", "--checkpoint", ckpt, "--out", tmp_path / "m.onnx"), "non-finite", "cls_logits")
     assert not any(tmp_path.glob("*onnx*"))
 
 
@@ -235,7 +235,7 @@ def test_export_without_the_extra_names_it(world, tmp_path):
     shadow = tmp_path / "shadow" / "onnx"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
-    result = lad("export", world.teacher, "--out", tmp_path / "m.onnx",
+    result = lad("export", "--checkpoint", world.teacher, "--out", tmp_path / "m.onnx",
                  env={"PYTHONPATH": f"{REPO}:{shadow.parent}"})
     assert_one_line_error(result, "onnx package", 'pip install "lad[export]"')
 
@@ -290,7 +290,7 @@ def test_cli_export_of_an_mmengine_checkpoint(reference_dir, tmp_path):
     """The real mmengine checkpoint of the small golden model exports with its --config, and the graph gives
     the PyTorch model's outputs."""
     config = REPO / "configs" / "paa_r18_small.toml"
-    result = lad("export", reference_dir / "small_r18_paa_mmengine.pth", "--config", config,
+    result = lad("export", "--checkpoint", reference_dir / "small_r18_paa_mmengine.pth", "--config", config,
                  "--out", tmp_path / "small.onnx")
     assert result.returncode == 0, result.stderr
     model, _, _ = load_detector(reference_dir / "small_r18_paa_mmengine.pth", config)
