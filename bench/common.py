@@ -124,10 +124,13 @@ def cached_step_batches(config, store: Path, ann: Path, images: Path, args: argp
 
 def interleaved_step_times(trainers: dict, batches: list, iters: int, warmup: int) -> dict[str, list[float]]:
     """Seconds of each trainer's ``step`` on the same preloaded batches; the modes take turns, one step each per
-    round, so that a change of machine load touches them all alike. The first ``warmup`` rounds are not kept."""
+    round, so that a change of machine load touches them all alike, and the order turns by one mode each round,
+    so that no mode always runs first or always follows the same one (that alone moved a ratio of two identical
+    modes by 5 % here). The first ``warmup`` rounds are not kept."""
     from itertools import cycle
 
     feeds = {mode: cycle(batches) for mode in trainers}
+    order = list(trainers)
 
     def step(mode: str) -> Callable[[], object]:
         trainer = trainers[mode]
@@ -135,11 +138,42 @@ def interleaved_step_times(trainers: dict, batches: list, iters: int, warmup: in
 
     times: dict[str, list[float]] = {mode: [] for mode in trainers}
     for n in range(warmup + iters):
-        for mode in trainers:
+        turn = n % len(order)
+        for mode in order[turn:] + order[:turn]:
             seconds = timeit(step(mode), repeats=1, warmup=0)
             if n >= warmup:
                 times[mode].append(seconds)
     return times
+
+
+def source_phase_times(trainers: dict, batches: list, steps: int) -> dict[str, dict[str, float]]:
+    """Where a step's label-source time goes: median seconds of each trainer's ``source.labels`` and
+    ``source.loss`` over ``steps`` more steps, taken after the timed rounds (on CUDA the device is synchronised
+    around each call, which the timed steps must not be)."""
+    out = {}
+    for mode, trainer in trainers.items():
+        source = trainer.source
+        spent: dict[str, list[float]] = {"labels": [], "loss": []}
+
+        def timed(phase: str, fn: Callable) -> Callable:
+            def call(*args):
+                result = None
+
+                def run() -> None:
+                    nonlocal result
+                    result = fn(*args)
+                spent[phase].append(wall_time(run))
+                return result
+            return call
+
+        source.labels, source.loss = timed("labels", source.labels), timed("loss", source.loss)
+        try:
+            for batch in batches[:steps]:
+                trainer.step(batch)
+        finally:
+            del source.labels, source.loss  # back to the class's methods
+        out[mode] = {phase: statistics.median(v) for phase, v in spent.items()}
+    return out
 
 
 def round_ratio(numerator: list[float], denominator: list[float]) -> dict[str, float]:

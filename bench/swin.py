@@ -12,11 +12,11 @@ writes bench/train_swinb.json.
 from __future__ import annotations
 
 from common import step_bench_args
-from train import run
+from train import profile_option, run
 
 
 def main() -> None:
-    run(step_bench_args(__doc__, iters=20), "swinb")
+    run(step_bench_args(__doc__, iters=20, extra=profile_option), "swinb")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ the median over rounds of that round's ratio (a round's steps share the machine'
 Views are coco128 images (``LAD_COCO128``, default ../shared/data/coco128) at one (long, short) scale;
 without coco128 the toy digits are used. Weights are random (nothing to download): timings depend on them
 only through PAA's candidate counts. Stage one is also timed against the teacher's forward alone over the same
-views, loaded the same way (``cache_labels_over_forward``). Last two lines: ``cached_over_floor`` and the
+views, loaded the same way (``cache_labels_over_forward``). Where a step's label time goes: the source's
+``labels`` and ``loss`` are timed apart in a few steps after the timed ones (``labels ms``, ``loss ms``). Last two
+lines: ``cached_over_floor`` and the
 headline ``cached_over_online``.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from common import (
     interleaved_step_times,
     machine,
     report_ratios,
+    source_phase_times,
     step_bench_args,
     step_bench_data,
     write_result,
@@ -160,12 +163,14 @@ def run(args, teacher_name: str = "r101") -> dict:
     trainers = {mode: Trainer(student_cfg, work / f"run-{mode}", dataset, sources[mode])
                 for mode, _, _ in table_modes}
     times = interleaved_step_times(trainers, batches, args.iters, args.warmup)
+    phases = source_phase_times(trainers, batches, args.profile_steps)
     results = {}
     for mode, name, what in table_modes:
         trainers[mode].close()
         median = statistics.median(times[mode])
         results[mode] = {"name": name, "label_source": what, "s_per_iter": median,
-                         "views_per_s": args.batch / median, "times": times[mode], **trainers[mode].counts}
+                         "views_per_s": args.batch / median, "times": times[mode],
+                         "source_s": phases[mode], **trainers[mode].counts}
     assert results["a"]["misses"] == 0, "a cached view was missing: the timed steps ran the teacher"
 
     d = results["d"]["s_per_iter"]
@@ -178,11 +183,12 @@ def run(args, teacher_name: str = "r101") -> dict:
           f"the teacher's forward alone {forward_s / cached_views:.3f} s/view: "
           f"cache_labels_over_forward = {stage_over_forward:.3f}")
     print(f"lookup in the workers: {lookup_s * 1e3:.1f} ms per batch of {args.batch} (outside the step)")
-    print(f"{'mode':<16}{'label source':<32}{'s/iter':>9}{'views/s':>9}{'vs floor':>10}")
+    print(f"{'mode':<16}{'label source':<32}{'s/iter':>9}{'views/s':>9}{'vs floor':>10}"
+          f"{'labels ms':>11}{'loss ms':>9}")
     for mode, name, what in table_modes:
         r = results[mode]
         print(f"({mode}) {name:<12}{what:<32}{r['s_per_iter']:>9.3f}{r['views_per_s']:>9.2f}"
-              f"{r['s_per_iter'] / d:>9.2f}x")
+              f"{r['s_per_iter'] / d:>9.2f}x{r['source_s']['labels'] * 1e3:>11.2f}{r['source_s']['loss'] * 1e3:>9.2f}")
     ratios = report_ratios(times, {"cached_over_floor": "ad", "cached_over_plain_paa": "ac",
                                    "cached_over_online": "ab", "online_over_cached": "ba"})
     # the R-101 run's headline is what the cache costs against online LAD; the Swin-B run's what it saves
@@ -202,8 +208,13 @@ def run(args, teacher_name: str = "r101") -> dict:
     return ratios
 
 
+def profile_option(parser) -> None:
+    parser.add_argument("--profile-steps", type=int, default=5,
+                        help="steps per mode, after the timed ones, that time the label source's labels and loss")
+
+
 def main() -> None:
-    run(step_bench_args(__doc__, iters=20), "r101")
+    run(step_bench_args(__doc__, iters=20, extra=profile_option), "r101")
 
 
 if __name__ == "__main__":
