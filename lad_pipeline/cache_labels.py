@@ -77,15 +77,16 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     rank, world, dev = dist.init_from_env(device or config.train.device)
     precision = resolve_precision(precision or config.teacher.precision, dev, config.train.amp)
     if Path(out).is_file():
-        raise LadError(f"--out {out} is a file; give a directory path for the label cache")
+        raise LadError(f"label cache path {out} is a file", hint="give a directory path to --out")
     ann = ann or config.data.ann
     images = images or config.data.images
     if not ann or not images:
-        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+        raise LadError("no training data: data.ann and data.images are not set", hint="pass --ann and --images")
     if not scales and config.data.scale_mode == "range":
         raise LadError(f"data.scale_mode = range: training draws each view's size between {config.data.scales[0]} "
-                       f"and {config.data.scales[1]}, which a label cache cannot hold view by view; pass --scales "
-                       f"to cache fixed scales (a run's draws at other sizes go to the online teacher as misses)")
+                       f"and {config.data.scales[1]}, which a label cache cannot hold view by view",
+                       hint="pass --scales to cache fixed scales (a run's draws at other sizes go to the online "
+                            "teacher as misses)")
     scales = [list(s) for s in (scales or config.data.scales)]
     checkpoint = Checkpoint.read(teacher_ckpt)
     teacher_cfg = checkpoint.teacher_model_config(config)

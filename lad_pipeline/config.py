@@ -381,8 +381,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if (cls, key) in RENAMED:
-            raise LadError(f"config key {name} was renamed {prefix}{RENAMED[cls, key]}; rename it in the config "
-                           "or the --set option")
+            raise LadError(f"config key {name} was renamed {prefix}{RENAMED[cls, key]}",
+                           hint="rename it in the config file or the --set option")
         if key not in known:
             raise LadError(f"unknown config key {name} (known: {', '.join(sorted(known))})")
         hint = hints[key]

@@ -21,7 +21,8 @@ def read_metrics(run: str | Path) -> list[dict]:
     iterations after its last checkpoint) the later record of the same kind wins."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
-        raise LadError(f"{path} not found: RUN must be a run directory of lad train-teacher/-student/-colad")
+        raise LadError(f"{path} not found: {run} is not a training run directory",
+                       hint="RUN must be a run directory of lad train-teacher/-student/-colad")
     lines = path.read_text().splitlines()
     records: dict[tuple[bool, int], dict] = {}
     for number, line in enumerate(lines, 1):

@@ -149,9 +149,9 @@ def _fp16(t: Tensor) -> np.ndarray:
 def check_soft_teacher(anchors: AnchorLayout) -> None:
     """Refuse a teacher whose class outputs are probabilities (IOP, COP heads): a record codes logits."""
     if anchors.class_probs:
-        raise LadError("soft labels (--soft) record a teacher's class logits, and this teacher's head (paa_iop or "
-                       "paa_cop) outputs probabilities: use a PAA-head teacher, or train SoLAD online with --teacher "
-                       "and no --cache")
+        raise LadError("soft labels record a teacher's class logits, and this teacher's head (paa_iop or paa_cop) "
+                       "outputs probabilities",
+                       hint="use a PAA-head teacher, or train SoLAD online with --teacher and no --cache")
 
 
 @torch.no_grad()

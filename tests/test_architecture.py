@@ -100,3 +100,26 @@ def test_the_check_sees_an_upward_import():
     source = (PACKAGE / "types.py").read_text() + "\n\ndef _late():\n    from .train.loop import Trainer\n"
     assert "lad_pipeline.train.loop" in _imports_of(source, "lad_pipeline")
     assert _layer_of("lad_pipeline.train.loop", layers) > _layer_of("lad_pipeline.types", layers)
+
+
+def _error_messages() -> list[tuple[str, int, str]]:
+    """(file, line, source of the message) of every exception raised or built in the library with a message."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if name.endswith("Error") or name == "NonFiniteLoss":
+                found.append((str(path.relative_to(REPO)), node.lineno, ast.get_source_segment(source, node.args[0])))
+    return found
+
+
+def test_library_error_messages_name_no_command_line_flags():
+    """An error's message is the library's (what is wrong); the flag to use goes in ``LadError(hint=...)``, which
+    only the CLI prints."""
+    messages = _error_messages()
+    assert len(messages) > 100  # the scan sees the library's errors
+    flags = [(f, line, text) for f, line, text in messages if re.search(r"--[a-z]", text or "")]
+    assert flags == []

@@ -304,5 +304,5 @@ def check_attrs(path: str | os.PathLike, attrs: dict[str, Any], expect: Optional
         diff = first_difference(have, want, field)
         if diff:
             name, a, b = diff
-            raise LadError(f"label cache {path}: {name} differs: cache has {a!r}, expected {b!r}; "
-                           "rebuild the cache with lad cache-labels for this teacher, config and dataset")
+            raise LadError(f"label cache {path}: {name} differs: cache has {a!r}, expected {b!r}",
+                           hint="rebuild the cache with lad cache-labels for this teacher, config and dataset")

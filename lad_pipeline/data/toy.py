@@ -85,14 +85,14 @@ def make_toy_dataset(out: Union[str, Path], n_train: int = 512, n_val: int = 128
 
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise LadError(f"{out} exists and is not a directory: choose another OUT")
+        raise LadError(f"{out} exists and is not a directory", hint="choose another OUT")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise LadError(f"output directory {out} is not empty: pass --overwrite to replace it, "
-                           f"or choose another OUT")
+            raise LadError(f"output directory {out} is not empty",
+                           hint="pass --overwrite to replace it, or choose another OUT")
         if not (out / MANIFEST).is_file():
             raise LadError(f"{out} is not empty and holds no {MANIFEST}, so it is not a toy dataset made by lad: "
-                           f"refusing to delete it; choose another OUT")
+                           f"refusing to delete it", hint="choose another OUT")
 
 
 def _commit(tmp: Path, out: Path) -> None:

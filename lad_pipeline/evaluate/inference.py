@@ -21,7 +21,8 @@ def eval_dataset(config: Config, ann: Optional[str] = None, images: Optional[str
     ann = ann or config.data.val_ann
     images = images or config.data.val_images
     if not ann or not images:
-        raise LadError("no evaluation data: pass --ann and --images (or set data.val_ann and data.val_images)")
+        raise LadError("no evaluation data: data.val_ann and data.val_images are not set",
+                       hint="pass --ann and --images")
     if not Path(images).is_dir():
         raise LadError(f"image directory {images} not found")
     return CocoViews(ann, images, scales=config.data.scales[:1], flip_prob=0.0, train=False,

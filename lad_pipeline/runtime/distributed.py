@@ -44,16 +44,16 @@ def resolve_device(spec: str | None, local_rank: int = 0, local_world: int = 1) 
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise LadError(f"device {spec} was asked for but PyTorch sees no CUDA GPU: use --device cpu "
-                       f"(or check CUDA_VISIBLE_DEVICES and the driver)")
+        raise LadError(f"device {spec} was asked for but PyTorch sees no CUDA GPU",
+                       hint="use --device cpu (or check CUDA_VISIBLE_DEVICES and the driver)")
     count = torch.cuda.device_count()
     if local_world > 1:  # torchrun: one GPU per process, by LOCAL_RANK
         if device.index is not None:
-            raise LadError(f"device {spec} names one GPU but torchrun starts {local_world} processes on this host: "
-                           f"use --device cuda (each process takes the GPU of its LOCAL_RANK)")
+            raise LadError(f"device {spec} names one GPU but torchrun starts {local_world} processes on this host",
+                           hint="use --device cuda (each process takes the GPU of its LOCAL_RANK)")
         if local_world > count:
-            raise LadError(f"torchrun starts {local_world} processes on this host but it has {count} visible "
-                           f"GPU(s): use --nproc_per_node {count} (one process per GPU), or --device cpu")
+            raise LadError(f"torchrun starts {local_world} processes on this host but it has {count} visible GPU(s)",
+                           hint=f"use --nproc_per_node {count} (one process per GPU), or --device cpu")
         return torch.device("cuda", local_rank)
     index = 0 if device.index is None else device.index
     if index >= count:

@@ -10,16 +10,16 @@ we differ from the authors' code.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..assign import colad_assign
 from ..config import AssignConfig, LossConfig
 from ..errors import LadError
-from ..losses import lad_loss
 from ..models import PAADetector
 from ..models.anchors import AnchorLayout
 from ..types import HeadOutputs
 from .label_sources import Labels, LabelSource, StepInputs, detached
+from .objectives import CoLADLoss, LADLoss
 
 PEER = "colad"  # the peer's name in checkpoints and StepInputs.peer_outs
 
@@ -35,6 +35,7 @@ class CoLearning(LabelSource):
                            f"{', '.join(differs)}")
         self.network2 = network2
         self.config = assign
+        self.objective = CoLADLoss(LADLoss(anchors, loss), LADLoss(network2.anchors, loss))
 
     def peers(self) -> dict[str, nn.Module]:
         return {PEER: self.network2}
@@ -46,13 +47,3 @@ class CoLearning(LabelSource):
                                           loss=self.loss_config)
         return Labels(assignments, batch.targets, peer=outs2,
                       stats={"t_ratio": (float(stats.t_won), float(stats.t_total))})
-
-    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        """The LAD losses of both networks on the shared assignment; their plain sum is minimised."""
-        if labels.peer is None:
-            raise ValueError("CoLAD's loss needs network 2's outputs (Labels.peer)")
-        losses = lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
-        # network 2's own layout: its head may differ (the recipe's network 2 is COP, class probabilities)
-        peer = lad_loss(labels.peer, labels.assignments, labels.targets, anchors=self.network2.anchors,
-                        config=self.loss_config)
-        return {**losses, **{f"{name}_t": value for name, value in peer.items()}}

@@ -1,11 +1,13 @@
-"""Where the labels of a training view come from, and the loss that trains on them. One loop, three sources.
+"""Where the labels of a training view come from. One loop, three sources.
 
 * ``SelfAssign``: plain PAA, the model assigns its own labels (mmdetection's ``PAAHead`` loss).
 * ``OnlineTeacher``: mmdetection's LAD, a frozen teacher assigns them every step (``LADHead`` loss).
 * ``CachedLabels``: the teacher's assignment read back from a label cache; with a fallback, views the
   cache does not hold go to the online teacher.
 
-SoLAD and KD (soft labels) are the teacher sources with the KD losses added: ``soft_labels.py``.
+SoLAD and KD (soft labels) are the teacher sources that also give the teacher's soft targets:
+``soft_labels.py``; CoLAD's two networks label for each other: ``colearning.py``. Each source carries the loss
+that trains on its labels as its ``objective`` (``objectives.py``), the second axis, kept apart from the first.
 
 A source returns ``Labels``: the assignments on the batch grid of the student's outputs, the targets they
 index, how many views came from a cache (hits) or from an online teacher (misses), and what else its loss
@@ -28,11 +30,11 @@ from ..config import AssignConfig, LossConfig
 from ..data import Batch
 from ..errors import LadError
 from ..kd import KDTargets
-from ..losses import lad_loss, paa_loss
 from ..models import PAADetector
 from ..models.anchors import AnchorLayout
 from ..teacher import teacher_outputs
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
+from .objectives import LADLoss, Objective, PAALoss
 
 log = logging.getLogger("lad")
 T = TypeVar("T")
@@ -144,15 +146,17 @@ class Labels(NamedTuple):
 
 
 class LabelSource:
-    """Gives the labels of each batch and the loss that trains the student on them.
+    """Gives the labels of each batch (``labels``), and its ``objective``, the loss that trains the student on
+    them (by default mmdetection's LADHead loss: labels from a teacher).
 
-    ``anchors`` is the student's layout (``AnchorLayout.from_config(config.model)``): labels are made on it
-    and the loss decodes the student's boxes with it.
+    ``anchors`` is the student's layout (``model.anchors``): labels are made on it and the loss decodes the
+    student's boxes with it.
     """
 
     def __init__(self, loss: LossConfig, anchors: AnchorLayout) -> None:
         self.loss_config = loss
         self.anchors = anchors
+        self.objective: Objective = LADLoss(anchors, loss)
 
     def peers(self) -> dict[str, nn.Module]:
         """Networks trained together with the student (CoLAD's network 2): the loop optimises, wraps in DDP
@@ -168,8 +172,8 @@ class LabelSource:
         raise NotImplementedError
 
     def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        """mmdetection's LADHead loss: the labels come from a teacher."""
-        return lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
+        """The named loss terms of ``self.objective``."""
+        return self.objective(outs, labels)
 
 
 class SelfAssign(LabelSource):
@@ -178,15 +182,12 @@ class SelfAssign(LabelSource):
     def __init__(self, assign: AssignConfig, loss: LossConfig, anchors: AnchorLayout) -> None:
         super().__init__(loss, anchors)
         self.config = assign
+        self.objective = PAALoss(anchors, loss)
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         assignments = paa_assign(detached(outs), batch.targets, batch.pad_shapes, anchors=self.anchors,
                                  config=self.config, loss=self.loss_config)
         return Labels(assignments, batch.targets)
-
-    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        """mmdetection's PAAHead loss (IoU-weighted box term)."""
-        return paa_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.loss_config)
 
 
 class OnlineTeacher(LabelSource):
@@ -345,8 +346,9 @@ class CachedLabels(LabelSource):
     def online(self, first_miss: ViewKey) -> OnlineTeacher:
         """The fallback teacher, loaded at the first miss; LadError naming the view when there is none."""
         if self.fallback_factory is None:
-            raise LadError(f"view {first_miss} is not in the label cache and the online fallback is off "
-                           f"(--no-fallback, or no --teacher given): cache it with the right --variants/--scales")
+            raise LadError(f"view {first_miss} is not in the label cache and there is no online fallback teacher",
+                           hint="cache it with the right --variants/--scales, or give --teacher (without "
+                                "--no-fallback) to label misses online")
         if self.fallback is None:
             log.info("first cache miss (%s): loading the teacher for online fallback", first_miss)
             self.fallback = self.fallback_factory()

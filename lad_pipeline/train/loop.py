@@ -244,8 +244,8 @@ class Trainer:
         data = self.config.data
         if not batch.images:  # every view of the batch was an unreadable image (data.skip_bad_images)
             if self.world > 1:
-                raise LadError(f"iteration {self.iteration + 1}: every image of this rank's batch was unreadable; "
-                               f"remove the bad images (lad cache-info / the warnings name them)")
+                raise LadError(f"iteration {self.iteration + 1}: every image of this rank's batch was unreadable",
+                               hint="remove the bad images (the warnings above name them)")
             log.warning("iteration %d: no readable image in the batch, step skipped", self.iteration + 1)
             return {"loss": float("nan"), "lr": 0.0, "num_pos": 0}
         images, pad_shapes = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, self.device)

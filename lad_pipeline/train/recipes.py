@@ -37,7 +37,7 @@ def with_train_data(config: Config, ann: Optional[str], images: Optional[str]) -
     ann = ann or config.data.ann
     images = images or config.data.images
     if not ann or not images:
-        raise LadError("no training data: pass --ann and --images (or set data.ann and data.images)")
+        raise LadError("no training data: data.ann and data.images are not set", hint="pass --ann and --images")
     return resolve_paths(replace(config, data=replace(config.data, ann=ann, images=images)))
 
 
@@ -54,8 +54,8 @@ def train_dataset(config: Config) -> CocoViews:
 def needs_no_teacher(config: Config, command: str) -> None:
     """Refuse a ``[distill]`` method other than LAD in a command that has no teacher to distil from."""
     if config.distill.method != "lad":
-        raise LadError(f"config key distill.method = {config.distill.method} distils a teacher: lad {command} "
-                       f"does not use one; train with lad train-student --teacher/--cache")
+        raise LadError(f"config key distill.method = {config.distill.method} distils a teacher, and {command} "
+                       f"trains without one", hint="train with lad train-student --teacher/--cache")
 
 
 def train_teacher(config: Config, out: str, *, ann: Optional[str] = None, images: Optional[str] = None,
@@ -111,8 +111,9 @@ def check_fallback_mode(cache: LabelCache, device: torch.device, precision: str)
     made = cache.attrs.get("teacher_precision")
     if made is not None and made != precision:
         raise LadError(f"label cache {cache.path} was made by a teacher in {made} (teacher_precision) but the "
-                       f"online fallback teacher would run in {precision}: set teacher.precision = \"{made}\" "
-                       f"(a GPU is needed for tf32 and fp16), or train with --no-fallback")
+                       f"online fallback teacher would run in {precision}",
+                       hint=f"set teacher.precision = \"{made}\" (a GPU is needed for tf32 and fp16), or train with "
+                            f"--no-fallback")
     device_type = cache.attrs.get("teacher_device")
     if device_type is not None and device_type != device.type:
         log.warning("label cache %s was made by a teacher on %s (teacher_device), the online fallback teacher runs "

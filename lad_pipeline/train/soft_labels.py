@@ -1,5 +1,6 @@
 """SoLAD and soft-label KD as label sources: the teacher's soft outputs become KD targets next to its
-assignment, and the loss adds the KD terms (``lad_pipeline/kd.py``; docs/solad.md).
+assignment (``Labels.kd``), and the objective adds the KD terms (``objectives.DistillLoss``,
+``lad_pipeline/kd.py``; docs/solad.md).
 
 * ``SoftOnlineTeacher`` (``--teacher`` without ``--cache``): one teacher forward per view gives both the
   assignment and the exact dense KD targets (``kd_targets_dense``).
@@ -14,44 +15,18 @@ Targets always lie on the student's batch grid, each view on its own padded grid
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Callable, Mapping, Optional
-
-from torch import Tensor
 
 from ..cache import LabelCache
 from ..config import AssignConfig, DistillConfig, LossConfig
 from ..errors import LadError
-from ..kd import kd_loss, kd_targets_dense
+from ..kd import kd_targets_dense
 from ..models import PAADetector
 from ..models.anchors import AnchorLayout
 from ..soft_record import SoftRecord, encode_soft, rebuild_soft
 from ..types import HeadOutputs
 from .label_sources import CachedLabels, Labels, OnlineTeacher, StepInputs, filled, grid_sizes
-
-
-class DistillMethod(Enum):
-    """``distill.method``: what the student learns from its teacher. The config holds the name; this is the one
-    place it is read."""
-
-    LAD = "lad"  # the teacher's assignment, the LAD losses
-    SOLAD = "solad"  # the LAD losses and the KD losses on the teacher's soft outputs
-    KD = "kd"  # the KD losses alone: no assignment is made
-
-    @classmethod
-    def of(cls, distill: DistillConfig) -> "DistillMethod":
-        return cls(distill.method)
-
-    @property
-    def soft(self) -> bool:
-        """Trains on the teacher's soft outputs (the KD losses)."""
-        return self is not DistillMethod.LAD
-
-    @property
-    def hard(self) -> bool:
-        """Trains on the teacher's assignment (the LAD losses)."""
-        return self is not DistillMethod.KD
-
+from .objectives import DistillLoss, DistillMethod, LADLoss
 
 SOFT_METHODS = tuple(m.value for m in DistillMethod if m.soft)
 
@@ -64,32 +39,18 @@ def soft_method(distill: DistillConfig) -> DistillMethod:
     return method
 
 
-def distill_loss(method: DistillMethod, distill: DistillConfig, outs: HeadOutputs, labels: Labels,
-                 hard_loss: Callable[[HeadOutputs, Labels], dict[str, Tensor]],
-                 anchors: AnchorLayout = AnchorLayout()) -> dict[str, Tensor]:
-    """``solad``: ``hard_loss`` (the LAD losses) and the KD losses; ``kd``: the KD losses alone.
-    ``anchors``: the student's layout (how its class outputs read)."""
-    if labels.kd is None:
-        raise ValueError("soft-label losses need the KD targets (Labels.kd)")
-    losses = dict(hard_loss(outs, labels)) if method.hard else {}
-    losses.update(kd_loss(outs, labels.kd, cls_weight=distill.cls_weight, iou_weight=distill.iou_weight,
-                          bbox_weight=distill.bbox_weight, gamma=distill.gamma, min_iou=distill.min_iou,
-                          anchors=anchors))
-    return losses
-
-
 def refuse_cls_on_padding(distill: DistillConfig, *, on_batch_tensor: bool) -> None:
     """``distill.cls_on_padding`` needs the teacher's outputs on the batch tensor (``on_batch_tensor``)."""
     if distill.cls_on_padding and not on_batch_tensor:
-        raise LadError("config key distill.cls_on_padding = true needs the online teacher on the batch tensor: "
-                       "train.teacher_batch_padding = true and no --cache (a label cache holds each view on its own "
-                       "grid)")
+        raise LadError("config key distill.cls_on_padding = true needs the online teacher on the batch tensor "
+                       "(train.teacher_batch_padding = true), and a label cache holds each view on its own grid",
+                       hint="train with --teacher and no --cache")
 
 
 def no_soft_labels(cache: str, method: DistillMethod) -> LadError:
     """The refusal of a hard-only label cache for a soft-label method."""
-    return LadError(f"label cache {cache} has no soft labels, which distill.method = {method.value} needs: "
-                    f"rebuild it with lad cache-labels --soft (or train with --teacher and no --cache)")
+    return LadError(f"label cache {cache} has no soft labels, which distill.method = {method.value} needs",
+                    hint="rebuild it with lad cache-labels --soft (or train with --teacher and no --cache)")
 
 
 def check_soft_setup(distill: DistillConfig, *, cache: Optional[str], cache_attrs: Optional[Mapping[str, Any]],
@@ -107,8 +68,8 @@ def check_soft_setup(distill: DistillConfig, *, cache: Optional[str], cache_attr
         raise no_soft_labels(cache, method)
     if float(soft["min_iou"]) > distill.min_iou:
         raise LadError(f"label cache {cache}: soft.min_iou is {soft['min_iou']} but distill.min_iou is "
-                       f"{distill.min_iou}: its records lack the box-KD anchors in between; rebuild it with "
-                       f"lad cache-labels --soft at a min_iou of at most {distill.min_iou}")
+                       f"{distill.min_iou}: its records lack the box-KD anchors in between",
+                       hint=f"rebuild it with lad cache-labels --soft at a min_iou of at most {distill.min_iou}")
 
 
 def check_kd_heads(distill: DistillConfig, *layouts: AnchorLayout) -> None:
@@ -131,6 +92,7 @@ class SoftOnlineTeacher(OnlineTeacher):
         refuse_cls_on_padding(distill, on_batch_tensor=batch_padding)
         check_kd_heads(distill, anchors, teacher.anchors)
         self.distill = distill
+        self.objective = DistillLoss(self.method, distill, LADLoss(anchors, loss))
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         if len(batch.view_sizes) != len(batch.keys):
@@ -141,9 +103,6 @@ class SoftOnlineTeacher(OnlineTeacher):
                               min_iou=self.distill.min_iou, pad_shapes=batch.pad_shapes,
                               cls_on_padding=self.distill.cls_on_padding)
         return Labels(run.assignments, batch.targets, misses=len(batch.keys), kd=kd)
-
-    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.method, self.distill, outs, labels, super().loss, self.anchors)
 
 
 class SoftCachedLabels(CachedLabels):
@@ -162,6 +121,7 @@ class SoftCachedLabels(CachedLabels):
             raise no_soft_labels(str(cache.path), self.method)
         check_kd_heads(distill, anchors)
         self.distill = distill
+        self.objective = DistillLoss(self.method, distill, LADLoss(anchors, loss))
         self.knobs = cache.soft_knobs  # a miss is encoded as the store's views were
         self.record_min_iou = self.knobs.min_iou
 
@@ -173,8 +133,8 @@ class SoftCachedLabels(CachedLabels):
         view_sizes: list[Optional[tuple[int, int]]] = []  # the size each view was encoded at
         for i, view in enumerate(found.views):
             if view is not None and view.soft is None:
-                raise LadError(f"label cache {self.cache.path}: view {batch.keys[i]} has no soft record; rebuild "
-                               f"the cache with lad cache-labels --soft")
+                raise LadError(f"label cache {self.cache.path}: view {batch.keys[i]} has no soft record",
+                               hint="rebuild the cache with lad cache-labels --soft")
             records.append(None if view is None else view.soft)
             view_sizes.append(None if view is None else view.view_size)
         missing = found.missing
@@ -196,6 +156,3 @@ class SoftCachedLabels(CachedLabels):
                           device=batch.images.device)
         assignments = filled(found.assignments, "assignment") if solad else []
         return Labels(assignments, found.targets, hits=len(batch.keys) - len(missing), misses=len(missing), kd=kd)
-
-    def loss(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return distill_loss(self.method, self.distill, outs, labels, super().loss, self.anchors)
