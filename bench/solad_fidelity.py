@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the golden weight recipe
 
 from common import write_result  # noqa: E402
 
+import golden_data  # noqa: E402
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, kd_loss, kd_targets_dense  # noqa: E402
 from lad_pipeline.models.anchors import AnchorLayout  # noqa: E402
 from lad_pipeline.soft_record import SoftKnobs, encode_soft, rebuild_soft  # noqa: E402
@@ -202,29 +203,22 @@ def summarise(rows: list[dict], title: str) -> None:
 
 def golden_views(cls_shift: float) -> tuple[list[View], AnchorLayout]:
     """The three golden views, each on its own grid, recipe R-50 teacher (shifted) and small student."""
-    with np.load(REPO / "tests" / "golden" / "forward_outputs.npz") as z:
-        def outs(prefix):
-            return HeadOutputs(*[[torch.from_numpy(z[f"{prefix}_{n}_l{l}"]) for l in range(5)]
-                                 for n in ("cls_score", "bbox_pred", "iou_pred")])
-        from lad_pipeline.types import Targets
+    z = golden_data.load_npz("forward_outputs.npz")
+    teacher, student = golden_data.head_outputs(z, "r50"), golden_data.head_outputs(z, "small")
+    teacher = teacher._replace(cls=[c + cls_shift for c in teacher.cls])
+    anchors = AnchorLayout()
+    views = []
+    for i, (target, shape, pad) in enumerate(zip(golden_data.targets(z), golden_data.img_shapes(z),
+                                                 golden_data.pad_shapes(z))):
+        own = anchors.feature_sizes(pad)
 
-        off = z["gt_offsets"]
-        teacher, student = outs("r50"), outs("small")
-        teacher = teacher._replace(cls=[c + cls_shift for c in teacher.cls])
-        anchors = AnchorLayout()
-        views = []
-        for i, (a, b) in enumerate(zip(off[:-1], off[1:])):
-            pad = tuple(z["pad_shape"][i].tolist())
-            own = anchors.feature_sizes(pad)
+        def crop(o: HeadOutputs) -> HeadOutputs:
+            return HeadOutputs(*[[t[i:i + 1, :, :h, :w] for t, (h, w) in zip(ts, own)] for ts in o])
 
-            def crop(o: HeadOutputs) -> HeadOutputs:
-                return HeadOutputs(*[[t[i:i + 1, :, :h, :w] for t, (h, w) in zip(ts, own)] for ts in o])
-
-            t = crop(teacher)
-            views.append(View(f"golden {i}", t, {"random-init": crop(student), "noise 1": noisy(t, 1.0, i)},
-                              Targets(torch.from_numpy(z["gt_bboxes"][a:b]), torch.from_numpy(z["gt_labels"][a:b])),
-                              tuple(z["img_shape"][i].tolist()), pad))
-        return views, anchors
+        t = crop(teacher)
+        views.append(View(f"golden {i}", t, {"random-init": crop(student), "noise 1": noisy(t, 1.0, i)},
+                          target, shape, pad))
+    return views, anchors
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from golden_data import load_npz
+
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def _shared_path(env: str, default: str) -> Path:
@@ -32,8 +33,7 @@ def coco128() -> Path:
 
 @pytest.fixture(scope="session")
 def golden_forward() -> dict:
-    with np.load(GOLDEN / "forward_outputs.npz") as f:
-        return {k: f[k] for k in f.files}
+    return load_npz("forward_outputs.npz")
 
 
 GOLDEN_TRAIN_SHAPES = [(160, 224), (192, 160), (128, 192)]

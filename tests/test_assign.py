@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN
+from golden_data import head_outputs, load_npz, pad_shapes
+from golden_data import targets as golden_targets
 from lad_pipeline.assign import max_iou_assign, paa_assign
 from lad_pipeline.assign.paa import _select_topk
 from lad_pipeline.boxes import box_iou
@@ -16,29 +17,9 @@ NUM_CLASSES = 80
 ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens
 
 
-def golden_outputs(forward: dict, model: str) -> HeadOutputs:
-    names = ("cls_score", "bbox_pred", "iou_pred")
-    return HeadOutputs(*[[torch.from_numpy(forward[f"{model}_{n}_l{l}"]) for l in range(5)] for n in names])
-
-
-def golden_targets(forward: dict) -> list[Targets]:
-    off = forward["gt_offsets"]
-    return [Targets(torch.from_numpy(forward["gt_bboxes"][off[i]:off[i + 1]]),
-                    torch.from_numpy(forward["gt_labels"][off[i]:off[i + 1]])) for i in range(len(off) - 1)]
-
-
-def golden_pads(forward: dict) -> list[tuple[int, int]]:
-    return [(int(h), int(w)) for h, w in forward["pad_shape"]]
-
-
-def load(name: str) -> dict:
-    with np.load(GOLDEN / name) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def batch(golden_forward):
-    return golden_targets(golden_forward), golden_pads(golden_forward)
+    return golden_targets(golden_forward), pad_shapes(golden_forward)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +34,7 @@ def grid(golden_forward):
 def test_pre_assignment_matches_mmdetection(batch, grid):
     targets, pads = batch
     sizes, anchors = grid
-    ref = load("assign_r50.npz")
+    ref = load_npz("assign_r50.npz")
     for i, (t, pad) in enumerate(zip(targets, pads)):
         valid = ANCHORS.valid_flags(sizes, pad)
         assert np.array_equal(valid.numpy(), ref["valid_flags"][i])
@@ -125,8 +106,8 @@ def box_iou_of(anchors, regions):
 @pytest.mark.parametrize("model", ["r50", "small"])
 def test_paa_assign_matches_mmdetection(golden_forward, batch, model, gmm):
     targets, pads = batch
-    ref = load(f"assign_{model}.npz")
-    out = paa_assign(golden_outputs(golden_forward, model), targets, pads, config=AssignConfig(gmm=gmm))
+    ref = load_npz(f"assign_{model}.npz")
+    out = paa_assign(head_outputs(golden_forward, model), targets, pads, config=AssignConfig(gmm=gmm))
     gt_index = torch.stack([a.gt_index for a in out]).numpy()
     labels = np.full(gt_index.shape, NUM_CLASSES)
     for i, t in enumerate(targets):
@@ -157,14 +138,14 @@ def test_paa_assign_matches_mmdetection(golden_forward, batch, model, gmm):
 def test_lowest_score_is_not_always_positive(golden_forward, batch):
     """README detail 6: image 0, GT 4: the lowest loss falls in component 1 and is dropped."""
     targets, pads = batch
-    a = paa_assign(golden_outputs(golden_forward, "r50"), targets, pads)[0]
+    a = paa_assign(head_outputs(golden_forward, "r50"), targets, pads)[0]
     mine = a.cand_gt == 4
     assert not bool(a.cand_pos[mine][0]) and int(a.cand_pos[mine].sum()) == 10
 
 
 def test_assignment_types(golden_forward, batch):
     targets, pads = batch
-    out = paa_assign(golden_outputs(golden_forward, "r50"), targets, pads)
+    out = paa_assign(head_outputs(golden_forward, "r50"), targets, pads)
     assert len(out) == 3
     for a in out:
         assert a.gt_index.dtype == torch.int64 and a.gt_index.shape == (898,)
@@ -178,7 +159,7 @@ def test_assignment_types(golden_forward, batch):
 def test_same_positives_alone_and_inside_a_batch(golden_forward, batch):
     """Image 1 on its own padded grid gives the same labels as inside the wider batch."""
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "r50")
+    outs = head_outputs(golden_forward, "r50")
     in_batch = paa_assign(outs, targets, pads)[1]
     own = ANCHORS.feature_sizes(pads[1])
     alone_outs = HeadOutputs(*[[t[1:2, :, :h, :w] for t, (h, w) in zip(level, own)] for level in outs])
@@ -194,7 +175,7 @@ def test_same_positives_alone_and_inside_a_batch(golden_forward, batch):
 
 def test_image_without_gts(golden_forward, batch):
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "small")
+    outs = head_outputs(golden_forward, "small")
     empty = Targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
     out = paa_assign(outs, [empty] * 3, pads)
     for a, pad in zip(out, pads):
@@ -205,7 +186,7 @@ def test_image_without_gts(golden_forward, batch):
 
 def test_degenerate_boxes_get_nothing_and_change_nothing(golden_forward, batch):
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "r50")
+    outs = head_outputs(golden_forward, "r50")
     bad = torch.tensor([[50.0, 50, 50, 80],      # zero width
                         [60.0, 60, 40, 90],      # inverted
                         [170.0, 30, 190, 60],    # right of image 1 (pad 192x160)
@@ -227,7 +208,7 @@ def test_degenerate_boxes_get_nothing_and_change_nothing(golden_forward, batch):
 
 
 def test_gt_with_one_candidate_gets_no_positive(golden_forward):
-    outs = golden_outputs(golden_forward, "r50")
+    outs = head_outputs(golden_forward, "r50")
     outs = HeadOutputs(*[[t[:1] for t in level] for level in outs])
     box = torch.tensor([[32.0, 32, 96, 96]])  # exactly the level-0 anchor at (64, 64): its only IoU >= 0.99
     target = Targets(box, torch.tensor([3]))
@@ -257,7 +238,7 @@ def test_topk_ties_are_broken_by_anchor_index():
 
 def test_nan_or_inf_outputs_name_the_image(golden_forward, batch):
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "small")
+    outs = head_outputs(golden_forward, "small")
     bad = HeadOutputs(outs.cls, [t.clone() for t in outs.reg], outs.iou)
     bad.reg[2][2, 1, 0, 0] = float("nan")
     with pytest.raises(LadError, match=r"image 2 .*NaN or inf \(regression\)"):
@@ -270,7 +251,7 @@ def test_nan_or_inf_outputs_name_the_image(golden_forward, batch):
 
 def test_huge_outputs(golden_forward, batch):
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "r50")
+    outs = head_outputs(golden_forward, "r50")
     # large but sane: logits x 50 -> PAA scores in the hundreds; still a valid assignment
     big = HeadOutputs([t * 50 for t in outs.cls], outs.reg, outs.iou)
     out = paa_assign(big, targets, pads)
@@ -293,7 +274,7 @@ def test_huge_outputs(golden_forward, batch):
 
 def test_bad_arguments(golden_forward, batch):
     targets, pads = batch
-    outs = golden_outputs(golden_forward, "small")
+    outs = head_outputs(golden_forward, "small")
     with pytest.raises(LadError, match="assign.gmm"):
         paa_assign(outs, targets, pads, config=AssignConfig(gmm="cuda"))
     with pytest.raises(ValueError, match="3 images"):

@@ -5,7 +5,8 @@ import pickle
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO
+from conftest import REPO
+from golden_data import GOLDEN
 from lad_pipeline.checkpoint import (
     Checkpoint,
     load_checkpoint,

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_assign import golden_outputs, golden_pads, golden_targets
 
+from golden_data import head_outputs, pad_shapes
+from golden_data import targets as golden_targets
 from lad_pipeline.assign import colad_assign, paa_assign
 from lad_pipeline.assign.colad import choose_losses, colad_reassign
 from lad_pipeline.assign.paa import Candidates, find_candidates, score_candidates
@@ -174,8 +175,8 @@ def test_matches_per_gt_loop_on_random_losses(seed):
 
 @pytest.fixture(scope="module")
 def golden(golden_forward):
-    return (golden_targets(golden_forward), golden_pads(golden_forward),
-            golden_outputs(golden_forward, "r50"), golden_outputs(golden_forward, "small"))
+    return (golden_targets(golden_forward), pad_shapes(golden_forward),
+            head_outputs(golden_forward, "r50"), head_outputs(golden_forward, "small"))
 
 
 def random_targets(pads, seed, per_image=12):

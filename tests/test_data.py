@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from golden_data import GOLDEN
 from lad_pipeline.data import (
     Batch,
     CocoViews,
@@ -26,8 +27,6 @@ from lad_pipeline.data import (
 )
 from lad_pipeline.errors import LadError
 from lad_pipeline.types import ViewKey
-
-GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 # -- a small synthetic COCO dataset (shared with test_data_errors.py) -----------------------------

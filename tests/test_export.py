@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, golden_batch
+from conftest import REPO, golden_batch
+from golden_data import GOLDEN
 from mmdet_recipe import INFER_CLS_BIAS, PRIOR_BIAS, SEED_R50, SEED_SMALL, load_manifest, recipe_state_dict
 from toy_world import assert_one_line_error, lad, save_teacher, tiny_config
 

@@ -8,7 +8,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from lad_pipeline.assign.gmm import fit_gmm, fit_gmm_sklearn, split_positives
 
 EPS = np.finfo(np.float64).eps

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN
+from golden_data import head_outputs, img_shapes, load_npz, pad_shapes
+from golden_data import targets as golden_targets
 from lad_pipeline.kd import KD_SETTINGS, SOLAD_SETTINGS, focal_kl, kd_loss, kd_targets_dense
 from lad_pipeline.models.anchors import AnchorLayout
 from lad_pipeline.soft_record import SoftKnobs, SoftRecord, encode_soft, rebuild_soft
@@ -233,17 +234,10 @@ def test_settings_of_the_authors_configs():
 
 def golden_views(shift: float = INFER_CLS_SHIFT):
     """The golden batch: teacher R-50 (class logits shifted), student the small detector, 3 views, batch grid."""
-    with np.load(GOLDEN / "forward_outputs.npz") as z:
-        def outs(prefix):
-            return HeadOutputs(*[[torch.from_numpy(z[f"{prefix}_{n}_l{l}"]) for l in range(5)]
-                                 for n in ("cls_score", "bbox_pred", "iou_pred")])
-        off = z["gt_offsets"]
-        targets = [Targets(torch.from_numpy(z["gt_bboxes"][a:b]), torch.from_numpy(z["gt_labels"][a:b]))
-                   for a, b in zip(off[:-1], off[1:])]
-        teacher = outs("r50")
-        teacher = teacher._replace(cls=[c + shift for c in teacher.cls])
-        return (teacher, outs("small"), targets, [tuple(s) for s in z["img_shape"].tolist()],
-                [tuple(s) for s in z["pad_shape"].tolist()])
+    z = load_npz("forward_outputs.npz")
+    teacher = head_outputs(z, "r50")
+    teacher = teacher._replace(cls=[c + shift for c in teacher.cls])
+    return teacher, head_outputs(z, "small"), golden_targets(z), img_shapes(z), pad_shapes(z)
 
 
 def encode_all(teacher, targets, shapes, pads, min_iou, **knobs):

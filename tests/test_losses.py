@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from conftest import GOLDEN
+from golden_data import head_outputs, load_npz, pad_shapes
+from golden_data import targets as golden_targets
 from lad_pipeline.assign import paa_assign
 from lad_pipeline.boxes import aligned_iou, decode
 from lad_pipeline.losses import flatten_levels, focal_loss_terms, lad_loss, paa_loss
@@ -17,32 +18,15 @@ EPS32 = 1.1920929e-07
 ANCHORS = AnchorLayout()  # mmdetection's PAA layout, that of the goldens
 
 
-def golden(forward: dict, model: str) -> HeadOutputs:
-    names = ("cls_score", "bbox_pred", "iou_pred")
-    return HeadOutputs(*[[torch.from_numpy(forward[f"{model}_{n}_l{l}"]) for l in range(5)] for n in names])
-
-
-def golden_batch(forward: dict) -> tuple[list[Targets], list[tuple[int, int]]]:
-    off = forward["gt_offsets"]
-    targets = [Targets(torch.from_numpy(forward["gt_bboxes"][off[i]:off[i + 1]]),
-                       torch.from_numpy(forward["gt_labels"][off[i]:off[i + 1]])) for i in range(3)]
-    return targets, [(int(h), int(w)) for h, w in forward["pad_shape"]]
-
-
-def load(name: str) -> dict:
-    with np.load(GOLDEN / name) as f:
-        return {k: f[k] for k in f.files}
-
-
 def assert_rel(ours: torch.Tensor, ref: float, rel: float = 1e-5) -> None:
     assert ours.dim() == 0 and abs(float(ours) / float(ref) - 1) <= rel, (float(ours), float(ref))
 
 
 @pytest.mark.parametrize("model", ["r50", "small"])
 def test_paa_loss_matches_mmdetection(golden_forward, model):
-    targets, pads = golden_batch(golden_forward)
-    outs = golden(golden_forward, model)
-    ref = load(f"assign_{model}.npz")
+    targets, pads = golden_targets(golden_forward), pad_shapes(golden_forward)
+    outs = head_outputs(golden_forward, model)
+    ref = load_npz(f"assign_{model}.npz")
     losses = paa_loss(outs, paa_assign(outs, targets, pads), targets)
     assert set(losses) == {"loss_cls", "loss_bbox", "loss_iou"}
     for name, value in losses.items():
@@ -51,17 +35,17 @@ def test_paa_loss_matches_mmdetection(golden_forward, model):
 
 def test_lad_loss_matches_mmdetection(golden_forward):
     """Student = small model, labels from the teacher = R-50 (mmdetection's LAD with LADHead)."""
-    targets, pads = golden_batch(golden_forward)
-    teacher = paa_assign(golden(golden_forward, "r50"), targets, pads)
-    ref = load("assign_lad.npz")
+    targets, pads = golden_targets(golden_forward), pad_shapes(golden_forward)
+    teacher = paa_assign(head_outputs(golden_forward, "r50"), targets, pads)
+    ref = load_npz("assign_lad.npz")
     gt_index = torch.stack([a.gt_index for a in teacher])
     assert np.array_equal((gt_index >= 0).reshape(-1).nonzero().squeeze(1).numpy(), ref["pos_inds_flatten"])
     assert np.array_equal((gt_index != IGNORED).numpy(), ref["label_weights"])
-    losses = lad_loss(golden(golden_forward, "small"), teacher, targets)
+    losses = lad_loss(head_outputs(golden_forward, "small"), teacher, targets)
     for name, value in losses.items():
         assert_rel(value, ref[f"student_{name}"])
     # PAA and LAD differ only in how the GIoU loss is averaged
-    paa = paa_loss(golden(golden_forward, "small"), teacher, targets)
+    paa = paa_loss(head_outputs(golden_forward, "small"), teacher, targets)
     assert torch.equal(paa["loss_cls"], losses["loss_cls"]) and torch.equal(paa["loss_iou"], losses["loss_iou"])
     assert not torch.equal(paa["loss_bbox"], losses["loss_bbox"])
 

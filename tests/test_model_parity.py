@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, golden_batch
+from conftest import REPO, golden_batch
+from golden_data import GOLDEN
 from lad_pipeline.checkpoint import load_checkpoint
 from lad_pipeline.config import load_config
 from lad_pipeline.models import build_detector

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN
+from golden_data import GOLDEN
 from lad_pipeline.boxes import box_iou
 from lad_pipeline.config import TestConfig
 from lad_pipeline.models.anchors import AnchorLayout

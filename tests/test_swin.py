@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, golden_batch
+from conftest import REPO, golden_batch
+from golden_data import GOLDEN
 from lad_pipeline.checkpoint import load_checkpoint, load_init_weights
 from lad_pipeline.config import load_config
 from lad_pipeline.errors import LadError

@@ -20,7 +20,7 @@ class FPN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(_bias(m))
+                nn.init.zeros_(conv_bias(m))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
@@ -34,7 +34,7 @@ class FPN(nn.Module):
         return outs
 
 
-def _bias(conv: nn.Conv2d) -> Tensor:
-    """The bias of a convolution built with one (every conv this module initialises)."""
+def conv_bias(conv: nn.Conv2d) -> Tensor:
+    """The bias of a convolution built with one (every conv the neck and the head initialise)."""
     assert conv.bias is not None
     return conv.bias

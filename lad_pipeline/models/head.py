@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..types import HeadOutputs
+from .fpn import conv_bias
 
 
 class ConvGNReLU(nn.Module):
@@ -72,9 +73,9 @@ class PAAHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
-                    nn.init.zeros_(_bias(m))
+                    nn.init.zeros_(conv_bias(m))
         # start every class at the prior probability so the focal loss is stable at step one
-        nn.init.constant_(_bias(self.cls_logits), -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(conv_bias(self.cls_logits), -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: list[Tensor]) -> HeadOutputs:
         cls, reg, iou = [], [], []
@@ -107,9 +108,9 @@ class IOPHead(PAAHead):
         self.obj_threshold = nn.Conv2d(feat_channels, 1, 3, padding=1)  # the source's obj_bias
         for conv in (self.objectness, self.obj_threshold):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(_bias(conv))
+            nn.init.zeros_(conv_bias(conv))
         # the threshold starts near zero, so every class probability passes it at step one
-        nn.init.constant_(_bias(self.obj_threshold), -math.log((1 - objectness_prior) / objectness_prior))
+        nn.init.constant_(conv_bias(self.obj_threshold), -math.log((1 - objectness_prior) / objectness_prior))
 
     def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
         prob = self.cls_logits(cls_feat).float().sigmoid()
@@ -128,7 +129,7 @@ class COPHead(PAAHead):
         self.kernel = kernel
         self.coeff_conv = nn.Conv2d(self.bbox_pred.in_channels, kernel * kernel, 3, padding=1)
         nn.init.normal_(self.coeff_conv.weight, std=0.01)
-        nn.init.zeros_(_bias(self.coeff_conv))
+        nn.init.zeros_(conv_bias(self.coeff_conv))
 
     def class_scores(self, cls_feat: Tensor, reg_feat: Tensor) -> Tensor:
         logits = self.cls_logits(cls_feat)
@@ -140,9 +141,3 @@ class COPHead(PAAHead):
         neighbours = neighbours.permute(0, 2, 1).reshape(n, c, h, w, k2)
         coeffs = self.coeff_conv(reg_feat).permute(0, 2, 3, 1).reshape(n, 1, h, w, k2)
         return (neighbours.sigmoid() * coeffs.sigmoid()).mean(-1)
-
-
-def _bias(conv: nn.Conv2d) -> Tensor:
-    """The bias of a convolution built with one (every conv this module initialises)."""
-    assert conv.bias is not None
-    return conv.bias
