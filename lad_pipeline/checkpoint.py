@@ -236,8 +236,8 @@ class Checkpoint:
     def state_dict(self, network: int = 1) -> dict[str, torch.Tensor]:
         """One network's weights, with our key names."""
         if network not in self.networks:
-            raise LadError(f"checkpoint {self.path} holds {len(self.networks)} network(s); network {network} "
-                           f"needs a checkpoint of lad train-colad")
+            raise LadError(f"checkpoint {self.path} holds {len(self.networks)} network(s), not network {network}",
+                           hint="network 2 needs a checkpoint of lad train-colad")
         if network == 2:
             return dict(self.contents["peers"]["colad"])
         return extract_state_dict(self.contents, self.path)
@@ -260,7 +260,8 @@ class Checkpoint:
         try:
             return config_from_dict(embedded, overrides)
         except LadError as exc:
-            raise LadError(f"checkpoint {self.path}, its embedded config or --set: {exc}") from None
+            raise LadError(f"checkpoint {self.path}, its embedded config or the overrides: {exc.message}",
+                           hint=exc.hint) from None
 
     def teacher_model_config(self, config: "Config | None") -> "ModelConfig":
         """The architecture of the file as a teacher: embedded in our checkpoints, else the given config's
@@ -281,7 +282,11 @@ class Checkpoint:
         ``frozen``: without gradients, as a teacher is."""
         from .models import build_detector
 
-        model = build_detector(model_config)
+        # every weight comes from the file (a strict load), so the model is built without its random
+        # initialisation, which is thrown away anyway and costs seconds for a large backbone (Swin-B)
+        with torch.device("meta"):
+            model = build_detector(model_config)
+        model = model.to_empty(device="cpu")
         self.load_into(model, network=network, require_finite=require_finite)
         model.eval()
         if device is not None:

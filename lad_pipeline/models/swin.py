@@ -183,7 +183,8 @@ class SwinBody(nn.Module):
         """``spec``: a resolved shape (``config.resolved_swin``), every number given."""
         super().__init__()
         self.patch_embed = PatchEmbed(spec.embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()  # stochastic depth grows with depth
+        # stochastic depth grows with depth (on the CPU also while a checkpoint builds the model on "meta")
+        rates = torch.linspace(0, drop_path_rate, sum(spec.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(spec.depths, spec.num_heads)):
             first = sum(spec.depths[:i])
