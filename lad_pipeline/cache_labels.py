@@ -14,17 +14,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
+from .assign import paa_assign
 from .boxes import DELTA_STDS
-from .cache import CacheWriter, LabelCache, ViewGeometry, anchor_attrs, annotation_fingerprint
+from .cache import CacheWriter, LabelCache, ViewGeometry, ViewRecord, anchor_attrs, annotation_fingerprint
 from .checkpoint import Checkpoint
 from .config import Config, ModelConfig
-from .data import CocoViews, make_loader, normalize_and_pad
+from .data import Batch, CocoViews, make_loader, normalize_and_pad
 from .errors import LadError
+from .models import PAADetector
 from .models.anchors import AnchorLayout
 from .runtime import distributed as dist
 from .runtime.progress import Progress
 from .soft_record import SoftKnobs, check_soft_teacher, encode_soft
-from .teacher import resolve_precision, teacher_assign_with_outputs
+from .teacher import resolve_precision, view_outputs
 
 log = logging.getLogger("lad")
 
@@ -37,9 +41,10 @@ def transform_attrs(config: Config) -> dict:
 
 def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: AnchorLayout, teacher: Checkpoint,
                 ann_file: str, variants: Sequence[str], scales: Sequence[Sequence[int]], shard_size: int,
-                soft: Optional[SoftKnobs] = None, device: str = "cpu", precision: str = "fp32") -> dict:
-    """The store's root attributes (docs/cache-format.md); ``device`` (a device type) and ``precision``: how the
-    teacher runs (``TEACHER_MODE_FIELDS``)."""
+                soft: Optional[SoftKnobs] = None, device: str = "cpu", precision: str = "fp32",
+                views_per_forward: int = 1) -> dict:
+    """The store's root attributes (docs/cache-format.md); ``device`` (a device type), ``precision`` and
+    ``views_per_forward``: how the teacher runs (``TEACHER_MODE_FIELDS``)."""
     attrs = {
         "teacher_sha256": teacher.sha256,
         "teacher_checkpoint": os.path.abspath(teacher.path),  # absolute, as every path a cache records
@@ -54,6 +59,7 @@ def cache_attrs(config: Config, teacher_model: ModelConfig, teacher_anchors: Anc
         "shard_size": shard_size,
         "teacher_device": device,
         "teacher_precision": precision,
+        "teacher_views_per_forward": views_per_forward,
     }
     if soft is not None:
         attrs["soft"] = soft.to_attrs()
@@ -99,8 +105,11 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         check_soft_teacher(teacher.anchors)
     keys = dataset.views_for(variants, scales)
     num_shards = -(-len(keys) // shard_size)
+    # teacher.batch_views: the readable views of a shard go to the teacher in groups of train.batch_size, as a
+    # training step's online teacher sees them (groups never cross a shard, so a resumed store labels alike)
+    per_forward = config.train.batch_size if config.teacher.batch_views else 1
     attrs = cache_attrs(config, teacher_cfg, teacher.anchors, checkpoint, ann, variants, scales, shard_size, soft,
-                        dev.type, precision)
+                        dev.type, precision, per_forward)
 
     # rank 0 creates (or checks) the root before any other rank opens it
     writer = None
@@ -119,30 +128,23 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
     workers = config.data.num_workers if num_workers is None else num_workers
     loader = make_loader(dataset, todo_keys, 1, workers, pin_memory=dev.type == "cuda")
     progress = Progress(len(todo_keys) * world, "cache-labels", "views", enabled=rank == 0)
-    data = config.data
     shards = iter(todo)
-    shard_id, records, consumed = next(shards, None), [], 0
+    shard_id, records, pending, consumed = next(shards, None), [], [], 0
     # a shard is packed, compressed and written (fsync included) on a thread of its own while the teacher runs
     # on the next views; one shard at most is in flight, and its error surfaces at the next shard or the end
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lad-shard-writer") as background:
         writing: Optional[Future] = None
         for batch in loader:  # batches of one view, in the order of todo_keys (shard by shard)
             if batch.images:  # an unreadable image skipped by data.skip_bad_images gets no record
-                image, _ = normalize_and_pad(batch.images, data.mean, data.std, data.size_divisor, dev)
-                pad = (int(image.shape[-2]), int(image.shape[-1]))
-                target = batch.targets[0].to(dev)
-                assignment, outs = teacher_assign_with_outputs(teacher, image[0], target, pad, config.assign,
-                                                                 config.loss, precision)
-                record = None
-                if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
-                    record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)
-                geometry = ViewGeometry(tuple(batch.view_sizes[0]), pad, tuple(batch.scale_factors[0]))
-                records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment),
-                                                  soft=record))
+                pending.append(batch)
             consumed += 1
             progress.update(world)
             assert shard_id is not None  # the loader gives the views of todo's shards, no more
-            if consumed == min(shard_size, len(keys) - shard_id * shard_size):
+            shard_done = consumed == min(shard_size, len(keys) - shard_id * shard_size)
+            if pending and (len(pending) == per_forward or shard_done):
+                records += _label_views(pending, teacher, writer, config, soft, dev, precision)
+                pending = []
+            if shard_done:
                 if writing is not None:
                     writing.result()
                 writing = background.submit(writer.write_shard, shard_id, records)
@@ -156,6 +158,29 @@ def cache_labels(config: Config, teacher_ckpt: str, out: str, *, ann: Optional[s
         log.info("label cache %s complete: %d views", out, len(keys))
     dist.barrier()
     return LabelCache.open(out).attrs
+
+
+def _label_views(views: list[Batch], teacher: PAADetector, writer: CacheWriter, config: Config,
+                 soft: Optional[SoftKnobs], device: torch.device, precision: str) -> list[ViewRecord]:
+    """The records of ``views`` (batches of one view each): the teacher's outputs on each view padded on its
+    own (one forward per view, or per padded size with ``teacher.batch_views``), its PAA assignment and,
+    with ``soft``, the soft record made from the same outputs."""
+    data = config.data
+    images, pads = normalize_and_pad([b.images[0] for b in views], data.mean, data.std, data.size_divisor, device)
+    outputs = view_outputs(teacher, images, pads, precision, batch_views=len(views) > 1)
+    records = []
+    for batch, outs, pad in zip(views, outputs, pads):
+        target = batch.targets[0].to(device)
+        assignment = paa_assign(outs, [target], [pad], anchors=teacher.anchors, config=config.assign,
+                                loss=config.loss)[0]
+        record = None
+        if soft is not None:  # the outputs are on the view's own grid (it is padded on its own)
+            record = encode_soft(outs, target, batch.view_sizes[0], anchors=teacher.anchors, knobs=soft)
+        (h, w), (fw, fh) = batch.view_sizes[0], batch.scale_factors[0]
+        geometry = ViewGeometry((int(h), int(w)), pad, (float(fw), float(fh)))
+        records.append(writer.make_record(batch.keys[0], geometry, batch.targets[0], _to_cpu(assignment),
+                                          soft=record))
+    return records
 
 
 def _to_cpu(assignment):

@@ -77,8 +77,9 @@ class TeacherConfig:
     # the online teacher's arithmetic on CUDA (lad_pipeline.teacher.TEACHER_PRECISIONS): "fp32" is exact (TF32
     # off), "tf32" and "fp16" are faster and not bit-exact, "student" follows train.amp (fp16 with it, else fp32)
     precision: str = "fp32"
-    # the online teacher: views of one padded size share a forward (each still padded to its own size). Faster
-    # on a GPU; a view's outputs then depend, to float rounding, on what it is batched with (not bit-exact)
+    # the online teacher and cache-labels (in groups of train.batch_size): views of one padded size share a forward
+    # (each still padded to its own size). Faster on a GPU; a view's outputs then depend, to float rounding, on
+    # what it is batched with (not bit-exact)
     batch_views: bool = False
 
 

@@ -1,4 +1,5 @@
-"""The frozen teacher: loading it from our checkpoint or an mmdetection one, and its assignment of one view."""
+"""The frozen teacher: loading it from our checkpoint or an mmdetection one, its outputs on views padded each on
+its own, and its assignment of one view."""
 from __future__ import annotations
 
 import os
@@ -65,6 +66,25 @@ def teacher_outputs(teacher: PAADetector, image: Tensor, precision: str = "fp32"
     with teacher_arithmetic(precision, images.device):
         outs = teacher(images if precision == "fp16" else images.float())
     return HeadOutputs(*[[t.float() for t in level] for level in outs])
+
+
+def view_outputs(teacher: PAADetector, images: Tensor, pad_shapes: list[tuple[int, int]], precision: str = "fp32",
+                 batch_views: bool = False) -> list[HeadOutputs]:
+    """Each view's outputs (a batch of one) on its own padded grid, from a batch tensor ``images [N, 3, H, W]``
+    whose top-left crop of a view is exactly the view padded on its own (pad value 0). One forward per view,
+    or with ``batch_views`` one per padded size (the same crops, stacked: faster on a GPU, but a view's outputs
+    then depend, at float rounding, on what it is batched with)."""
+    if not batch_views:
+        return [teacher_outputs(teacher, image[:, :h, :w], precision) for image, (h, w) in zip(images, pad_shapes)]
+    sizes: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(pad_shapes):
+        sizes.setdefault((h, w), []).append(i)
+    views: dict[int, HeadOutputs] = {}
+    for (h, w), members in sizes.items():
+        outs = teacher_outputs(teacher, torch.stack([images[i, :, :h, :w] for i in members]), precision)
+        for j, i in enumerate(members):
+            views[i] = HeadOutputs(*[[t[j:j + 1] for t in level] for level in outs])
+    return [views[i] for i in range(len(pad_shapes))]
 
 
 @torch.no_grad()

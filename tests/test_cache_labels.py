@@ -10,6 +10,7 @@ import torch
 from conftest import REPO
 from lad_pipeline.cache import LabelCache, cache_info
 from lad_pipeline.data import CocoViews, normalize_and_pad
+from lad_pipeline.errors import LadError
 from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs
 from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config
 
@@ -159,3 +160,38 @@ def test_shards_are_written_while_the_teacher_runs_on_the_next_views(store, worl
     assert [e[1] for e in writes if e[0] == "written"] == list(range(5))
     first_done = events.index(("written", 0, "lad-shard-writer_0"))
     assert ("forward", None, "MainThread") in events[events.index(writes[0]):first_done]  # overlapped
+
+
+def test_batch_views_groups_a_shards_views_into_forwards_and_resume_keeps_the_grouping(world, tmp_path, monkeypatch):
+    """teacher.batch_views: views of one padded size share a teacher forward, in groups of train.batch_size that
+    never cross a shard; the labels are the per-view ones up to float rounding; a resume in the other mode is
+    refused (one store, one way of rounding)."""
+    from lad_pipeline import cache_labels as stage
+    from lad_pipeline.cache_labels import cache_labels
+
+    groups = []
+    real = stage.view_outputs
+
+    def spy(teacher, images, pad_shapes, precision="fp32", batch_views=False):
+        groups.append((len(pad_shapes), batch_views))
+        return real(teacher, images, pad_shapes, precision, batch_views)
+
+    monkeypatch.setattr(stage, "view_outputs", spy)
+    batched, alone = tmp_path / "batched.zarr", tmp_path / "alone.zarr"
+    config = tiny_config("teacher.batch_views=true", "train.batch_size=4")
+    kwargs = dict(ann=str(world.ann), images=str(world.images), variants=("identity",), shard_size=5)
+    cache_labels(config, str(world.teacher), str(batched), **kwargs)
+    # 12 views in shards of 5, 5, 2: groups of at most 4 within each shard
+    assert [n for n, _ in groups] == [4, 1, 4, 1, 2] and all(b for n, b in groups if n > 1)
+    groups.clear()
+    cache_labels(tiny_config(), str(world.teacher), str(alone), **kwargs)
+    assert [n for n, _ in groups] == [1] * 12
+    a, b = LabelCache.open(batched), LabelCache.open(alone)
+    assert (a.attrs["teacher_views_per_forward"], b.attrs["teacher_views_per_forward"]) == (4, 1)
+    for key in b.keys():
+        x, y = a.get(key).assignment, b.get(key).assignment
+        assert torch.equal(x.cand_anchor, y.cand_anchor) and torch.equal(x.cand_gt, y.cand_gt)  # chosen by IoU
+        assert torch.allclose(x.cand_score, y.cand_score, rtol=1e-4, atol=1e-6), key
+    with pytest.raises(LadError, match="teacher_views_per_forward differs") as err:
+        cache_labels(tiny_config(), str(world.teacher), str(batched), resume=True, **kwargs)
+    assert "teacher.batch_views" in err.value.hint

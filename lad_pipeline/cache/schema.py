@@ -57,8 +57,10 @@ SOFT_IDENTITY_FIELDS = ("soft", "soft_teacher")
 # How the teacher ran: ``teacher_device`` (``cpu`` or ``cuda``) and ``teacher_precision`` (fp32, tf32 or
 # fp16; lad_pipeline.teacher.TEACHER_PRECISIONS). Stores written before they existed lack them. Labels of
 # another precision are other labels: resuming in another precision, or a fallback teacher in another one,
-# is refused; another device only rounds differently, which is warned about.
-TEACHER_MODE_FIELDS = ("teacher_device", "teacher_precision")
+# is refused; another device only rounds differently, which is warned about. ``teacher_views_per_forward``
+# (``teacher.batch_views``: how many views at most shared a teacher forward; 1 when absent) rounds differently
+# too: resuming with another one is refused, so that one store is labelled one way.
+TEACHER_MODE_FIELDS = ("teacher_device", "teacher_precision", "teacher_views_per_forward")
 ANCHOR_LAYOUT_FIELDS = ("strides", "octave_base_scale", "size_divisor")
 
 ArraySpecs = dict[str, tuple[np.dtype, tuple[int, ...]]]  # array name -> (storage dtype, trailing shape)

@@ -149,6 +149,11 @@ class CacheWriter:
                            f"{stored['teacher_precision']!r}, now: {wanted.get('teacher_precision')!r})",
                            hint=f"run the teacher in {stored['teacher_precision']} (--amp is fp16, teacher.precision) "
                                 "or use --overwrite")
+        grouped, now = stored.get("teacher_views_per_forward", 1), wanted.get("teacher_views_per_forward", 1)
+        if grouped != now:
+            raise LadError(f"cannot resume label cache {path}: teacher_views_per_forward differs (cache: {grouped}, "
+                           f"now: {now})", hint="resume with the teacher.batch_views and train.batch_size that made "
+                                                "it, or use --overwrite")
         return cls(path, stored)
 
     def make_record(self, key: Any, geometry: ViewGeometry, targets: Targets, assignment: Assignment, *,

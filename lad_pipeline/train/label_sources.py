@@ -32,7 +32,7 @@ from ..errors import LadError
 from ..kd import KDTargets
 from ..models import PAADetector
 from ..models.anchors import AnchorLayout
-from ..teacher import teacher_outputs
+from ..teacher import teacher_outputs, view_outputs
 from ..types import IGNORED, Assignment, HeadOutputs, Targets, ViewKey
 from .objectives import LADLoss, Objective, PAALoss
 
@@ -223,21 +223,9 @@ class OnlineTeacher(LabelSource):
         return TeacherRun(assignments, outputs_on_grid(views, batch_sizes) if outputs else None)
 
     def own_outputs(self, images: Tensor, pad_shapes: list[tuple[int, int]]) -> list[HeadOutputs]:
-        """Each view's outputs (a batch of one) on its own padded grid: the batch tensor's top-left crop of a
-        view is exactly the view padded on its own (pad value 0). One forward per view, or with
-        ``batch_views`` one per padded size (same crops, stacked)."""
-        if not self.batch_views:
-            return [teacher_outputs(self.teacher, image[:, :h, :w], self.precision)
-                    for image, (h, w) in zip(images, pad_shapes)]
-        sizes: dict[tuple[int, int], list[int]] = {}
-        for i, (h, w) in enumerate(pad_shapes):
-            sizes.setdefault((h, w), []).append(i)
-        views: list[Optional[HeadOutputs]] = [None] * len(pad_shapes)
-        for (h, w), members in sizes.items():
-            outs = teacher_outputs(self.teacher, torch.stack([images[i, :, :h, :w] for i in members]), self.precision)
-            for j, i in enumerate(members):
-                views[i] = HeadOutputs(*[[t[j:j + 1] for t in level] for level in outs])
-        return filled(views, "teacher outputs")
+        """Each view's outputs on its own padded grid (``teacher.view_outputs``; ``batch_views``: one forward
+        per padded size)."""
+        return view_outputs(self.teacher, images, pad_shapes, self.precision, self.batch_views)
 
     def labels(self, batch: StepInputs, outs: HeadOutputs) -> Labels:
         assignments = self.run(batch.images, batch.pad_shapes, batch.targets, grid_sizes(outs)).assignments
