@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
 
 from torch import Tensor
 
@@ -59,25 +59,27 @@ class DistillMethod(Enum):
 
 
 @dataclass(frozen=True)
-class PAALoss:
+class HardLoss:
+    """A loss of the labels' assignment alone, on the student's layout: ``loss_fn`` says which."""
+
+    anchors: AnchorLayout
+    config: LossConfig
+    loss_fn: ClassVar[Callable[..., dict[str, Tensor]]]
+
+    def __call__(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
+        return type(self).loss_fn(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.config)
+
+
+class PAALoss(HardLoss):
     """mmdetection's PAAHead loss: the student's own assignment, its box term weighted by IoU."""
 
-    anchors: AnchorLayout
-    config: LossConfig
-
-    def __call__(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return paa_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.config)
+    loss_fn = staticmethod(paa_loss)
 
 
-@dataclass(frozen=True)
-class LADLoss:
+class LADLoss(HardLoss):
     """mmdetection's LADHead loss: an assignment made by a teacher (online, cached or CoLAD's)."""
 
-    anchors: AnchorLayout
-    config: LossConfig
-
-    def __call__(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
-        return lad_loss(outs, labels.assignments, labels.targets, anchors=self.anchors, config=self.config)
+    loss_fn = staticmethod(lad_loss)
 
 
 @dataclass(frozen=True)
