@@ -9,7 +9,7 @@ import torch
 from lad_pipeline.config import load_config
 from lad_pipeline.data import CocoViews, ViewSampler, collate_views, make_loader, normalize_and_pad
 from lad_pipeline.models import build_detector
-from lad_pipeline.train import colearning
+from lad_pipeline.train import objectives
 from lad_pipeline.train.colearning import PEER, CoLearning
 from lad_pipeline.train.label_sources import SelfAssign, StepInputs
 from lad_pipeline.train.loop import Trainer
@@ -132,13 +132,13 @@ def test_identical_networks_assign_as_paa_and_one_assignment_trains_both(world, 
     won, total = labels.stats["t_ratio"]
     assert 0 <= won <= total and total > 0
     seen = []
-    real = colearning.lad_loss
+    real = objectives.lad_loss
 
     def spy(outs, assignments, targets, **kwargs):
         seen.append((outs, assignments, targets))
         return real(outs, assignments, targets, **kwargs)
 
-    monkeypatch.setattr(colearning, "lad_loss", spy)
+    monkeypatch.setattr(objectives.LADLoss, "loss_fn", staticmethod(spy))
     losses = source.loss(outs1, labels)
     assert len(seen) == 2 and seen[0][1] is seen[1][1] is labels.assignments
     assert seen[0][0] is outs1 and seen[1][0] is inputs.peer_outs[PEER]

@@ -113,5 +113,6 @@ class CoLADLoss:
     def __call__(self, outs: HeadOutputs, labels: Labels) -> dict[str, Tensor]:
         if labels.peer is None:
             raise ValueError("CoLAD's loss needs network 2's outputs (Labels.peer)")
+        losses = self.network1(outs, labels)
         peer = self.network2(labels.peer, labels)
-        return {**self.network1(outs, labels), **{f"{name}_t": value for name, value in peer.items()}}
+        return {**losses, **{f"{name}_t": value for name, value in peer.items()}}
