@@ -102,7 +102,7 @@ def test_cli_writes_refuses_and_overwrites(tmp_path):
     assert (out / "train" / "annotations.json").is_file() and len(list((out / "val" / "images").iterdir())) == 1
     before = digests(out)
     result = CliRunner().invoke(cli(), ["make-toy-data", "--out", str(out), "--train", "3", "--val", "1"])
-    assert result.exit_code == 1 and "not empty: pass --overwrite" in result.output
+    assert result.exit_code == 1 and "is not empty; pass --overwrite" in result.output
     assert digests(out) == before
     result = CliRunner().invoke(cli(), ["make-toy-data", "--out", str(out), "--train", "3", "--val", "1",
                                         "--overwrite"])
