@@ -6,6 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # whatever pytest's import mode
 from lad_pipeline.config import load_config  # noqa: E402
 from toy_world import (  # noqa: E402
@@ -38,6 +40,18 @@ def test_a_run_made_with_relative_paths_evaluates_from_anywhere(world, tmp_path)
     result = lad("eval", "--checkpoint", tmp_path / "run" / "checkpoints" / "final.pth", cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     assert "Average Precision" in result.stdout
+
+    # a run saved by an older lad kept its validation split relative and did not record where it was trained:
+    # from elsewhere it is refused in one line that names the key, and --ann/--images or the right directory work
+    old = torch.load(tmp_path / "run" / "checkpoints" / "final.pth", weights_only=False)
+    old["config"]["data"].update(val_ann="toy/val/annotations.json", val_images="toy/val/images")
+    torch.save(old, tmp_path / "old.pth")
+    assert_one_line_error(lad("eval", "--checkpoint", tmp_path / "old.pth", cwd=elsewhere),
+                          "data.val_images toy/val/images is relative", "--ann and --images")
+    assert lad("eval", "--checkpoint", tmp_path / "old.pth", cwd=world.root).returncode == 0
+    assert lad("eval", "--checkpoint", tmp_path / "old.pth", "--ann", world.root / "toy/val/annotations.json",
+               "--images", world.root / "toy/val/images",
+               cwd=elsewhere).returncode == 0
 
 
 # -- a start that fails leaves nothing ---------------------------------------------------------------------

@@ -18,11 +18,19 @@ log = logging.getLogger("lad")
 
 def eval_dataset(config: Config, ann: Optional[str] = None, images: Optional[str] = None) -> CocoViews:
     """The evaluation split: ``--ann/--images``, else ``data.val_ann/val_images``; one unflipped view per image."""
+    given = {"ann": ann, "images": images}
     ann = ann or config.data.val_ann
     images = images or config.data.val_images
     if not ann or not images:
         raise LadError("no evaluation data: data.val_ann and data.val_images are not set",
                        hint="pass --ann and --images")
+    # a run saves its paths absolute; one saved before that kept the validation split relative to the directory
+    # it was trained in, which it did not record
+    for name, path, exists in (("images", images, Path(images).is_dir()), ("ann", ann, Path(ann).is_file())):
+        if not exists and not given[name] and not Path(path).is_absolute():
+            raise LadError(f"data.val_{name} {path} is relative and not found from {Path.cwd()}",
+                           hint="pass --ann and --images, or evaluate from the directory the path starts from "
+                                "(for a run saved by an older lad, the one it was trained in)")
     if not Path(images).is_dir():
         raise LadError(f"image directory {images} not found")
     return CocoViews(ann, images, scales=config.data.scales[:1], flip_prob=0.0, train=False,
