@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 from conftest import REPO
 from lad_pipeline.cache import LabelCache, cache_info
@@ -195,3 +196,8 @@ def test_batch_views_groups_a_shards_views_into_forwards_and_resume_keeps_the_gr
     with pytest.raises(LadError, match="teacher_views_per_forward differs") as err:
         cache_labels(tiny_config(), str(world.teacher), str(batched), resume=True, **kwargs)
     assert "teacher.batch_views" in err.value.hint
+    # the teacher's precision is kept the same way
+    zarr.open_group(str(alone), mode="r+").attrs.update({"teacher_precision": "fp16"})
+    with pytest.raises(LadError, match="teacher_precision differs .cache: 'fp16', now: 'fp32'") as err:
+        cache_labels(tiny_config(), str(world.teacher), str(alone), resume=True, **kwargs)
+    assert "teacher.precision" in err.value.hint

@@ -144,16 +144,17 @@ class CacheWriter:
                 name, have, now = diff
                 raise LadError(f"cannot resume label cache {path}: {name} differs (cache: {have!r}, now: {now!r})",
                                hint="use --overwrite or another --out")
-        if "teacher_precision" in stored and stored["teacher_precision"] != wanted.get("teacher_precision"):
-            raise LadError(f"cannot resume label cache {path}: teacher_precision differs (cache: "
-                           f"{stored['teacher_precision']!r}, now: {wanted.get('teacher_precision')!r})",
-                           hint=f"run the teacher in {stored['teacher_precision']} (--amp is fp16, teacher.precision) "
-                                "or use --overwrite")
-        grouped, now = stored.get("teacher_views_per_forward", 1), wanted.get("teacher_views_per_forward", 1)
-        if grouped != now:
-            raise LadError(f"cannot resume label cache {path}: teacher_views_per_forward differs (cache: {grouped}, "
-                           f"now: {now})", hint="resume with the teacher.batch_views and train.batch_size that made "
-                                                "it, or use --overwrite")
+        # how the teacher ran: the same labels up to float rounding, but a store is made one way throughout (a
+        # store from before teacher_precision was recorded is not checked for it)
+        for field, default, hint in (
+                ("teacher_precision", None, f"run the teacher in {stored.get('teacher_precision')} (--amp is fp16, "
+                                            "teacher.precision) or use --overwrite"),
+                ("teacher_views_per_forward", 1, "resume with the teacher.batch_views and train.batch_size that "
+                                                 "made it, or use --overwrite")):
+            have, now = stored.get(field, default), wanted.get(field, default)
+            if have is not None and have != now:
+                raise LadError(f"cannot resume label cache {path}: {field} differs (cache: {have!r}, now: {now!r})",
+                               hint=hint)
         return cls(path, stored)
 
     def make_record(self, key: Any, geometry: ViewGeometry, targets: Targets, assignment: Assignment, *,
