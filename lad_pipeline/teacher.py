@@ -9,12 +9,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .assign import paa_assign
 from .checkpoint import Checkpoint
-from .config import AssignConfig, Config, LossConfig, ModelConfig
+from .config import Config, ModelConfig
 from .errors import LadError
 from .models import PAADetector
-from .types import Assignment, HeadOutputs, Targets
+from .types import HeadOutputs
 
 
 def teacher_model_config(checkpoint: str | os.PathLike, config: Config | None) -> ModelConfig:
@@ -85,13 +84,3 @@ def view_outputs(teacher: PAADetector, images: Tensor, pad_shapes: list[tuple[in
         for j, i in enumerate(members):
             views[i] = HeadOutputs(*[[t[j:j + 1] for t in level] for level in outs])
     return [views[i] for i in range(len(pad_shapes))]
-
-
-@torch.no_grad()
-def teacher_assign_with_outputs(teacher: PAADetector, image: Tensor, target: Targets, pad_shape: tuple[int, int],
-                                assign: AssignConfig, loss: LossConfig,
-                                precision: str = "fp32") -> tuple[Assignment, HeadOutputs]:
-    """The teacher's PAA assignment of one view padded on its own, on the teacher's anchors, and the head
-    outputs it was made from: one forward pass serves the assignment and the soft labels."""
-    outs = teacher_outputs(teacher, image, precision)
-    return paa_assign(outs, [target], [pad_shape], anchors=teacher.anchors, config=assign, loss=loss)[0], outs

@@ -10,10 +10,18 @@ import zarr
 
 from conftest import REPO
 from lad_pipeline.cache import LabelCache, cache_info
-from lad_pipeline.data import CocoViews, normalize_and_pad
+from lad_pipeline.data import CocoViews
 from lad_pipeline.errors import LadError
-from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs
-from toy_world import CACHE_THREADS, assert_one_line_error, cache_args, lad, start_lad, tiny_config
+from lad_pipeline.teacher import load_teacher
+from toy_world import (
+    CACHE_THREADS,
+    assert_cached_as_the_teacher_assigns,
+    assert_one_line_error,
+    cache_args,
+    lad,
+    start_lad,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +38,7 @@ def test_store_holds_every_view_as_the_teacher_assigns_it(store, world):
     cache = LabelCache.open(store)
     assert set(cache.keys()) == set(dataset.views_for(("identity", "hflip")))
     teacher = load_teacher(world.teacher, config.model, torch.device("cpu"))
-    for key in list(cache.keys())[:6]:
-        view = dataset.load_view(key)
-        image, (pad,) = normalize_and_pad([view.image])
-        expected, _ = teacher_assign_with_outputs(teacher, image[0], view.targets, pad, config.assign, config.loss)
-        cached = cache.get(key)
-        assert cached.pad_size == pad and tuple(cached.view_size) == tuple(view.view_size)
-        for name in expected._fields:
-            assert torch.equal(getattr(cached.assignment, name), getattr(expected, name)), (key, name)
-        assert torch.equal(cached.targets.boxes, view.targets.boxes)
+    assert_cached_as_the_teacher_assigns(cache, teacher, dataset, config, list(cache.keys())[:6])
 
 
 def test_cache_info_cli(store):

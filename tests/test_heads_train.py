@@ -9,11 +9,11 @@ import torch
 
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.checkpoint import Checkpoint
-from lad_pipeline.data import CocoViews, normalize_and_pad
+from lad_pipeline.data import CocoViews
 from lad_pipeline.models import build_detector
-from lad_pipeline.teacher import teacher_assign_with_outputs
 from toy_world import (
     STUDENT_CONFIG,
+    assert_cached_as_the_teacher_assigns,
     assert_one_line_error,
     checkpoint,
     lad,
@@ -50,13 +50,7 @@ def test_a_cop_teacher_caches_its_own_assignment(world, cop_teacher, cop_cache):
     dataset = CocoViews(world.ann, world.images, scales=config.data.scales, train=True)
     cache = LabelCache.open(cop_cache)
     torch.set_num_threads(1)
-    for key in list(cache.keys())[:3]:
-        view = dataset.load_view(key)
-        image, (pad,) = normalize_and_pad([view.image])
-        expected, _ = teacher_assign_with_outputs(teacher, image[0], view.targets, pad, config.assign, config.loss)
-        cached = cache.get(key)
-        for name in expected._fields:
-            assert torch.equal(getattr(cached.assignment, name), getattr(expected, name)), (key, name)
+    for expected in assert_cached_as_the_teacher_assigns(cache, teacher, dataset, config, list(cache.keys())[:3]):
         assert expected.num_pos > 0
 
 

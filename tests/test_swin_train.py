@@ -8,11 +8,20 @@ import torch
 from conftest import REPO
 from lad_pipeline.cache import LabelCache
 from lad_pipeline.config import load_config
-from lad_pipeline.data import CocoViews, normalize_and_pad
+from lad_pipeline.data import CocoViews
 from lad_pipeline.models import build_detector
-from lad_pipeline.teacher import load_teacher, teacher_assign_with_outputs, teacher_model_config
+from lad_pipeline.teacher import load_teacher, teacher_model_config
 from lad_pipeline.train.schedule import build_optimizer
-from toy_world import STUDENT_CONFIG, assert_one_line_error, checkpoint, lad, set_args, step_records, summary
+from toy_world import (
+    STUDENT_CONFIG,
+    assert_cached_as_the_teacher_assigns,
+    assert_one_line_error,
+    checkpoint,
+    lad,
+    set_args,
+    step_records,
+    summary,
+)
 
 SWIN_TOY = REPO / "configs" / "toy_teacher_swint.toml"
 
@@ -56,12 +65,7 @@ def test_swin_teacher_labels_are_cached_as_it_assigns(world, swin_teacher, swin_
     cache = LabelCache.open(swin_cache)
     assert len(cache.keys()) == 12
     torch.set_num_threads(1)  # the cache was written with one thread: same summation order
-    for key in list(cache.keys())[:4]:
-        view = dataset.load_view(key)
-        image, (pad,) = normalize_and_pad([view.image])
-        expected, _ = teacher_assign_with_outputs(teacher, image[0], view.targets, pad, config.assign, config.loss)
-        for name in expected._fields:
-            assert torch.equal(getattr(cache.get(key).assignment, name), getattr(expected, name)), (key, name)
+    assert_cached_as_the_teacher_assigns(cache, teacher, dataset, config, list(cache.keys())[:4])
 
 
 def test_swin_teacher_teaches_an_r18_student_from_the_cache(world, swin_teacher, swin_cache, tmp_path):

@@ -241,6 +241,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return err
 
 
+def assert_cached_as_the_teacher_assigns(cache, teacher, dataset, config, keys) -> list:
+    """Stage one's contract: each view of ``keys`` holds, bit for bit, the PAA assignment ``teacher`` makes of it
+    padded on its own, with the view's geometry and boxes. Returns those assignments."""
+    from lad_pipeline.assign import paa_assign
+    from lad_pipeline.data import normalize_and_pad
+    from lad_pipeline.teacher import teacher_outputs
+
+    expected = []
+    for key in keys:
+        view = dataset.load_view(key)
+        image, (pad,) = normalize_and_pad([view.image])
+        with torch.no_grad():
+            outs = teacher_outputs(teacher, image[0])
+        want = paa_assign(outs, [view.targets], [pad], anchors=teacher.anchors, config=config.assign,
+                          loss=config.loss)[0]
+        cached = cache.get(key)
+        assert cached.pad_size == pad and tuple(cached.view_size) == tuple(view.view_size), key
+        for name in want._fields:
+            assert torch.equal(getattr(cached.assignment, name), getattr(want, name)), (key, name)
+        assert torch.equal(cached.targets.boxes, view.targets.boxes), key
+        expected.append(want)
+    return expected
+
+
 def keys_of_epoch(world: World, config, scale_mode: str = "list") -> list:
     from lad_pipeline.data import CocoViews
 
