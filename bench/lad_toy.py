@@ -200,7 +200,9 @@ def _rel(path: Path) -> str:
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU threads"
+    from common import cpu_model
+
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU threads"
 
 
 def _sd(values: list[float]) -> float:
