@@ -101,9 +101,16 @@ def show_command(checkpoint: Optional[str], onnx: Optional[str], config_path: Op
     title = f"image {image_id}: {plural(len(order), 'detection')} with score > {score_thr:g}"
     if hidden:
         title += f"; {hidden} more, each under a higher-scoring one, not drawn"
-    path = write_png(add_caption(drawn, title, legend), out or f"show_{image_id}.png")
+    picture = add_caption(drawn, title, legend)
+    path = write_png(picture, out or f"show_{image_id}.png")
     detail = "; drawn: " + ", ".join(text for c, text in legend if c != GT_COLOR) if len(order) else ""
-    click.echo(f"wrote {path} ({original.shape[2]}x{original.shape[1]} px, zoom {zoom}): {title}{detail}")
+    click.echo(f"wrote {path} ({_size_text(picture, original.shape[1:], 'image', zoom)}): {title}{detail}")
+
+
+def _size_text(picture, source_size, what: str, zoom: int) -> str:
+    """The written picture's size, then what it shows: "556x532 px: the 139x121 px image at zoom 4, captioned"."""
+    (h, w), (H, W) = tuple(source_size), picture.shape[1:]
+    return f"{W}x{H} px: the {w}x{h} px {what} at zoom {zoom}, captioned"
 
 
 def _missing_view(cache, key: ViewKey) -> str:
@@ -197,10 +204,9 @@ def show_labels_command(cache_path: str, image_id: int, ann: str, images: str, v
               for r in rows]
     key_lines = ["filled squares: positive anchors in their GT's colour (bigger = coarser FPN level)",
                  "faint hollow squares: candidates the teacher rejected"]
-    path = write_png(add_caption(image, title, legend, key_lines),
-                     out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
-    h, w = cached.view_size
-    click.echo(f"wrote {path} ({w}x{h} px view, zoom {zoom}): {title}")
+    picture = add_caption(image, title, legend, key_lines)
+    path = write_png(picture, out or f"labels_{image_id}_{variant}_{_scale_text(scale)}.png")
+    click.echo(f"wrote {path} ({_size_text(picture, cached.view_size, 'view', zoom)}): {title}")
     for line in [*key_lines, *format_summary(rows, names)]:
         click.echo(line)
 
@@ -223,9 +229,9 @@ def _show_soft(cached, image, anchors, class_names, out: str, variant: str, scal
     ramp = [(c, f"p {p:g}") for c, p in zip(SCORE_RAMP, (0, 0.25, 0.5, 0.75, 1))]
     key_lines = ["squares: stored anchors coloured by their top teacher probability (bigger = coarser FPN "
                  "level); white rim: box-KD anchors"]
-    path = write_png(add_caption(drawn, title, ramp, key_lines), out)
-    h, w = cached.view_size
-    click.echo(f"wrote {path} ({w}x{h} px view, zoom {zoom}): {title}")
+    picture = add_caption(drawn, title, ramp, key_lines)
+    path = write_png(picture, out)
+    click.echo(f"wrote {path} ({_size_text(picture, cached.view_size, 'view', zoom)}): {title}")
     click.echo(key_lines[0])
     if len(top):
         q = torch.quantile(top, torch.tensor([0.0, 0.5, 0.9, 1.0])).tolist()

@@ -197,7 +197,9 @@ def test_show_zoom_enlarges_the_image_and_the_boxes_with_it(world, tmp_path):
     assert read_png(zoomed).shape[2] == 3 * w and read_png(zoomed).shape[1] > 3 * h
     # the same detections, three times as far from the corner (lines keep their width, hence the slack)
     assert all(abs(3 * a - b) <= 6 for a, b in zip(box1, box3)), (box1, box3)
-    assert "zoom 3" in result.stdout
+    # the line gives the size of the file it wrote, then that of the image in it
+    _, big_h, big_w = read_png(zoomed).shape
+    assert f"{big_w}x{big_h} px: the {w}x{h} px image at zoom 3, captioned" in result.stdout
     # by default a small image is enlarged to about 512 px
     assert "zoom 3" in run(*args, "--out", tmp_path / "auto.png").stdout
     assert run(*args, "--zoom", "0").exit_code == 2
@@ -284,6 +286,7 @@ def test_show_labels_draws_the_cached_assignment(world, tmp_path, variant):
     picture = read_png(out)
     h, w = cached.view_size
     assert picture.shape[1] > h and picture.shape[2] >= w  # the view, then its title and legend
+    assert f"{picture.shape[2]}x{picture.shape[1]} px: the {w}x{h} px view at zoom 1, captioned" in result.stdout
     drawn = picture[:, :h, :w]
 
     # legend: per GT, positives / candidates as the cache holds them, under a header
